@@ -1,0 +1,3 @@
+from hyprune.cli import main
+
+main()

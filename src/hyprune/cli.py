@@ -1,0 +1,189 @@
+"""Command line: one command per API function; the flags are the function's arguments.
+
+Every `HypruneError` becomes a one-paragraph message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hyprune.errors import HypruneError
+
+app = typer.Typer(help="Compress hybrid Mamba-2 / attention language models (Minitron-SSM).", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except HypruneError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2)
+
+
+# Shared options ------------------------------------------------------------------------------
+ModelArg = typer.Argument(..., help="A local HF checkpoint folder or a hub id.")
+DataOpt = typer.Option(None, "--data", help=".txt(.gz), .jsonl, .parquet file or a datasets name.")
+SeqLen = typer.Option(256, "--seq-len", help="Tokens per calibration window.")
+NumSamples = typer.Option(64, "--num-samples", help="Number of calibration windows.")
+BatchSize = typer.Option(8, "--batch-size", help="Windows per forward pass.")
+Seed = typer.Option(0, "--seed", help="Seed for the choice of calibration documents.")
+TextField = typer.Option("text", "--text-field", help="Field holding the text in .jsonl/.parquet/datasets.")
+Split = typer.Option("train", "--split", help="Split of a datasets dataset.")
+Dtype = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or auto.")
+Device = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: where from_pretrained puts it).")
+DeviceMap = typer.Option(None, "--device-map", help="'auto' to spread a large model over devices.")
+AllowPickle = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights.")
+TrustRemote = typer.Option(False, "--trust-remote-code", help="Run the checkpoint's own modeling code.")
+Overwrite = typer.Option(False, "--overwrite", help="Replace a non-empty output folder.")
+Quiet = typer.Option(False, "--quiet", help="No progress bars.")
+
+
+def _load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code):
+    return dict(dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code)
+
+
+@app.command()
+def score(
+    model: str = ModelArg,
+    data: Optional[str] = DataOpt,
+    out: str = typer.Option(..., "--out", help="Folder for scores.safetensors and scores.json."),
+    seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
+    text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
+    device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
+    overwrite: bool = Overwrite, quiet: bool = Quiet,
+):
+    """Score every prunable structure from activations (one forward sweep)."""
+    from hyprune import api
+
+    if data is None:
+        _run(_fail, "score needs calibration text: pass --data FILE.")
+    _run(api.score, model, data, out, seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
+         text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
+         **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
+    out_console.print(f"scores written to {out}")
+
+
+@app.command()
+def plan(
+    model: str = ModelArg,
+    scores: str = typer.Option(..., "--scores", help="Folder (or file) written by `hyprune score`."),
+    target: str = typer.Option(..., "--target", help="KEY=VALUE[,KEY=VALUE...] with the family's config names."),
+    out: str = typer.Option(..., "--out", help="Where to write PLAN.json."),
+    trust_remote_code: bool = TrustRemote,
+):
+    """Write a pruning plan from saved scores and a target architecture."""
+    from hyprune import api
+
+    result = _run(api.plan, model, scores, target, out, trust_remote_code=trust_remote_code)
+    sizes = result.result_sizes()
+    out_console.print(f"plan written to {out}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+
+
+@app.command()
+def prune(
+    model: str = ModelArg,
+    data: Optional[str] = DataOpt,
+    target: Optional[str] = typer.Option(None, "--target", help="KEY=VALUE[,KEY=VALUE...] target sizes."),
+    out: str = typer.Option(..., "--out", help="Output folder: the pruned HF checkpoint."),
+    scores: Optional[str] = typer.Option(None, "--scores", help="Reuse saved scores instead of a sweep."),
+    plan_file: Optional[str] = typer.Option(None, "--plan", help="Apply this plan (no scoring)."),
+    seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
+    text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
+    device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
+    overwrite: bool = Overwrite, quiet: bool = Quiet,
+):
+    """Score, plan and apply in one go (or apply --plan) and save an ordinary HF checkpoint."""
+    from hyprune import api
+
+    summary = _run(api.prune, model, out, data=data, target=target, scores=scores, plan_file=plan_file,
+                   seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                   text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
+                   **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
+    table = Table(title=f"pruned checkpoint: {out}")
+    table.add_column("parameters")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    before, after = summary["parameters"]["before"], summary["parameters"]["after"]
+    for key in before:
+        table.add_row(key, f"{before[key]:,}", f"{after[key]:,}")
+    out_console.print(table)
+
+
+@app.command()
+def inspect(
+    model: str = ModelArg,
+    scores: Optional[str] = typer.Option(None, "--scores", help="Also summarize these saved scores."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    trust_remote_code: bool = TrustRemote,
+):
+    """Family, layer pattern, prunable sizes and parameters per component (no weights are read)."""
+    from hyprune import api
+
+    info = _run(api.inspect_model, model, scores, trust_remote_code=trust_remote_code)
+    if as_json:
+        out_console.print_json(json.dumps(info))
+        return
+    out_console.print(f"[bold]{model}[/]: family {info['family']}, {info['blocks']} blocks, pattern {info['pattern']}")
+    for note in info["notes"]:
+        out_console.print(f"note: {note}")
+    sizes = Table(title="prunable sizes (config field)")
+    sizes.add_column("field")
+    sizes.add_column("size", justify="right")
+    for k, v in info["sizes"].items():
+        sizes.add_row(k, str(v))
+    out_console.print(sizes)
+    params = Table(title="parameters")
+    params.add_column("component")
+    params.add_column("count", justify="right")
+    params.add_column("share", justify="right")
+    total = info["parameters"]["total"]
+    for k, v in info["parameters"].items():
+        params.add_row(k, f"{v:,}", f"{100 * v / total:.1f}%")
+    out_console.print(params)
+    if "importance" in info:
+        imp = Table(title="importance (median score per layer and axis)")
+        imp.add_column("layer")
+        imp.add_column("kind")
+        axes = ["hidden", "mamba_heads", "mamba_head_dim", "ssm_state", "attention_heads", "ffn"]
+        for a in axes:
+            imp.add_column(a, justify="right")
+        for entry in info["importance"]["layers"]:
+            imp.add_row(str(entry["layer"]), entry["kind"],
+                        *[f"{entry[a]['median']:.3g}" if a in entry else "" for a in axes])
+        out_console.print(imp)
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("hyprune-demo", "--out", help="Folder for the demo's models and results."),
+    train_minutes: float = typer.Option(3.0, "--train-minutes", help="Training time for the small teacher."),
+    overwrite: bool = Overwrite,
+):
+    """Offline end-to-end demo: train a small NemotronH on the stdlib source, prune it to ~50%."""
+    from hyprune.demo import run_demo
+
+    _run(run_demo, out, train_minutes=train_minutes, overwrite=overwrite)
+
+
+def _fail(message: str):
+    raise HypruneError(message)
+
+
+def main() -> None:  # pragma: no cover - entry point for `python -m hyprune`
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

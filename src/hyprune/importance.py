@@ -1,0 +1,200 @@
+"""Activation-based importance (Minitron, Minitron-SSM) in one hooked forward sweep.
+
+For an activation A of shape [batch, seq, channels] the score of channel c is
+``sqrt(sum_batch (mean_seq |A[b, :, c]|)^2)``: mean over the sequence, L2 over the batch. Only the
+running sum of squares (float32, one value per channel) is kept; no per-token activation is stored.
+
+What each hook reads (shared/reference/methods.md, section 1):
+    hidden channels   output of every block's pre-norm            -> per-layer scores, summed
+    FFN neurons       input of down_proj                          -> ``layers.i.ffn`` [ffn]
+    attention heads   input of o_proj, [heads, head_dim]          -> ``layers.i.attention``
+    Mamba heads/dims  x slice of in_proj output, [heads, head_dim] -> ``layers.i.mamba_x``
+    SSM states        B and C slices of in_proj output            -> ``layers.i.mamba_bc`` [2, groups, state]
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family
+from hyprune.errors import HypruneError
+
+SCORES_FILE = "scores.safetensors"
+SUMMARY_FILE = "scores.json"
+
+
+class ChannelStat:
+    """Running ``sum_batch (mean_seq |A|)^2`` per channel, in float32."""
+
+    def __init__(self) -> None:
+        self.sum_sq: torch.Tensor | None = None
+        self.samples = 0
+
+    def add(self, activation: torch.Tensor) -> None:
+        # activation: [batch, seq, channels]
+        per_sample = activation.detach().abs().float().mean(dim=1)  # [batch, channels]
+        sq = per_sample.pow(2).sum(dim=0)
+        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
+        self.samples += activation.shape[0]
+
+    def score(self) -> torch.Tensor:
+        if self.sum_sq is None:
+            raise HypruneError("No calibration data reached a hooked module; the sweep saw no tokens.")
+        return self.sum_sq.sqrt().cpu()
+
+
+@contextmanager
+def _hooks(handles):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _mamba_dims(mixer) -> tuple[int, int, int, int]:
+    return mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+
+
+@torch.inference_mode()
+def activation_scores(
+    model,
+    windows: torch.Tensor,
+    family: Family,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Run ``windows`` ([num_samples, seq_len] token ids) through ``model`` once and score every axis.
+
+    Returns a flat dict of float32 CPU tensors (see the module docstring for the keys), plus
+    ``hidden``: the per-layer hidden scores summed over layers (the global hidden ranking).
+    """
+    kinds = family.block_kinds(model.config)
+    stats: dict[str, ChannelStat] = {}
+    handles = []
+
+    def record(key, slicer=None):
+        stat = stats.setdefault(key, ChannelStat())
+
+        def hook(module, args, output):
+            stat.add(slicer(output) if slicer else output)
+
+        return hook
+
+    def record_input(key):
+        stat = stats.setdefault(key, ChannelStat())
+
+        def hook(module, args):
+            stat.add(args[0])
+
+        return hook
+
+    for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
+        handles.append(block.norm.register_forward_hook(record(f"layers.{i}.hidden")))
+        mixer = block.mixer
+        if kind == MAMBA:
+            H, P, G, N = _mamba_dims(mixer)
+            inner = H * P
+            # in_proj output rows: z [0:I], x [I:2I], B [2I:2I+GN], C [2I+GN:2I+2GN], dt
+            handles.append(mixer.in_proj.register_forward_hook(
+                record(f"layers.{i}.mamba_x", lambda out, a=inner: out[..., a : 2 * a])))
+            handles.append(mixer.in_proj.register_forward_hook(
+                record(f"layers.{i}.mamba_bc", lambda out, a=inner, b=G * N: out[..., 2 * a : 2 * a + 2 * b])))
+        elif kind == ATTENTION:
+            handles.append(mixer.o_proj.register_forward_pre_hook(record_input(f"layers.{i}.attention")))
+        elif kind == MLP:
+            handles.append(mixer.down_proj.register_forward_pre_hook(record_input(f"layers.{i}.ffn")))
+
+    device = next(model.parameters()).device
+    use_cache = {"use_cache": False}
+    with _hooks(handles):
+        for start in tqdm(range(0, len(windows), batch_size), desc="importance sweep", unit="batch",
+                          disable=not progress):
+            batch = windows[start : start + batch_size].to(device)
+            model(input_ids=batch, **use_cache)
+
+    scores: dict[str, torch.Tensor] = {}
+    hidden_total = None
+    for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
+        hidden = stats[f"layers.{i}.hidden"].score()
+        scores[f"layers.{i}.hidden"] = hidden
+        hidden_total = hidden if hidden_total is None else hidden_total + hidden
+        mixer = block.mixer
+        if kind == MAMBA:
+            H, P, G, N = _mamba_dims(mixer)
+            scores[f"layers.{i}.mamba_x"] = stats[f"layers.{i}.mamba_x"].score().view(H, P)
+            scores[f"layers.{i}.mamba_bc"] = stats[f"layers.{i}.mamba_bc"].score().view(2, G, N)
+        elif kind == ATTENTION:
+            heads = model.config.num_attention_heads
+            scores[f"layers.{i}.attention"] = stats[f"layers.{i}.attention"].score().view(heads, -1)
+        elif kind == MLP:
+            scores[f"layers.{i}.ffn"] = stats[f"layers.{i}.ffn"].score()
+    scores["hidden"] = hidden_total
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and summaries
+# ---------------------------------------------------------------------------------------------
+def summarize_scores(scores: dict[str, torch.Tensor], family: Family, config) -> dict:
+    """A small JSON-able view: per layer and axis, min / median / max of the unit scores."""
+
+    def stats(t: torch.Tensor) -> dict:
+        t = t.flatten().float()
+        return {"min": float(t.min()), "median": float(t.median()), "max": float(t.max()), "count": t.numel()}
+
+    layers = []
+    for i, kind in enumerate(family.block_kinds(config)):
+        entry = {"layer": i, "kind": kind, "hidden": stats(scores[f"layers.{i}.hidden"])}
+        if kind == MAMBA:
+            x = scores[f"layers.{i}.mamba_x"]
+            entry["mamba_heads"] = stats(x.norm(dim=1))
+            entry["mamba_head_dim"] = stats(x.norm(dim=0))
+            entry["ssm_state"] = stats(scores[f"layers.{i}.mamba_bc"].pow(2).sum(dim=(0, 1)).sqrt())
+        elif kind == ATTENTION:
+            entry["attention_heads"] = stats(scores[f"layers.{i}.attention"].norm(dim=1))
+        elif kind == MLP:
+            entry["ffn"] = stats(scores[f"layers.{i}.ffn"])
+        layers.append(entry)
+    return {"family": family.name, "hidden": stats(scores["hidden"]), "layers": layers}
+
+
+def save_scores(scores: dict[str, torch.Tensor], out_dir: str | Path, summary: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in scores.items()}, str(out / SCORES_FILE))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    return out
+
+
+def load_scores(path: str | Path, family: Family, config) -> dict[str, torch.Tensor]:
+    """Load scores saved by `save_scores` (a folder or the .safetensors file) and check their shapes."""
+    path = Path(path)
+    file = path / SCORES_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise HypruneError(f"No scores at {path}: expected {SCORES_FILE} (written by `hyprune score`).")
+    scores = load_file(str(file))
+    sizes = family.sizes(config)
+    expected = {"hidden": (sizes["hidden"],)}
+    for i, kind in enumerate(family.block_kinds(config)):
+        if kind == MAMBA:
+            expected[f"layers.{i}.mamba_x"] = (sizes["mamba_heads"], sizes["mamba_head_dim"])
+            expected[f"layers.{i}.mamba_bc"] = (2, sizes["mamba_groups"], sizes["ssm_state"])
+        elif kind == ATTENTION:
+            expected[f"layers.{i}.attention"] = (sizes["attention_heads"], int(config.head_dim))
+        elif kind == MLP:
+            expected[f"layers.{i}.ffn"] = (sizes["ffn"],)
+    for key, shape in expected.items():
+        if key not in scores or tuple(scores[key].shape) != shape:
+            got = tuple(scores[key].shape) if key in scores else "missing"
+            raise HypruneError(
+                f"The scores in {file} were made for another model: '{key}' is {got}, this model needs {shape}. "
+                "Score this model with `hyprune score`."
+            )
+    return scores

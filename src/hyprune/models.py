@@ -1,0 +1,138 @@
+"""Loading models, configs and tokenizers through the standard Hugging Face paths.
+
+A local folder or a hub id both go through ``from_pretrained``. Weights are read from safetensors
+only, unless the user passes ``allow_pickle``; remote code runs only with ``trust_remote_code``.
+The config is loaded first, on its own, so every check can run before the weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from hyprune.arch import Family, family_for_config
+from hyprune.errors import HypruneError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def parse_dtype(name: str | torch.dtype | None):
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise HypruneError(f"Unknown dtype '{name}'. Use one of: {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def load_config(model_id: str | os.PathLike, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """Load and check a config; returns (config, family). Fails fast on anything unsupported."""
+    path = Path(model_id)
+    if path.exists() and path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file() and gguf_file is None:
+            raise HypruneError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
+        if cfg.is_file():
+            try:
+                json.loads(cfg.read_text())
+            except json.JSONDecodeError as e:
+                raise HypruneError(f"{cfg} is not valid JSON ({e}). Restore the file from the original checkpoint.") from None
+    elif looks_like_local_path(str(model_id)):
+        raise HypruneError(f"Model folder {model_id} does not exist.")
+    try:
+        config = AutoConfig.from_pretrained(str(model_id), trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    except HypruneError:
+        raise
+    except Exception as e:  # transformers raises many types here (OSError, ValueError, KeyError, ...)
+        raise HypruneError(f"Could not read the config of {model_id}: {e}") from None
+    return config, family_for_config(config)
+
+
+def looks_like_local_path(text: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else that does not exist is a missing folder."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
+def check_weights_format(model_id: str | os.PathLike, allow_pickle: bool) -> None:
+    """Refuse a local folder that holds only pickle weights, unless allowed."""
+    path = Path(model_id)
+    if not path.is_dir():
+        return
+    safetensors = list(path.glob("*.safetensors"))
+    pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not safetensors and pickles and not allow_pickle:
+        raise HypruneError(
+            f"{path} holds only pickle weights ({pickles[0].name}); loading pickle can run arbitrary code. "
+            "Convert the checkpoint to safetensors, or pass --allow-pickle if you trust it."
+        )
+    if not safetensors and not pickles and not list(path.glob("*.gguf")):
+        raise HypruneError(f"{path} holds no weights (*.safetensors). Is the checkpoint complete?")
+
+
+def load_model(
+    model_id: str | os.PathLike,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | None = None,
+    device_map: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM for pruning; returns (model, family). The model is in eval mode."""
+    config, family = load_config(model_id, trust_remote_code=trust_remote_code)
+    check_weights_format(model_id, allow_pickle)
+    kwargs = dict(dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    if device_map:
+        kwargs["device_map"] = device_map
+    elif device:
+        kwargs["device_map"] = device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_id), config=config, **kwargs)
+    except Exception as e:
+        raise HypruneError(f"Could not load the weights of {model_id}: {e}") from None
+    model.eval()
+    return model, family
+
+
+def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False):
+    try:
+        return AutoTokenizer.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise HypruneError(
+            f"Could not load a tokenizer from {model_id}: {e}. Calibration data must be tokenized with the "
+            "model's own tokenizer; make sure the checkpoint folder includes it."
+        ) from None
+
+
+def count_parameters(model, family: Family) -> dict[str, int]:
+    """Parameters per component: embeddings, mamba, attention, mlp, norms, lm_head, total.
+
+    The lm_head is counted once even when tied to the embeddings.
+    """
+    from hyprune.arch.family import ATTENTION, MAMBA, MLP
+
+    kinds = family.block_kinds(model.config)
+    out = {"embeddings": 0, MAMBA: 0, ATTENTION: 0, MLP: 0, "norms": 0, "lm_head": 0}
+    seen = set()
+
+    def add(key, params):
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[key] += p.numel()
+
+    backbone = getattr(model, family.base)
+    add("embeddings", backbone.embeddings.parameters())
+    for block, kind in zip(backbone.layers, kinds):
+        add("norms", block.norm.parameters())
+        add(kind, block.mixer.parameters())
+    add("norms", backbone.norm_f.parameters())
+    add("lm_head", model.lm_head.parameters())
+    out["total"] = sum(v for k, v in out.items())
+    return out

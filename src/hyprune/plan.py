@@ -1,0 +1,398 @@
+"""The plan: which indices every axis keeps, per layer, and which blocks go.
+
+The plan is the seam between scoring (what to cut) and applying (how tensors are sliced). It is plain
+JSON that a person can read and diff, validated against the model before any heavy work:
+
+```json
+{"format": "hyprune-plan/1", "family": "nemotron_h",
+ "source": {"sizes": {...}, "block_kinds": ["mamba", "mlp", ...], "vocab_size": 4096},
+ "target": {"hidden_size": 128, "mamba_num_heads": 8},
+ "hidden": [0, 3, ...],
+ "layers": [{"kind": "mamba", "heads": [...], "head_dim": [...], "state": [...], "groups": [...]},
+            {"kind": "mlp", "ffn": [...]}, {"kind": "attention", "heads": [...], "kv_heads": [...]}],
+ "drop_blocks": []}
+```
+
+Indices always refer to the *source* model, are sorted and unique. ``layers`` has one entry per
+source block (dropped blocks included, so indices never shift). HF configs hold one value per field,
+so every layer of a kind must keep the same number of each thing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family
+from hyprune.errors import HypruneError
+
+PLAN_FORMAT = "hyprune-plan/1"
+
+
+class LayerPlan(BaseModel):
+    """What one source block keeps. Which fields are set depends on ``kind``."""
+
+    kind: Literal["mamba", "attention", "mlp"]
+    heads: list[int] | None = None  # Mamba heads, or attention query heads
+    head_dim: list[int] | None = None  # Mamba head channels, shared by every kept head
+    state: list[int] | None = None  # SSM state channels, shared by every kept group
+    groups: list[int] | None = None  # Mamba B/C groups
+    kv_heads: list[int] | None = None  # attention key/value heads
+    ffn: list[int] | None = None  # MLP neurons
+
+
+class Plan(BaseModel):
+    format: Literal["hyprune-plan/1"] = PLAN_FORMAT
+    family: str
+    method: str = "activation"
+    source: dict = Field(description="fingerprint of the model the plan was made for")
+    target: dict[str, int] = Field(default_factory=dict, description="config field -> requested size")
+    hidden: list[int]
+    layers: list[LayerPlan]
+    drop_blocks: list[int] = Field(default_factory=list)
+
+    # ---- io ----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=1, exclude_none=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise HypruneError(f"Plan file {path} does not exist. Write one with `hyprune plan`.")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as e:
+            raise HypruneError(f"{path} is not a valid hyprune plan:\n{e}") from None
+
+    # ---- derived sizes -----------------------------------------------------------------------
+    def kept_blocks(self) -> list[int]:
+        dropped = set(self.drop_blocks)
+        return [i for i in range(len(self.layers)) if i not in dropped]
+
+    def result_sizes(self) -> dict[str, int]:
+        """Canonical axis -> size after applying the plan (axes without a kept layer keep the source)."""
+        sizes = dict(self.source["sizes"])
+        sizes["hidden"] = len(self.hidden)
+        kept = [self.layers[i] for i in self.kept_blocks()]
+        first = {kind: next((lp for lp in kept if lp.kind == kind), None) for kind in (MAMBA, ATTENTION, MLP)}
+        if first[MAMBA] is not None:
+            lp = first[MAMBA]
+            sizes.update(mamba_heads=len(lp.heads), mamba_head_dim=len(lp.head_dim),
+                         ssm_state=len(lp.state), mamba_groups=len(lp.groups))
+        if first[ATTENTION] is not None:
+            sizes.update(attention_heads=len(first[ATTENTION].heads), kv_heads=len(first[ATTENTION].kv_heads))
+        if first[MLP] is not None:
+            sizes["ffn"] = len(first[MLP].ffn)
+        return sizes
+
+
+def fingerprint(family: Family, config) -> dict:
+    """What a plan must match: the family, every axis size, the layer pattern and the vocabulary."""
+    return {
+        "sizes": family.sizes(config),
+        "block_kinds": family.block_kinds(config),
+        "vocab_size": int(config.vocab_size),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------------
+def parse_target(text: str | dict | None) -> dict[str, int]:
+    """``"hidden_size=128,mamba_num_heads=8"`` -> ``{"hidden_size": 128, "mamba_num_heads": 8}``."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise HypruneError(f"Target '{part}' is not KEY=VALUE. Example: --target hidden_size=1024,n_groups=4")
+            key, value = part.split("=", 1)
+            items.append((key.strip(), value.strip()))
+    out = {}
+    for key, value in items:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise HypruneError(f"Target {key}={value}: the value must be a whole number.") from None
+        if number != int(number) or number < 1:
+            raise HypruneError(f"Target {key}={value}: the value must be a whole number >= 1.")
+        out[key] = int(number)
+    return out
+
+
+def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, int]:
+    """Check a target (config field -> size) and return the full result sizes by canonical axis.
+
+    Raises `HypruneError` for unknown fields, sizes above the source, and shapes the config cannot
+    express (uneven groups, a coupled Mamba width that does not match).
+    """
+    source = family.sizes(config)
+    sizes = dict(source)
+    for field_name, value in target.items():
+        sizes[family.field_to_axis(field_name)] = value
+    for axis, value in sizes.items():
+        if value > source[axis]:
+            raise HypruneError(
+                f"Target {family.fields[axis]}={value} is larger than the source ({source[axis]}). "
+                "Pruning only shrinks: pick a value <= the source size."
+            )
+    kinds = set(family.block_kinds(config))
+    if MAMBA in kinds:
+        heads, groups = sizes["mamba_heads"], sizes["mamba_groups"]
+        f_heads, f_groups = family.fields["mamba_heads"], family.fields["mamba_groups"]
+        if heads % groups:
+            raise HypruneError(
+                f"{f_heads}={heads} is not divisible by {f_groups}={groups}: every B/C group must keep the "
+                f"same number of Mamba heads. Pick {f_heads} as a multiple of {groups}."
+            )
+        per_group_source = source["mamba_heads"] // source["mamba_groups"]
+        if heads // groups > per_group_source:
+            raise HypruneError(
+                f"{f_heads}={heads} with {f_groups}={groups} needs {heads // groups} heads per group, but each "
+                f"source group has only {per_group_source}. Lower {f_heads} or keep more groups."
+            )
+        if family.mamba_width_coupled_to_hidden:
+            width = sizes["mamba_heads"] * sizes["mamba_head_dim"]
+            expand = family.expand(config)
+            if width != expand * sizes["hidden"]:
+                raise HypruneError(
+                    f"In {family.name} the Mamba width is tied to the hidden size: "
+                    f"{f_heads} * {family.fields['mamba_head_dim']} must equal expand ({expand}) * hidden_size, "
+                    f"but the target gives {width} vs {expand * sizes['hidden']}. "
+                    "Change the heads, head_dim and hidden_size together."
+                )
+    if ATTENTION in kinds:
+        q, kv = sizes["attention_heads"], sizes["kv_heads"]
+        if q % kv:
+            raise HypruneError(
+                f"num_attention_heads={q} is not divisible by num_key_value_heads={kv}: every KV group "
+                "must keep the same number of query heads."
+            )
+        if q // kv > source["attention_heads"] // source["kv_heads"]:
+            raise HypruneError(
+                f"num_attention_heads={q} with num_key_value_heads={kv} needs {q // kv} query heads per KV "
+                f"group, more than the source has ({source['attention_heads'] // source['kv_heads']})."
+            )
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores -> plan
+# ---------------------------------------------------------------------------------------------
+def top_k(score: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, sorted ascending; ties go to the lower index."""
+    order = torch.argsort(score.float(), descending=True, stable=True)
+    return sorted(order[:k].tolist())
+
+
+def top_k_within_groups(score: torch.Tensor, groups: list[int], per_group: int, keep: int) -> list[int]:
+    """Keep the ``keep`` best members inside each listed group of ``per_group`` consecutive members."""
+    kept = []
+    for g in groups:
+        offset = g * per_group
+        kept += [offset + i for i in top_k(score[offset : offset + per_group], keep)]
+    return kept
+
+
+def plan_mamba_layer(x_score: torch.Tensor, bc_score: torch.Tensor, sizes: dict[str, int]) -> LayerPlan:
+    """Group-aware Minitron-SSM ranking for one Mamba layer.
+
+    Args:
+        x_score: [heads, head_dim] activation score of the x slice of in_proj.
+        bc_score: [2, groups, state] activation score of the B and C slices of in_proj.
+        sizes: target sizes (``mamba_heads``, ``mamba_head_dim``, ``ssm_state``, ``mamba_groups``).
+
+    Order (nested, as in the paper): whole groups by the L2 of their heads; head channels by the
+    L2 over the heads of the kept groups (one ranking shared by all heads); heads by the L2 over the
+    kept channels, ranked *inside* their group; states by the L2 of B and C over the kept groups.
+    """
+    heads, head_dim = x_score.shape
+    groups = bc_score.shape[1]
+    per_group = heads // groups
+    head_all = x_score.norm(dim=1)  # [heads]
+    kept_groups = top_k(head_all.view(groups, per_group).norm(dim=1), sizes["mamba_groups"])
+    in_kept_groups = [g * per_group + i for g in kept_groups for i in range(per_group)]
+    kept_channels = top_k(x_score[in_kept_groups].norm(dim=0), sizes["mamba_head_dim"])
+    head_score = x_score[:, kept_channels].norm(dim=1)  # [heads]
+    kept_heads = top_k_within_groups(head_score, kept_groups, per_group, sizes["mamba_heads"] // len(kept_groups))
+    state_score = bc_score[:, kept_groups].pow(2).sum(dim=(0, 1)).sqrt()  # [state]
+    kept_state = top_k(state_score, sizes["ssm_state"])
+    return LayerPlan(kind=MAMBA, heads=kept_heads, head_dim=kept_channels, state=kept_state, groups=kept_groups)
+
+
+def plan_attention_layer(head_channel_score: torch.Tensor, num_kv: int, sizes: dict[str, int]) -> LayerPlan:
+    """Attention heads ranked inside each KV group; whole KV groups by the L2 of their heads.
+
+    Args:
+        head_channel_score: [heads, head_dim] activation score of the o_proj input.
+    """
+    heads = head_channel_score.shape[0]
+    per_kv = heads // num_kv
+    head_score = head_channel_score.norm(dim=1)
+    kept_kv = top_k(head_score.view(num_kv, per_kv).norm(dim=1), sizes["kv_heads"])
+    kept = top_k_within_groups(head_score, kept_kv, per_kv, sizes["attention_heads"] // sizes["kv_heads"])
+    return LayerPlan(kind=ATTENTION, heads=kept, kv_heads=kept_kv)
+
+
+def make_plan(
+    family: Family,
+    config,
+    scores: dict[str, torch.Tensor],
+    target: dict[str, int],
+    drop_blocks: list[int] | None = None,
+    method: str = "activation",
+) -> Plan:
+    """Turn activation scores and a target (config field -> size) into a validated plan."""
+    sizes = resolve_target(family, config, target)
+    source = family.sizes(config)
+    layers = []
+    for i, kind in enumerate(family.block_kinds(config)):
+        if kind == MAMBA:
+            layers.append(plan_mamba_layer(scores[f"layers.{i}.mamba_x"], scores[f"layers.{i}.mamba_bc"], sizes))
+        elif kind == ATTENTION:
+            layers.append(plan_attention_layer(scores[f"layers.{i}.attention"], source["kv_heads"], sizes))
+        else:
+            layers.append(LayerPlan(kind=MLP, ffn=top_k(scores[f"layers.{i}.ffn"], sizes["ffn"])))
+    plan = Plan(
+        family=family.name,
+        method=method,
+        source=fingerprint(family, config),
+        target=dict(target),
+        hidden=top_k(scores["hidden"], sizes["hidden"]),
+        layers=layers,
+        drop_blocks=sorted(drop_blocks or []),
+    )
+    validate_plan(plan, family, config)
+    return plan
+
+
+def identity_plan(family: Family, config) -> Plan:
+    """A plan that keeps everything (applying it must reproduce the model exactly)."""
+    s = family.sizes(config)
+    full = lambda n: list(range(n))  # noqa: E731
+    layers = []
+    for kind in family.block_kinds(config):
+        if kind == MAMBA:
+            layers.append(LayerPlan(kind=kind, heads=full(s["mamba_heads"]), head_dim=full(s["mamba_head_dim"]),
+                                    state=full(s["ssm_state"]), groups=full(s["mamba_groups"])))
+        elif kind == ATTENTION:
+            layers.append(LayerPlan(kind=kind, heads=full(s["attention_heads"]), kv_heads=full(s["kv_heads"])))
+        else:
+            layers.append(LayerPlan(kind=kind, ffn=full(s["ffn"])))
+    return Plan(family=family.name, method="identity", source=fingerprint(family, config),
+                hidden=full(s["hidden"]), layers=layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def _check_indices(where: str, values: list[int] | None, bound: int) -> list[int]:
+    if values is None:
+        raise HypruneError(f"Plan {where}: missing.")
+    if not values:
+        raise HypruneError(f"Plan {where}: keeps nothing; keep at least one.")
+    if values != sorted(set(values)):
+        raise HypruneError(f"Plan {where}: indices must be sorted and unique.")
+    if values[0] < 0 or values[-1] >= bound:
+        raise HypruneError(f"Plan {where}: indices must lie in [0, {bound}); got {values[0]}..{values[-1]}.")
+    return values
+
+
+def _check_grouped(where: str, members: list[int], groups: list[int], per_group: int, what: str) -> None:
+    counts = {g: 0 for g in groups}
+    for m in members:
+        g = m // per_group
+        if g not in counts:
+            raise HypruneError(f"Plan {where}: {what} {m} belongs to group {g}, which the plan removes.")
+        counts[g] += 1
+    if len(set(counts.values())) != 1:
+        raise HypruneError(
+            f"Plan {where}: every group must keep the same number of {what}s; got {counts}."
+        )
+
+
+def validate_plan(plan: Plan, family: Family, config) -> None:
+    """Check a plan against a model config before any heavy work. Raises `HypruneError`."""
+    if plan.family != family.name:
+        raise HypruneError(f"The plan was made for a {plan.family} model, but this model is {family.name}.")
+    expected = fingerprint(family, config)
+    if plan.source != expected:
+        diffs = [k for k in expected if plan.source.get(k) != expected[k]]
+        raise HypruneError(
+            f"The plan was made for another model: its source {', '.join(diffs)} differ from this model's "
+            f"(plan: {[plan.source.get(k) for k in diffs]}, model: {[expected[k] for k in diffs]}). "
+            "Make a new plan for this model with `hyprune plan`."
+        )
+    s = expected["sizes"]
+    kinds = expected["block_kinds"]
+    if len(plan.layers) != len(kinds):
+        raise HypruneError(f"The plan lists {len(plan.layers)} layers; the model has {len(kinds)}.")
+    _check_indices("hidden", plan.hidden, s["hidden"])
+    for b in plan.drop_blocks:
+        if not 0 <= b < len(kinds):
+            raise HypruneError(f"Plan drop_blocks: block {b} does not exist (the model has {len(kinds)}).")
+    if len(set(plan.drop_blocks)) == len(kinds):
+        raise HypruneError("Plan drop_blocks removes every block; keep at least one.")
+    seen: dict[str, tuple] = {}
+    kept = set(plan.kept_blocks())
+    for i, (lp, kind) in enumerate(zip(plan.layers, kinds)):
+        where = f"layer {i} ({kind})"
+        if lp.kind != kind:
+            raise HypruneError(f"Plan {where}: the plan says '{lp.kind}'.")
+        if kind == MAMBA:
+            groups = _check_indices(f"{where} groups", lp.groups, s["mamba_groups"])
+            heads = _check_indices(f"{where} heads", lp.heads, s["mamba_heads"])
+            _check_indices(f"{where} head_dim", lp.head_dim, s["mamba_head_dim"])
+            _check_indices(f"{where} state", lp.state, s["ssm_state"])
+            _check_grouped(where, heads, groups, s["mamba_heads"] // s["mamba_groups"], "head")
+            shape = (len(lp.heads), len(lp.head_dim), len(lp.state), len(lp.groups))
+        elif kind == ATTENTION:
+            kv = _check_indices(f"{where} kv_heads", lp.kv_heads, s["kv_heads"])
+            heads = _check_indices(f"{where} heads", lp.heads, s["attention_heads"])
+            _check_grouped(where, heads, kv, s["attention_heads"] // s["kv_heads"], "query head")
+            shape = (len(lp.heads), len(lp.kv_heads))
+        else:
+            shape = (len(_check_indices(f"{where} ffn", lp.ffn, s["ffn"])),)
+        if i not in kept:
+            continue
+        if kind in seen and seen[kind][1] != shape:
+            raise HypruneError(
+                f"Plan {where} keeps sizes {shape} but layer {seen[kind][0]} keeps {seen[kind][1]}: "
+                "an HF config holds one size per field, so every layer of a kind must keep the same counts."
+            )
+        seen.setdefault(kind, (i, shape))
+    if family.mamba_width_coupled_to_hidden and MAMBA in seen:
+        result = plan.result_sizes()
+        width = result["mamba_heads"] * result["mamba_head_dim"]
+        if width != family.expand(config) * result["hidden"]:
+            raise HypruneError(
+                f"Plan: {family.name} ties the Mamba width to expand * hidden_size; the plan keeps {width} "
+                f"Mamba channels and {result['hidden']} hidden channels (expand {family.expand(config)})."
+            )
+
+
+def load_plan_for(path: str | Path, family: Family, config) -> Plan:
+    plan = Plan.load(path)
+    validate_plan(plan, family, config)
+    return plan
+
+
+def summarize(plan: Plan) -> dict:
+    """Sizes before and after, for reports."""
+    return {"before": plan.source["sizes"], "after": plan.result_sizes(),
+            "blocks_before": len(plan.layers), "blocks_after": len(plan.kept_blocks()),
+            "drop_blocks": plan.drop_blocks}
+
+
+def plan_to_json(plan: Plan) -> str:
+    return json.dumps(plan.model_dump(exclude_none=True), indent=1)
