@@ -7,6 +7,7 @@ The CLI (`hyprune.cli`) is a thin shell over these functions.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def score(
     config, family = load_config(model, load_kwargs.get("trust_remote_code", False))
     check_source(data)
     if out is not None:
-        check_output_dir(out, overwrite, inputs=(model,))
+        check_output_dir(out, overwrite, inputs=(model, data))
     _, windows = _calibration(model, data, seq_len, num_samples, seed, text_field, split,
                               load_kwargs.get("trust_remote_code", False))
     loaded, family = load_model(model, **_model_kwargs(**load_kwargs))
@@ -98,7 +99,7 @@ def prune(
     """
     trust = load_kwargs.get("trust_remote_code", False)
     config, family = load_config(model, trust)
-    check_output_dir(out, overwrite, inputs=(model,))
+    check_output_dir(out, overwrite, inputs=(model, data, scores, plan_file))
     the_plan = None
     if plan_file is not None:
         the_plan = load_plan_for(plan_file, family, config)
@@ -113,7 +114,8 @@ def prune(
             raise HypruneError("Scoring needs calibration text: pass --data FILE (or --scores / --plan).")
         else:
             check_source(data)
-    tokenizer = load_tokenizer(model, trust)
+    needs_data = the_plan is None and scores is None
+    tokenizer = load_tokenizer(model, trust) if needs_data else _optional_tokenizer(model, trust)
     loaded, family = load_model(model, **_model_kwargs(**load_kwargs))
     if the_plan is None:
         if scores is None:
@@ -127,6 +129,15 @@ def prune(
     save_pruned(pruned, tokenizer, out, {"plan.json": the_plan.model_dump(exclude_none=True),
                                          "hyprune_summary.json": summary}, overwrite=overwrite)
     return summary
+
+
+def _optional_tokenizer(model: str, trust_remote_code: bool):
+    """The tokenizer to copy into the output, or None (with a warning) when the source has none."""
+    try:
+        return load_tokenizer(model, trust_remote_code)
+    except HypruneError as e:
+        warnings.warn(f"No tokenizer copied to the output: {e}", stacklevel=3)
+        return None
 
 
 def inspect_model(model: str, scores: str | None = None, trust_remote_code: bool = False) -> dict:

@@ -16,11 +16,23 @@ from hyprune.errors import HypruneError
 
 
 def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Refuse a non-empty output folder (unless ``overwrite``) and any output that is an input."""
+    """Refuse a non-empty output folder (unless ``overwrite``) and any output that is, holds or sits in an input."""
     out = Path(out).expanduser()
     for src in inputs:
-        if Path(src).exists() and Path(src).resolve() == out.resolve():
-            raise HypruneError(f"The output folder {out} is the input model; pick another --out.")
+        if src is None or not Path(src).expanduser().exists():
+            continue
+        src_path, out_path = Path(src).expanduser().resolve(), out.resolve()
+        if src_path == out_path:
+            raise HypruneError(f"The output folder {out} is the input {src}; pick another --out.")
+        if out_path in src_path.parents:
+            raise HypruneError(
+                f"The output folder {out} contains the input {src}; writing there would delete it. Pick another --out."
+            )
+        if src_path.is_dir() and src_path in out_path.parents:
+            raise HypruneError(
+                f"The output folder {out} is inside the input folder {src}; hyprune never writes into its inputs. "
+                "Pick another --out."
+            )
     if out.exists() and not out.is_dir():
         raise HypruneError(f"--out {out} is a file; pass a folder path.")
     if out.exists() and any(out.iterdir()) and not overwrite:

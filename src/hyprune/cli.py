@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from typing import Optional
 
 import typer
@@ -48,6 +49,21 @@ Overwrite = typer.Option(False, "--overwrite", help="Replace a non-empty output 
 Quiet = typer.Option(False, "--quiet", help="No progress bars.")
 
 
+@contextmanager
+def _hf_progress(enabled: bool):
+    """--quiet also silences transformers' own progress bars (loading and writing weights)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code):
     return dict(dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code)
@@ -68,9 +84,10 @@ def score(
 
     if data is None:
         _run(_fail, "score needs calibration text: pass --data FILE.")
-    _run(api.score, model, data, out, seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
-         text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
-         **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
+    with _hf_progress(not quiet):
+        _run(api.score, model, data, out, seq_len=seq_len, num_samples=num_samples, batch_size=batch_size,
+             seed=seed, text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
+             **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
     out_console.print(f"scores written to {out}")
 
 
@@ -106,10 +123,11 @@ def prune(
     """Score, plan and apply in one go (or apply --plan) and save an ordinary HF checkpoint."""
     from hyprune import api
 
-    summary = _run(api.prune, model, out, data=data, target=target, scores=scores, plan_file=plan_file,
-                   seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
-                   text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
-                   **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
+    with _hf_progress(not quiet):
+        summary = _run(api.prune, model, out, data=data, target=target, scores=scores, plan_file=plan_file,
+                       seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                       text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
+                       **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
     table = Table(title=f"pruned checkpoint: {out}")
     table.add_column("parameters")
     table.add_column("before", justify="right")
