@@ -406,3 +406,42 @@ def test_console_script_reports_errors(tmp_path, nemotron_dir, calib_txt):
     assert "error: Target hidden_size=48 is larger than the source (32)" in squash(proc.stderr)
     assert proc.stdout == ""
     assert not out.exists() and list(tmp_path.glob(".out.*")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth pruning from the command line
+# ---------------------------------------------------------------------------------------------
+def test_score_depth_writes_ranking_and_plot(nemotron_dir, calib_txt, tmp_path):
+    out = tmp_path / "depth"
+    result = runner.invoke(app, ["score", str(nemotron_dir), "--data", str(calib_txt), "--depth", "kl",
+                                 "--out", str(out), "--seq-len", "16", "--num-samples", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    ranking = json.loads((out / "block_scores.json").read_text())
+    assert ranking["method"] == "kl" and len(ranking["scores"]) == 5
+    assert (out / "block_scores.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra", [["--drop-blocks", "2", "--depth-method", "block_influence"],
+                                   ["--drop-blocks", "1", "--depth-method", "lm_loss", "--depth-mode", "contiguous"],
+                                   ["--drop-block-list", "1,4"]])
+def test_prune_depth_and_width_together(nemotron_dir, calib_txt, tmp_path, extra):
+    out = tmp_path / "pruned"
+    result = runner.invoke(app, ["prune", str(nemotron_dir), "--data", str(calib_txt), "--target", "hidden_size=24",
+                                 "--out", str(out), "--seq-len", "16", "--num-samples", "4", "--quiet", *extra])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    dropped = len(plan["drop_blocks"])
+    assert dropped == (2 if "2" in extra else (1 if "1" in extra else 2))
+    assert model.config.num_hidden_layers == 5 - dropped and model.config.hidden_size == 24
+    if "--drop-block-list" in extra:
+        assert plan["drop_blocks"] == [1, 4]
+
+
+def test_prune_depth_refuses_removing_every_block(nemotron_dir, calib_txt, tmp_path):
+    out = tmp_path / "pruned"
+    result = runner.invoke(app, ["prune", str(nemotron_dir), "--data", str(calib_txt), "--drop-blocks", "5",
+                                 "--out", str(out)])
+    assert result.exit_code != 0 and "every block" in result.output
+    assert not out.exists()

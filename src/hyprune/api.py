@@ -27,12 +27,6 @@ def _model_kwargs(dtype="float32", device=None, device_map=None, allow_pickle=Fa
                 trust_remote_code=trust_remote_code)
 
 
-def _calibration(model_id, data, seq_len, num_samples, seed, text_field, split, trust_remote_code):
-    tokenizer = load_tokenizer(model_id, trust_remote_code)
-    windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field, split=split)
-    return tokenizer, windows
-
-
 def score(
     model: str,
     data: str,
@@ -52,8 +46,8 @@ def score(
     check_source(data)
     if out is not None:
         check_output_dir(out, overwrite, inputs=(model, data))
-    _, windows = _calibration(model, data, seq_len, num_samples, seed, text_field, split,
-                              load_kwargs.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(model, load_kwargs.get("trust_remote_code", False))
+    windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field, split=split)
     loaded, family = load_model(model, **_model_kwargs(**load_kwargs))
     scores = activation_scores(loaded, windows, family, batch_size=batch_size, progress=progress)
     if out is not None:
@@ -83,6 +77,10 @@ def prune(
     target: str | dict | None = None,
     scores: str | None = None,
     plan_file: str | None = None,
+    drop_blocks: int | None = None,
+    drop_block_list: str | list[int] | None = None,
+    depth_method: str = "block_influence",
+    depth_mode: str = "lowest",
     seq_len: int = 256,
     num_samples: int = 64,
     batch_size: int = 8,
@@ -93,35 +91,57 @@ def prune(
     progress: bool = True,
     **load_kwargs,
 ) -> dict:
-    """Score (unless given scores or a plan), plan, apply and save the pruned checkpoint at ``out``.
+    """Plan (width from ``target``, depth from ``drop_blocks``/``drop_block_list``) or take ``plan_file``,
+    apply it and save the pruned checkpoint at ``out``.
 
-    Returns the summary written to ``out/hyprune_summary.json``.
+    Width scores come from ``scores`` or a sweep over ``data``; depth scores (``depth_method``, on the
+    unpruned model) from ``data``. Returns the summary written to ``out/hyprune_summary.json``.
     """
+    from hyprune import depth
+
     trust = load_kwargs.get("trust_remote_code", False)
     config, family = load_config(model, trust)
     check_output_dir(out, overwrite, inputs=(model, data, scores, plan_file))
     the_plan = None
+    target_dict = parse_target(target)
     if plan_file is not None:
+        if target_dict or drop_blocks or drop_block_list:
+            raise HypruneError("--plan already says what to cut; do not combine it with --target or --drop-blocks.")
         the_plan = load_plan_for(plan_file, family, config)
-    else:
-        target_dict = parse_target(target)
-        if not target_dict:
-            raise HypruneError("Nothing to prune: pass --target KEY=VALUE[,...] or --plan PLAN.json.")
+    elif not (target_dict or drop_blocks or drop_block_list):
+        raise HypruneError("Nothing to prune: pass --target KEY=VALUE[,...], --drop-blocks N or --plan PLAN.json.")
+    if drop_blocks and drop_block_list:
+        raise HypruneError("Pass either --drop-blocks N (scored) or --drop-block-list I,J,... (explicit), not both.")
+    if target_dict:
         resolve_target(family, config, target_dict)
-        if scores is not None:
-            saved = load_scores(scores, family, config)
-        elif data is None:
+    if drop_blocks:
+        depth.check_depth_request(family, config, drop_blocks, depth_method, depth_mode)
+    if drop_block_list:
+        drop_block_list = depth.drop_blocks_from_list(drop_block_list, len(family.block_kinds(config)))
+    width_sweep = bool(target_dict) and scores is None
+    needs_data = width_sweep or bool(drop_blocks)
+    if target_dict and scores is not None:
+        saved = load_scores(scores, family, config)
+    if needs_data:
+        if data is None:
             raise HypruneError("Scoring needs calibration text: pass --data FILE (or --scores / --plan).")
-        else:
-            check_source(data)
-    needs_data = the_plan is None and scores is None
+        check_source(data)
     tokenizer = load_tokenizer(model, trust) if needs_data else _optional_tokenizer(model, trust)
+    windows = None
+    if needs_data:
+        windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field,
+                                      split=split)
     loaded, family = load_model(model, **_model_kwargs(**load_kwargs))
     if the_plan is None:
-        if scores is None:
-            _, windows = _calibration(model, data, seq_len, num_samples, seed, text_field, split, trust)
-            saved = activation_scores(loaded, windows, family, batch_size=batch_size, progress=progress)
-        the_plan = make_plan(family, loaded.config, saved, target_dict)
+        if target_dict:
+            if width_sweep:
+                saved = activation_scores(loaded, windows, family, batch_size=batch_size, progress=progress)
+            the_plan = make_plan(family, loaded.config, saved, target_dict)
+        if drop_blocks:
+            the_plan, _ = depth.depth_plan(loaded, drop_blocks, depth_method, depth_mode, windows=windows,
+                                           plan=the_plan, batch_size=batch_size, progress=progress)
+        elif drop_block_list:
+            the_plan = depth.with_dropped_blocks(the_plan, drop_block_list, family, loaded.config)
     before = count_parameters(loaded, family)
     pruned = apply_plan(loaded, the_plan, family)
     after = count_parameters(pruned, family)

@@ -78,16 +78,24 @@ def score(
     text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
     device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
     overwrite: bool = Overwrite, quiet: bool = Quiet,
+    depth: Optional[str] = typer.Option(None, "--depth", help="Score whole blocks instead: block_influence, "
+                                        "angular, kl or lm_loss (writes block_scores.json and a plot)."),
+    window: int = typer.Option(1, "--window", help="With --depth angular: blocks per scored window."),
 ):
-    """Score every prunable structure from activations (one forward sweep)."""
-    from hyprune import api
+    """Score every prunable structure from activations (one forward sweep), or whole blocks (--depth)."""
+    from hyprune import api, depth as depth_lib
 
     if data is None:
         _run(_fail, "score needs calibration text: pass --data FILE.")
+    common = dict(seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed, text_field=text_field,
+                  split=split, overwrite=overwrite, progress=not quiet,
+                  **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
     with _hf_progress(not quiet):
-        _run(api.score, model, data, out, seq_len=seq_len, num_samples=num_samples, batch_size=batch_size,
-             seed=seed, text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
-             **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
+        if depth is None:
+            _run(api.score, model, data, out, **common)
+        else:
+            result = _run(depth_lib.score_depth, model, data, depth, out, window=window, **common)
+            out_console.print(depth_lib.format_block_table(result))
     out_console.print(f"scores written to {out}")
 
 
@@ -115,6 +123,11 @@ def prune(
     out: str = typer.Option(..., "--out", help="Output folder: the pruned HF checkpoint."),
     scores: Optional[str] = typer.Option(None, "--scores", help="Reuse saved scores instead of a sweep."),
     plan_file: Optional[str] = typer.Option(None, "--plan", help="Apply this plan (no scoring)."),
+    drop_blocks: Optional[int] = typer.Option(None, "--drop-blocks", help="Drop this many blocks (depth pruning)."),
+    drop_block_list: Optional[str] = typer.Option(None, "--drop-block-list", help="Drop these blocks: I,J,..."),
+    depth_method: str = typer.Option("block_influence", "--depth-method",
+                                     help="block_influence, angular, kl or lm_loss (for --drop-blocks)."),
+    depth_mode: str = typer.Option("lowest", "--depth-mode", help="lowest (any blocks) or contiguous (one window)."),
     seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
     text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
     device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
@@ -125,6 +138,8 @@ def prune(
 
     with _hf_progress(not quiet):
         summary = _run(api.prune, model, out, data=data, target=target, scores=scores, plan_file=plan_file,
+                       drop_blocks=drop_blocks, drop_block_list=drop_block_list, depth_method=depth_method,
+                       depth_mode=depth_mode,
                        seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
                        text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
                        **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
@@ -136,6 +151,9 @@ def prune(
     for key in before:
         table.add_row(key, f"{before[key]:,}", f"{after[key]:,}")
     out_console.print(table)
+    if summary["blocks_after"] != summary["blocks_before"]:
+        out_console.print(f"blocks: {summary['blocks_before']} -> {summary['blocks_after']} "
+                          f"(dropped {summary['drop_blocks']})")
 
 
 @app.command()

@@ -338,6 +338,8 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
     if len(plan.layers) != len(kinds):
         raise HypruneError(f"The plan lists {len(plan.layers)} layers; the model has {len(kinds)}.")
     _check_indices("hidden", plan.hidden, s["hidden"])
+    if plan.drop_blocks != sorted(set(plan.drop_blocks)):
+        raise HypruneError(f"Plan drop_blocks {plan.drop_blocks}: indices must be sorted and unique.")
     for b in plan.drop_blocks:
         if not 0 <= b < len(kinds):
             raise HypruneError(f"Plan drop_blocks: block {b} does not exist (the model has {len(kinds)}).")
