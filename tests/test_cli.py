@@ -445,3 +445,43 @@ def test_prune_depth_refuses_removing_every_block(nemotron_dir, calib_txt, tmp_p
                                  "--out", str(out)])
     assert result.exit_code != 0 and "every block" in result.output
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation from the command line
+# ---------------------------------------------------------------------------------------------
+def test_distill_cli_end_to_end_and_resume(nemotron_dir, calib_txt, tmp_path):
+    student = tmp_path / "student"
+    assert runner.invoke(app, ["prune", str(nemotron_dir), "--data", str(calib_txt), "--target", "hidden_size=24",
+                               "--out", str(student), "--seq-len", "16", "--num-samples", "4", "--quiet"]).exit_code == 0
+    run = tmp_path / "kd"
+    args = ["distill", "--teacher", str(nemotron_dir), "--student", str(student), "--data", str(calib_txt),
+            "--tokens", str(16 * 4 * 6), "--seq-len", "16", "--batch", "4", "--out", str(run),
+            "--checkpoint-every", "2", "--eval-every", "3", "--warmup-steps", "1", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in log if "loss" in row]
+    assert steps[-1] == 6 and all({"step", "tokens", "loss"} <= set(row) for row in log if "loss" in row)
+    model, info = AutoModelForCausalLM.from_pretrained(run / "final", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert model.config.hidden_size == 24
+    again = runner.invoke(app, args)  # a finished run is not silently overwritten
+    assert again.exit_code != 0 and "--resume" in again.output
+
+
+def test_finetune_and_topk_cache_cli(nemotron_dir, calib_txt, tmp_path):
+    cache = tmp_path / "cache"
+    result = runner.invoke(app, ["cache-teacher", str(nemotron_dir), "--data", str(calib_txt), "--seq-len", "16",
+                                 "--top-k", "8", "--tokens", "256", "--out", str(cache), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "from-cache"
+    result = runner.invoke(app, ["distill", "--student", str(nemotron_dir), "--data", str(cache), "--tokens", "128",
+                                 "--seq-len", "16", "--batch", "4", "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (run / "final" / "config.json").is_file()
+    ft = tmp_path / "ft"
+    result = runner.invoke(app, ["finetune", str(nemotron_dir), "--data", str(calib_txt), "--tokens", "128",
+                                 "--seq-len", "16", "--batch", "4", "--out", str(ft), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (ft / "final" / "model.safetensors").is_file()

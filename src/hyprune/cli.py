@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -198,6 +199,126 @@ def inspect(
             imp.add_row(str(entry["layer"]), entry["kind"],
                         *[f"{entry[a]['median']:.3g}" if a in entry else "" for a in axes])
         out_console.print(imp)
+
+
+# Distillation ---------------------------------------------------------------------------------
+Tokens = typer.Option(..., "--tokens", help="Training budget in tokens of --data.")
+TrainBatch = typer.Option(8, "--batch", help="Global batch in windows per optimizer step.")
+MicroBatch = typer.Option(None, "--micro-batch", help="Windows per forward pass (gradient accumulation).")
+Lr = typer.Option(1e-4, "--lr", help="Peak learning rate (cosine with warmup).")
+MinLr = typer.Option(1e-5, "--min-lr", help="Learning rate at the end of the cosine.")
+Warmup = typer.Option(40, "--warmup-steps")
+CkptEvery = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints (0: final only).")
+KeepLast = typer.Option(2, "--keep-last", help="Checkpoints kept.")
+EvalEvery = typer.Option(200, "--eval-every", help="Steps between held-out perplexity evaluations.")
+EvalData = typer.Option(None, "--eval-data", help="Held-out text (default: the tail of --data).")
+Resume = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in --out.")
+ActCkpt = typer.Option(False, "--activation-checkpointing", help="Recompute activations in backward.")
+Precision = typer.Option("auto", "--precision", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+
+
+def _train_options(micro_batch, lr, min_lr, warmup_steps, checkpoint_every, keep_last, eval_every,
+                   activation_checkpointing, precision, seed, quiet):
+    return dict(micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+                checkpoint_every=checkpoint_every, keep_last=keep_last, eval_every=eval_every,
+                activation_checkpointing=activation_checkpointing, precision=precision, seed=seed, progress=not quiet)
+
+
+def _print_training_summary(summary: dict, out: str) -> None:
+    keys = ("steps", "tokens", "loss", "student_perplexity", "teacher_perplexity")
+    out_console.print(", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary[k]}"
+                                for k in keys if summary.get(k) is not None))
+    out_console.print(f"final model: {out}/final   log: {out}/log.jsonl")
+
+
+@app.command()
+def distill(
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint (not needed with a top-k cache)."),
+    student: str = typer.Option(..., "--student", help="Student checkpoint, e.g. the output of `hyprune prune`."),
+    data: str = typer.Option(..., "--data", help="Training text, or a folder written by `hyprune cache-teacher`."),
+    tokens: int = Tokens,
+    seq_len: int = typer.Option(..., "--seq-len", help="Tokens per training window."),
+    batch: int = TrainBatch,
+    out: str = typer.Option(..., "--out", help="Run folder: final/, checkpoints/, log.jsonl."),
+    resume: bool = Resume,
+    loss: str = typer.Option("forward_kl", "--loss", help="forward_kl, reverse_kl, jsd or ce."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    beta: float = typer.Option(0.5, "--beta", help="JSD mixture weight."),
+    ce_weight: float = typer.Option(0.0, "--ce-weight", help="L = (1-w) KD + w CE."),
+    hidden_loss: Optional[str] = typer.Option(None, "--hidden-loss", help="cosine or mse on matched blocks."),
+    plan_file: Optional[str] = typer.Option(None, "--plan", help="Pruning plan: block map and kept channels."),
+    eval_data: Optional[str] = EvalData,
+    micro_batch: Optional[int] = MicroBatch, lr: float = Lr, min_lr: float = MinLr, warmup_steps: int = Warmup,
+    checkpoint_every: int = CkptEvery, keep_last: int = KeepLast, eval_every: int = EvalEvery,
+    activation_checkpointing: bool = ActCkpt, precision: str = Precision, fsdp: bool = typer.Option(
+        False, "--fsdp", help="Shard the student with FSDP2 under torchrun."),
+    seed: int = Seed, text_field: str = TextField, split: str = Split, dtype: str = Dtype,
+    device: Optional[str] = Device, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
+    overwrite: bool = Overwrite, quiet: bool = Quiet,
+):
+    """Distill a (pruned) student from its teacher with logit KD (forward KL by default)."""
+    from hyprune.distill import distill_cli
+
+    if teacher is None and not (data and Path(data).is_dir()):
+        _run(_fail, "distill needs --teacher (or --data pointing at a top-k cache from `hyprune cache-teacher`).")
+    with _hf_progress(not quiet):
+        summary = _run(distill_cli, teacher, student, data, tokens, seq_len, batch, out, resume, eval_data=eval_data,
+                       text_field=text_field, split=split, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code, overwrite=overwrite, loss=loss, temperature=temperature,
+                       beta=beta, ce_weight=ce_weight, hidden_loss=hidden_loss, plan=plan_file, fsdp=fsdp,
+                       **_train_options(micro_batch, lr, min_lr, warmup_steps, checkpoint_every, keep_last,
+                                        eval_every, activation_checkpointing, precision, seed, quiet))
+    _print_training_summary(summary, out)
+
+
+@app.command()
+def finetune(
+    model: str = ModelArg,
+    data: str = typer.Option(..., "--data", help="Training text."),
+    tokens: int = Tokens,
+    seq_len: int = typer.Option(..., "--seq-len", help="Tokens per training window."),
+    batch: int = TrainBatch,
+    out: str = typer.Option(..., "--out", help="Run folder: final/, checkpoints/, log.jsonl."),
+    resume: bool = Resume, eval_data: Optional[str] = EvalData,
+    micro_batch: Optional[int] = MicroBatch, lr: float = Lr, min_lr: float = MinLr, warmup_steps: int = Warmup,
+    checkpoint_every: int = CkptEvery, keep_last: int = KeepLast, eval_every: int = EvalEvery,
+    activation_checkpointing: bool = ActCkpt, precision: str = Precision,
+    seed: int = Seed, text_field: str = TextField, split: str = Split, dtype: str = Dtype,
+    device: Optional[str] = Device, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
+    overwrite: bool = Overwrite, quiet: bool = Quiet,
+):
+    """Teacher correction: fine-tune a model with the plain LM loss on the distillation data."""
+    from hyprune.distill import finetune_cli
+
+    with _hf_progress(not quiet):
+        summary = _run(finetune_cli, model, data, tokens, seq_len, batch, out, resume, eval_data=eval_data,
+                       text_field=text_field, split=split, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code, overwrite=overwrite,
+                       **_train_options(micro_batch, lr, min_lr, warmup_steps, checkpoint_every, keep_last,
+                                        eval_every, activation_checkpointing, precision, seed, quiet))
+    _print_training_summary(summary, out)
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    teacher: str = ModelArg,
+    data: str = typer.Option(..., "--data", help="Text to run the teacher over."),
+    seq_len: int = typer.Option(..., "--seq-len"),
+    k: int = typer.Option(100, "--top-k", help="Logits kept per token."),
+    out: str = typer.Option(..., "--out", help="Cache folder (sharded safetensors + manifest)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Tokens to cache (default: all of --data)."),
+    batch_size: int = BatchSize, text_field: str = TextField, split: str = Split, dtype: str = Dtype,
+    device: Optional[str] = Device, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
+    overwrite: bool = Overwrite, quiet: bool = Quiet,
+):
+    """Precompute the teacher's top-k log-probabilities, to distill without the teacher in memory."""
+    from hyprune.distill import cache_topk_cli
+
+    with _hf_progress(not quiet):
+        path = _run(cache_topk_cli, teacher, data, seq_len, k, out, tokens=tokens, batch_size=batch_size,
+                    text_field=text_field, split=split, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code, overwrite=overwrite, progress=not quiet)
+    out_console.print(f"teacher top-{k} cache written to {path}")
 
 
 @app.command()

@@ -1,0 +1,174 @@
+"""Knowledge distillation that recovers pruned models (Minitron): losses, the loop, checkpoints, cache.
+
+    from hyprune.distill import DistillConfig, distill
+    cfg = DistillConfig(tokens=2_000_000, seq_len=256, batch=32, lr=2e-4, checkpoint_every=200)
+    summary = distill(teacher, student, train_windows, cfg, "runs/kd", eval_windows=heldout)
+
+``distill_cli`` / ``finetune_cli`` / ``cache_topk_cli`` take paths (the CLI commands are thin shells
+over them): they check every input before loading weights, read and pack the data, and run the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from hyprune.distill.cache import TopKCache, cache_teacher_topk
+from hyprune.distill.losses import (block_map_from_plan, forward_kl, generalized_jsd, hidden_state_loss, logit_loss,
+                                    reverse_kl, teacher_channels_from_plan, topk_forward_kl, topk_loss)
+from hyprune.distill.train import DistillConfig, check_vocab, distill, finetune, make_config
+from hyprune.errors import HypruneError
+
+__all__ = ["DistillConfig", "TopKCache", "block_map_from_plan", "cache_teacher_topk", "cache_topk_cli",
+           "check_vocab", "distill", "distill_cli", "finetune", "finetune_cli", "forward_kl", "generalized_jsd",
+           "hidden_state_loss", "logit_loss", "make_config", "reverse_kl", "teacher_channels_from_plan",
+           "topk_forward_kl", "topk_loss"]
+
+
+def _check_out(out: Path, inputs: tuple, resume: bool, overwrite: bool) -> None:
+    from hyprune.distill.checkpoints import list_checkpoints
+    from hyprune.distill.train import CHECKPOINTS, FINAL, LOG_FILE
+
+    for src in inputs:
+        if src and Path(src).exists() and Path(src).resolve() == out.resolve():
+            raise HypruneError(f"The output folder {out} is an input model; pick another --out.")
+    if out.exists() and not out.is_dir():
+        raise HypruneError(f"--out {out} is a file; pass a folder.")
+    previous = list_checkpoints(out / CHECKPOINTS) or (out / LOG_FILE).exists() or (out / FINAL).exists()
+    if previous and not resume and not overwrite:
+        raise HypruneError(f"{out} holds a previous run. Pass --resume to continue it, --overwrite to start over, "
+                           "or pick a new folder.")
+
+
+def _windows(tokenizer, data: str, seq_len: int, max_tokens: int | None, text_field: str, split: str) -> torch.Tensor:
+    from hyprune.data import pack_windows, read_documents, token_stream
+
+    docs = read_documents(data, text_field, split, separator=tokenizer.eos_token)
+    ids = token_stream(tokenizer, docs, max_tokens=max_tokens)
+    windows = pack_windows(ids, seq_len)
+    if len(windows) == 0:
+        raise HypruneError(f"{data} holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}.")
+    return windows
+
+
+def _train_and_eval_windows(tokenizer, data, cfg: DistillConfig, eval_data, heldout, text_field, split):
+    """Training windows (enough for ``tokens``; re-read in epochs if the file is smaller) and held-out ones.
+
+    Without ``eval_data`` the held-out windows are the last ``min(eval_windows, max(1, n // 10))``
+    windows of ``data``, which are then left out of training.
+    """
+    from hyprune.data import heldout_windows
+
+    want_eval = heldout and eval_data is None
+    budget = cfg.tokens + (cfg.eval_windows * cfg.seq_len if want_eval else 0)
+    windows = _windows(tokenizer, data, cfg.seq_len, budget, text_field, split)
+    eval_windows = None
+    if heldout and eval_data is not None:
+        eval_windows = heldout_windows(tokenizer, eval_data, cfg.seq_len, cfg.eval_windows, text_field=text_field,
+                                       split=split)
+    elif want_eval:
+        n = min(cfg.eval_windows, max(1, len(windows) // 10)) if len(windows) > 1 else 0
+        if n == 0:
+            warnings.warn(f"{data} holds only {len(windows)} windows: too few to hold some out for perplexity; "
+                          "pass --eval-data for held-out evaluation.", stacklevel=3)
+        else:
+            windows, eval_windows = windows[:-n], windows[-n:]
+    return windows, eval_windows
+
+
+def _load(model_id: str, dtype, device, allow_pickle, trust_remote_code):
+    from hyprune.models import load_model
+
+    if device is None and torch.cuda.is_available():
+        # under torchrun every process loads onto its own GPU, not all onto cuda:0
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    model, _ = load_model(model_id, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code)
+    return model
+
+
+def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_len: int, batch: int, out: str,
+                resume: bool = False, *, eval_data: str | None = None, heldout: bool = True, text_field: str = "text",
+                split: str = "train", dtype: str = "float32", device: str | None = None, allow_pickle: bool = False,
+                trust_remote_code: bool = False, overwrite: bool = False, **config) -> dict:
+    """``hyprune distill``: load teacher and student, read ``data``, distill, write ``out/final``.
+
+    ``data`` is a text file (.txt/.jsonl/.parquet or a datasets name), tokenized with the student's
+    tokenizer and packed into ``seq_len`` windows, or a teacher top-k cache folder (then ``teacher``
+    may be None: it is not loaded). ``**config`` are further `DistillConfig` fields (``lr``,
+    ``micro_batch``, ``loss``, ``checkpoint_every``, ``plan``, ...). Writes ``out/final`` (HF
+    checkpoint + tokenizer), ``out/checkpoints/step-XXXXXXXX/`` and ``out/log.jsonl``.
+    """
+    from hyprune.data import check_source
+    from hyprune.models import load_config, load_tokenizer
+
+    cfg = make_config(config, tokens=tokens, seq_len=seq_len, batch=batch)
+    out_path = Path(out).expanduser()
+    from_cache = Path(data).is_dir() and (Path(data) / "manifest.json").is_file()
+    _check_out(out_path, (teacher, student), resume, overwrite)
+    s_config, _ = load_config(student, trust_remote_code)
+    tokenizer = load_tokenizer(student, trust_remote_code)
+    if from_cache:
+        cache = TopKCache(data)
+        check_vocab(cache.vocab_size if cfg.loss != "ce" else None, int(s_config.vocab_size), tokenizer)
+    else:
+        check_source(data)
+        if eval_data is not None:
+            check_source(eval_data)
+        if teacher is None and cfg.loss != "ce":
+            raise HypruneError("--teacher is required unless --data is a teacher top-k cache.")
+    teacher_tokenizer = None
+    if teacher is not None and not from_cache and cfg.loss != "ce":
+        t_config, _ = load_config(teacher, trust_remote_code)
+        try:
+            teacher_tokenizer = load_tokenizer(teacher, trust_remote_code)
+        except HypruneError:
+            teacher_tokenizer = None  # assume the student's (a pruned student copies the teacher's)
+        check_vocab(int(t_config.vocab_size), int(s_config.vocab_size), tokenizer, teacher_tokenizer)
+    if from_cache:
+        train_data = cache
+        eval_windows = (None if not heldout or eval_data is None else
+                        _heldout(tokenizer, eval_data, cfg, text_field, split))
+    else:
+        train_data, eval_windows = _train_and_eval_windows(tokenizer, data, cfg, eval_data, heldout, text_field, split)
+    load = dict(dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    teacher_model = _load(teacher, **load) if (teacher is not None and not from_cache and cfg.loss != "ce") else None
+    student_model = _load(student, **load)
+    return distill(teacher_model, student_model, train_data, cfg, out_path, eval_windows=eval_windows, resume=resume,
+                   tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, overwrite=overwrite)
+
+
+def _heldout(tokenizer, eval_data, cfg, text_field, split):
+    from hyprune.data import heldout_windows
+
+    return heldout_windows(tokenizer, eval_data, cfg.seq_len, cfg.eval_windows, text_field=text_field, split=split)
+
+
+def finetune_cli(model: str, data: str, tokens: int, seq_len: int, batch: int, out: str, resume: bool = False,
+                 **more) -> dict:
+    """``hyprune finetune`` (teacher correction): the plain LM loss on ``data``, same loop and outputs."""
+    more = {k: v for k, v in more.items() if k not in ("loss", "ce_weight", "hidden_loss")}
+    return distill_cli(None, model, data, tokens, seq_len, batch, out, resume, loss="ce", ce_weight=1.0, **more)
+
+
+def cache_topk_cli(teacher: str, data: str, seq_len: int, k: int, out: str, tokens: int | None = None,
+                   batch_size: int = 8, shard_windows: int = 1024, cache_dtype: str = "float16",
+                   text_field: str = "text", split: str = "train", dtype: str = "float32", device: str | None = None,
+                   allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False,
+                   progress: bool = True) -> Path:
+    """``hyprune cache-teacher``: the teacher's top-``k`` log-probs over ``data`` (its own tokenizer) into ``out``."""
+    from hyprune.checkpoint import check_output_dir
+    from hyprune.data import check_source
+    from hyprune.models import load_config, load_tokenizer
+
+    load_config(teacher, trust_remote_code)
+    check_source(data)
+    check_output_dir(out, overwrite, inputs=(teacher,))
+    tokenizer = load_tokenizer(teacher, trust_remote_code)
+    windows = _windows(tokenizer, data, seq_len, tokens, text_field, split)
+    model = _load(teacher, dtype, device, allow_pickle, trust_remote_code)
+    return cache_teacher_topk(model, windows, k, out, batch_size=batch_size, shard_windows=shard_windows,
+                              dtype=cache_dtype, overwrite=overwrite, progress=progress)
