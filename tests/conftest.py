@@ -4,7 +4,7 @@ Everything is built here, on the CPU, in seconds; nothing reads ``/work/shared``
 
 * ``make_nemotron_config(**overrides)`` / ``make_mamba2_config(**overrides)``: tiny configs.
 * ``save_tiny_model(config, path, tokenizer)``: a seeded random model + tokenizer saved as an HF folder.
-* session fixtures ``tiny_tokenizer``, ``nemotron_dir``, ``mamba2_dir``, ``llama_dir`` (an unsupported
+* session fixtures ``tiny_tokenizer``, ``nemotron_dir``, ``mamba2_dir``, ``llama_dir``, ``unsupported_dir`` (an unsupported
   family), ``calibration_documents``, ``calib_txt``, ``calib_jsonl``, ``calib_parquet``.
 * ``tree_digest(path)``: sha256 of every file under a folder (to prove a folder was not touched).
 
@@ -136,8 +136,8 @@ def make_mamba2_config(**overrides) -> transformers.Mamba2Config:
 
 
 def make_llama_config(**overrides) -> transformers.LlamaConfig:
-    """Tiny Llama: a family hyprune does not support."""
-    kwargs = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+    """Tiny dense Llama (the original Minitron setting)."""
+    kwargs = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=0, bos_token_id=0, pad_token_id=0)
     kwargs.update(overrides)
     return transformers.LlamaConfig(**kwargs)
@@ -200,8 +200,16 @@ def mamba2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny Llama checkpoint folder: an architecture hyprune must refuse."""
+    """A tiny random Llama checkpoint folder (dense Transformer)."""
     return save_tiny_model(make_llama_config(), tmp_path_factory.mktemp("models") / "llama", tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def unsupported_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny GPT-2 checkpoint folder: an architecture hyprune must refuse."""
+    config = transformers.GPT2Config(vocab_size=TOKENIZER_VOCAB, n_embd=32, n_layer=1, n_head=4,
+                                     eos_token_id=0, bos_token_id=0)
+    return save_tiny_model(config, tmp_path_factory.mktemp("models") / "gpt2", tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")

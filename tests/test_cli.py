@@ -225,10 +225,10 @@ def test_inspect_with_scores(nemotron_dir, scores_dir):
 # ---------------------------------------------------------------------------------------------
 # Refusals: non-zero exit, a message naming the problem, nothing at --out
 # ---------------------------------------------------------------------------------------------
-def test_unsupported_architecture(tmp_path, llama_dir, calib_txt):
+def test_unsupported_architecture(tmp_path, unsupported_dir, calib_txt):
     out = tmp_path / "out"
-    result = invoke("prune", llama_dir, "--data", calib_txt, "--target", "hidden_size=16", "--out", out, *FAST)
-    assert_refused(result, out, "Unsupported architecture 'llama'", "nemotron_h")
+    result = invoke("prune", unsupported_dir, "--data", calib_txt, "--target", "hidden_size=16", "--out", out, *FAST)
+    assert_refused(result, out, "Unsupported architecture 'gpt2'", "nemotron_h")
 
 
 def test_target_larger_than_source(tmp_path, nemotron_dir, calib_txt):
@@ -485,3 +485,18 @@ def test_finetune_and_topk_cache_cli(nemotron_dir, calib_txt, tmp_path):
                                  "--seq-len", "16", "--batch", "4", "--out", str(ft), "--quiet"])
     assert result.exit_code == 0, result.output
     assert (ft / "final" / "model.safetensors").is_file()
+
+
+def test_dense_llama_width_and_depth_from_cli(llama_dir, calib_txt, tmp_path):
+    out = tmp_path / "llama-pruned"
+    result = runner.invoke(app, ["prune", str(llama_dir), "--data", str(calib_txt), "--out", str(out), "--seq-len", "16",
+                                 "--num-samples", "4", "--quiet", "--target",
+                                 "hidden_size=24,intermediate_size=20,num_attention_heads=2", "--drop-blocks", "1",
+                                 "--depth-method", "kl"])
+    assert result.exit_code == 0, result.output
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    c = model.config
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers) == (24, 20, 2, 2)
+    shown = runner.invoke(app, ["inspect", str(llama_dir), "--json"])
+    assert json.loads(shown.output)["pattern"] == "TTT"

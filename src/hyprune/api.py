@@ -22,9 +22,9 @@ from hyprune.models import count_parameters, load_config, load_model, load_token
 from hyprune.plan import Plan, load_plan_for, make_plan, parse_target, resolve_target, summarize
 
 
-def _model_kwargs(dtype="float32", device=None, device_map=None, allow_pickle=False, trust_remote_code=False):
-    return dict(dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
-                trust_remote_code=trust_remote_code)
+def _source(load_kwargs: dict) -> dict:
+    """The keyword arguments that say where a model's config and tokenizer come from."""
+    return {"trust_remote_code": load_kwargs.get("trust_remote_code", False), "gguf_file": load_kwargs.get("gguf_file")}
 
 
 def score(
@@ -42,13 +42,13 @@ def score(
     **load_kwargs,
 ) -> dict[str, torch.Tensor]:
     """Activation importance of every prunable structure of ``model`` on ``data``; saved to ``out`` if given."""
-    config, family = load_config(model, load_kwargs.get("trust_remote_code", False))
+    config, family = load_config(model, **_source(load_kwargs))
     check_source(data)
     if out is not None:
         check_output_dir(out, overwrite, inputs=(model, data))
-    tokenizer = load_tokenizer(model, load_kwargs.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(model, **_source(load_kwargs))
     windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field, split=split)
-    loaded, family = load_model(model, **_model_kwargs(**load_kwargs))
+    loaded, family = load_model(model, **load_kwargs)
     scores = activation_scores(loaded, windows, family, batch_size=batch_size, progress=progress)
     if out is not None:
         summary = summarize_scores(scores, family, loaded.config)
@@ -58,9 +58,9 @@ def score(
 
 
 def plan(model: str, scores: str, target: str | dict, out: str | None = None, drop_blocks: list[int] | None = None,
-         trust_remote_code: bool = False) -> Plan:
+         trust_remote_code: bool = False, gguf_file: str | None = None) -> Plan:
     """Write a plan from saved scores and a target (``"hidden_size=128,mamba_num_heads=8"``)."""
-    config, family = load_config(model, trust_remote_code)
+    config, family = load_config(model, trust_remote_code, gguf_file)
     target = parse_target(target)
     resolve_target(family, config, target)
     result = make_plan(family, config, load_scores(scores, family, config), target, drop_blocks=drop_blocks)
@@ -99,8 +99,8 @@ def prune(
     """
     from hyprune import depth
 
-    trust = load_kwargs.get("trust_remote_code", False)
-    config, family = load_config(model, trust)
+    source = _source(load_kwargs)
+    config, family = load_config(model, **source)
     check_output_dir(out, overwrite, inputs=(model, data, scores, plan_file))
     the_plan = None
     target_dict = parse_target(target)
@@ -126,12 +126,12 @@ def prune(
         if data is None:
             raise HypruneError("Scoring needs calibration text: pass --data FILE (or --scores / --plan).")
         check_source(data)
-    tokenizer = load_tokenizer(model, trust) if needs_data else _optional_tokenizer(model, trust)
+    tokenizer = load_tokenizer(model, **source) if needs_data else _optional_tokenizer(model, source)
     windows = None
     if needs_data:
         windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field,
                                       split=split)
-    loaded, family = load_model(model, **_model_kwargs(**load_kwargs))
+    loaded, family = load_model(model, **load_kwargs)
     if the_plan is None:
         if target_dict:
             if width_sweep:
@@ -151,22 +151,23 @@ def prune(
     return summary
 
 
-def _optional_tokenizer(model: str, trust_remote_code: bool):
+def _optional_tokenizer(model: str, source: dict):
     """The tokenizer to copy into the output, or None (with a warning) when the source has none."""
     try:
-        return load_tokenizer(model, trust_remote_code)
+        return load_tokenizer(model, **source)
     except HypruneError as e:
         warnings.warn(f"No tokenizer copied to the output: {e}", stacklevel=3)
         return None
 
 
-def inspect_model(model: str, scores: str | None = None, trust_remote_code: bool = False) -> dict:
+def inspect_model(model: str, scores: str | None = None, trust_remote_code: bool = False,
+                  gguf_file: str | None = None) -> dict:
     """Family, layer pattern, parameters per component (counted on the meta device: no weights read)."""
-    config, family = load_config(model, trust_remote_code)
+    config, family = load_config(model, trust_remote_code, gguf_file)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     kinds = family.block_kinds(config)
-    letters = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
+    letters = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E", "transformer": "T"}
     info = {
         "family": family.name,
         "pattern": "".join(letters[k] for k in kinds),

@@ -21,7 +21,7 @@ import re
 import torch
 from transformers import AutoModelForCausalLM
 
-from hyprune.arch.family import ATTENTION, MAMBA, Family
+from hyprune.arch.family import ATTENTION, MAMBA, Family, attention_head_dim
 from hyprune.errors import HypruneError
 from hyprune.plan import LayerPlan, Plan, validate_plan
 
@@ -55,44 +55,54 @@ def attention_indices(lp: LayerPlan, head_dim: int) -> dict[str, Index]:
     return {"q": rows(lp.heads), "kv": rows(lp.kv_heads)}
 
 
-def layer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], hidden: Index, attn_head_dim: int):
-    """Parameter name (inside ``layers.i``) -> list of (dim, kept index) to slice along."""
-    h = hidden
-    rules = {"norm.weight": [(0, h)]}
+def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn_head_dim: int):
+    """Parameter name inside one mixer -> list of (dim, kept index) to slice along."""
     if kind == MAMBA:
         ix = mamba_indices(lp, sizes)
-        rules.update({
-            "mixer.in_proj.weight": [(0, ix["in_proj"]), (1, h)],
-            "mixer.in_proj.bias": [(0, ix["in_proj"])],
-            "mixer.conv1d.weight": [(0, ix["conv"])],
-            "mixer.conv1d.bias": [(0, ix["conv"])],
-            "mixer.A_log": [(0, ix["heads"])],
-            "mixer.D": [(0, ix["heads"])],
-            "mixer.dt_bias": [(0, ix["heads"])],
-            "mixer.norm.weight": [(0, ix["inner"])],
-            "mixer.out_proj.weight": [(0, h), (1, ix["inner"])],
-            "mixer.out_proj.bias": [(0, h)],
-        })
-    elif kind == ATTENTION:
+        return {
+            "in_proj.weight": [(0, ix["in_proj"]), (1, h)],
+            "in_proj.bias": [(0, ix["in_proj"])],
+            "conv1d.weight": [(0, ix["conv"])],
+            "conv1d.bias": [(0, ix["conv"])],
+            "A_log": [(0, ix["heads"])],
+            "D": [(0, ix["heads"])],
+            "dt_bias": [(0, ix["heads"])],
+            "norm.weight": [(0, ix["inner"])],
+            "out_proj.weight": [(0, h), (1, ix["inner"])],
+            "out_proj.bias": [(0, h)],
+        }
+    if kind == ATTENTION:
         ix = attention_indices(lp, attn_head_dim)
-        rules.update({
-            "mixer.q_proj.weight": [(0, ix["q"]), (1, h)],
-            "mixer.k_proj.weight": [(0, ix["kv"]), (1, h)],
-            "mixer.v_proj.weight": [(0, ix["kv"]), (1, h)],
-            "mixer.o_proj.weight": [(0, h), (1, ix["q"])],
-            "mixer.q_proj.bias": [(0, ix["q"])],
-            "mixer.k_proj.bias": [(0, ix["kv"])],
-            "mixer.v_proj.bias": [(0, ix["kv"])],
-            "mixer.o_proj.bias": [(0, h)],
-        })
-    else:
-        ffn = _idx(lp.ffn)
-        rules.update({
-            "mixer.up_proj.weight": [(0, ffn), (1, h)],
-            "mixer.up_proj.bias": [(0, ffn)],
-            "mixer.down_proj.weight": [(0, h), (1, ffn)],
-            "mixer.down_proj.bias": [(0, h)],
-        })
+        return {
+            "q_proj.weight": [(0, ix["q"]), (1, h)],
+            "k_proj.weight": [(0, ix["kv"]), (1, h)],
+            "v_proj.weight": [(0, ix["kv"]), (1, h)],
+            "o_proj.weight": [(0, h), (1, ix["q"])],
+            "q_proj.bias": [(0, ix["q"])],
+            "k_proj.bias": [(0, ix["kv"])],
+            "v_proj.bias": [(0, ix["kv"])],
+            "o_proj.bias": [(0, h)],
+            "q_norm.weight": [],  # Qwen3: per head_dim, shared by all heads
+            "k_norm.weight": [],
+        }
+    ffn = _idx(lp.ffn)
+    return {
+        "gate_proj.weight": [(0, ffn), (1, h)],
+        "gate_proj.bias": [(0, ffn)],
+        "up_proj.weight": [(0, ffn), (1, h)],
+        "up_proj.bias": [(0, ffn)],
+        "down_proj.weight": [(0, h), (1, ffn)],
+        "down_proj.bias": [(0, h)],
+    }
+
+
+def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, attn_head_dim: int):
+    """Parameter name inside ``layers.i`` -> list of (dim, kept index), for every part of the block."""
+    rules = {}
+    for part in family.parts(lp.kind):
+        rules[f"{part.norm}.weight"] = [(0, hidden)]
+        for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, attn_head_dim).items():
+            rules[f"{part.mixer}.{name}"] = rule
     return rules
 
 
@@ -102,9 +112,11 @@ def pruned_config(family: Family, config, plan: Plan):
     data = config.to_dict()
     for axis, field in family.fields.items():
         data[field] = sizes[axis]
-    kinds = [plan.layers[i].kind for i in plan.kept_blocks()]
-    family.set_block_kinds(data, kinds)
-    for key in ("architectures", "transformers_version", "model_type"):
+    kept = plan.kept_blocks()
+    family.set_block_kinds(data, kept, [plan.layers[i].kind for i in kept])
+    if "attention_heads" in family.fields:
+        data["head_dim"] = attention_head_dim(config)  # never re-derived from a pruned hidden size
+    for key in ("architectures", "transformers_version", "model_type", "quantization_config"):
         data.pop(key, None)
     new = type(config)(**data)
     new.architectures = getattr(config, "architectures", None)
@@ -115,11 +127,11 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
     """Cut every tensor of ``state`` to the plan and renumber kept blocks. Inputs are not modified."""
     sizes = family.sizes(config)
     hidden = _idx(plan.hidden)
-    attn_head_dim = int(getattr(config, "head_dim", 0) or 0)
+    attn_head_dim = attention_head_dim(config) if "attention_heads" in family.fields else 0
     base = family.base
     top_rules = {
-        f"{base}.embeddings.weight": [(1, hidden)],
-        f"{base}.norm_f.weight": [(0, hidden)],
+        f"{base}.{family.embeddings}.weight": [(1, hidden)],
+        f"{base}.{family.final_norm}.weight": [(0, hidden)],
         "lm_head.weight": [(1, hidden)],
     }
     new_index = {old: new for new, old in enumerate(plan.kept_blocks())}
@@ -134,7 +146,7 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
                 continue  # a dropped block
             if i not in cache:
                 lp = plan.layers[i]
-                cache[i] = layer_rules(lp.kind, lp, sizes, hidden, attn_head_dim)
+                cache[i] = layer_rules(family, lp, sizes, hidden, attn_head_dim)
             rules = cache[i].get(rest)
             new_name = f"{base}.layers.{new_index[i]}.{rest}"
         else:
@@ -172,9 +184,7 @@ def apply_plan(model, plan: Plan, family: Family | None = None):
         raise HypruneError(f"Pruned weights do not fit the pruned config: missing {leftover}, unexpected {unexpected}.")
     if hasattr(new_model, "tie_weights"):
         new_model.tie_weights()
-    for name, buf in list(new_model.named_buffers()):
-        if buf.is_meta:  # non-persistent buffers (none in the supported families today)
-            raise HypruneError(f"Buffer {name} was not restored while pruning.")
+    _restore_buffers(new_model, model)
     new_model.generation_config = model.generation_config
     new_model.eval()
     return new_model
@@ -183,3 +193,21 @@ def apply_plan(model, plan: Plan, family: Family | None = None):
 def _is_tied(model, key: str) -> bool:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return key in tied
+
+
+def _restore_buffers(new_model, source) -> None:
+    """Non-persistent buffers (e.g. rotary ``inv_freq``) are not in the state dict: take the source's.
+
+    They depend on sizes pruning never changes (attention head_dim, rope settings), so a buffer of the
+    same name and shape in the source is the right value; anything else is an error, not a guess.
+    """
+    source_buffers = dict(source.named_buffers())
+    for name, buf in list(new_model.named_buffers()):
+        if not buf.is_meta:
+            continue
+        src = source_buffers.get(name)
+        if src is None or src.shape != buf.shape:
+            raise HypruneError(f"Buffer {name} of the pruned model has no counterpart in the source model.")
+        module_name, _, attr = name.rpartition(".")
+        module = new_model.get_submodule(module_name) if module_name else new_model
+        module._buffers[attr] = src.clone()

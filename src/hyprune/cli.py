@@ -48,6 +48,7 @@ AllowPickle = typer.Option(False, "--allow-pickle", help="Allow loading pickle (
 TrustRemote = typer.Option(False, "--trust-remote-code", help="Run the checkpoint's own modeling code.")
 Overwrite = typer.Option(False, "--overwrite", help="Replace a non-empty output folder.")
 Quiet = typer.Option(False, "--quiet", help="No progress bars.")
+GgufFile = typer.Option(None, "--gguf-file", help="Load this GGUF file from the MODEL folder (needs `gguf`).")
 
 
 @contextmanager
@@ -65,9 +66,9 @@ def _hf_progress(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
-def _load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code):
+def _load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file=None):
     return dict(dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, gguf_file=gguf_file)
 
 
 @app.command()
@@ -82,6 +83,7 @@ def score(
     depth: Optional[str] = typer.Option(None, "--depth", help="Score whole blocks instead: block_influence, "
                                         "angular, kl or lm_loss (writes block_scores.json and a plot)."),
     window: int = typer.Option(1, "--window", help="With --depth angular: blocks per scored window."),
+    gguf_file: Optional[str] = GgufFile,
 ):
     """Score every prunable structure from activations (one forward sweep), or whole blocks (--depth)."""
     from hyprune import api, depth as depth_lib
@@ -90,7 +92,7 @@ def score(
         _run(_fail, "score needs calibration text: pass --data FILE.")
     common = dict(seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed, text_field=text_field,
                   split=split, overwrite=overwrite, progress=not quiet,
-                  **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
+                  **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file))
     with _hf_progress(not quiet):
         if depth is None:
             _run(api.score, model, data, out, **common)
@@ -106,12 +108,12 @@ def plan(
     scores: str = typer.Option(..., "--scores", help="Folder (or file) written by `hyprune score`."),
     target: str = typer.Option(..., "--target", help="KEY=VALUE[,KEY=VALUE...] with the family's config names."),
     out: str = typer.Option(..., "--out", help="Where to write PLAN.json."),
-    trust_remote_code: bool = TrustRemote,
+    trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile,
 ):
     """Write a pruning plan from saved scores and a target architecture."""
     from hyprune import api
 
-    result = _run(api.plan, model, scores, target, out, trust_remote_code=trust_remote_code)
+    result = _run(api.plan, model, scores, target, out, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     sizes = result.result_sizes()
     out_console.print(f"plan written to {out}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
 
@@ -129,6 +131,7 @@ def prune(
     depth_method: str = typer.Option("block_influence", "--depth-method",
                                      help="block_influence, angular, kl or lm_loss (for --drop-blocks)."),
     depth_mode: str = typer.Option("lowest", "--depth-mode", help="lowest (any blocks) or contiguous (one window)."),
+    gguf_file: Optional[str] = GgufFile,
     seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
     text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
     device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
@@ -143,7 +146,7 @@ def prune(
                        depth_mode=depth_mode,
                        seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
                        text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
-                       **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code))
+                       **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file))
     table = Table(title=f"pruned checkpoint: {out}")
     table.add_column("parameters")
     table.add_column("before", justify="right")
@@ -162,12 +165,12 @@ def inspect(
     model: str = ModelArg,
     scores: Optional[str] = typer.Option(None, "--scores", help="Also summarize these saved scores."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    trust_remote_code: bool = TrustRemote,
+    trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile,
 ):
     """Family, layer pattern, prunable sizes and parameters per component (no weights are read)."""
     from hyprune import api
 
-    info = _run(api.inspect_model, model, scores, trust_remote_code=trust_remote_code)
+    info = _run(api.inspect_model, model, scores, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     if as_json:
         out_console.print_json(json.dumps(info))
         return

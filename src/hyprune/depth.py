@@ -59,7 +59,7 @@ MODES = ("lowest", "contiguous")
 BLOCK_SCORES_FORMAT = "hyprune-block-scores/1"
 BLOCK_SCORES_FILE = "block_scores.json"
 BLOCK_PLOT_FILE = "block_scores.png"
-KIND_COLORS = {"mamba": "#4C72B0", "attention": "#DD8452", "mlp": "#55A868", "moe": "#C44E52"}
+KIND_COLORS = {"mamba": "#4C72B0", "attention": "#DD8452", "mlp": "#55A868", "moe": "#C44E52", "transformer": "#8172B3"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,16 +722,16 @@ def score_depth(
     _check_method(method)
     if window != 1 and method != "angular":
         raise HypruneError(f"--window applies to the angular method only, not '{method}'.")
-    trust = load_kwargs.get("trust_remote_code", False)
-    config_kwargs = {"gguf_file": load_kwargs["gguf_file"]} if load_kwargs.get("gguf_file") else {}
-    config, family = load_config(model, trust, **config_kwargs)
+    source = {"trust_remote_code": load_kwargs.get("trust_remote_code", False),
+              "gguf_file": load_kwargs.get("gguf_file")}
+    config, family = load_config(model, **source)
     num_blocks = len(family.block_kinds(config))
     if not 1 <= window <= num_blocks:
         raise HypruneError(f"--window must be between 1 and the number of blocks ({num_blocks}); got {window}.")
     check_source(data)
     if out is not None:
         check_output_dir(out, overwrite, inputs=(model, data))
-    tokenizer = load_tokenizer(model, trust)
+    tokenizer = load_tokenizer(model, **source)
     windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field, split=split)
     loaded, family = load_model(model, **load_kwargs)
     result = block_importance(loaded, windows, method, family, window=window, batch_size=batch_size, progress=progress)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family, attention_head_dim
 from hyprune.errors import HypruneError
 
 SCORES_FILE = "scores.safetensors"
@@ -96,20 +96,20 @@ def activation_scores(
         return hook
 
     for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
-        handles.append(block.norm.register_forward_hook(record(f"layers.{i}.hidden")))
-        mixer = block.mixer
-        if kind == MAMBA:
-            H, P, G, N = _mamba_dims(mixer)
-            inner = H * P
-            # in_proj output rows: z [0:I], x [I:2I], B [2I:2I+GN], C [2I+GN:2I+2GN], dt
-            handles.append(mixer.in_proj.register_forward_hook(
-                record(f"layers.{i}.mamba_x", lambda out, a=inner: out[..., a : 2 * a])))
-            handles.append(mixer.in_proj.register_forward_hook(
-                record(f"layers.{i}.mamba_bc", lambda out, a=inner, b=G * N: out[..., 2 * a : 2 * a + 2 * b])))
-        elif kind == ATTENTION:
-            handles.append(mixer.o_proj.register_forward_pre_hook(record_input(f"layers.{i}.attention")))
-        elif kind == MLP:
-            handles.append(mixer.down_proj.register_forward_pre_hook(record_input(f"layers.{i}.ffn")))
+        for j, (part, norm, mixer) in enumerate(family.block_parts(block, kind)):
+            handles.append(norm.register_forward_hook(record(f"layers.{i}.hidden.{j}")))
+            if part.kind == MAMBA:
+                H, P, G, N = _mamba_dims(mixer)
+                inner = H * P
+                # in_proj output rows: z [0:I], x [I:2I], B [2I:2I+GN], C [2I+GN:2I+2GN], dt
+                handles.append(mixer.in_proj.register_forward_hook(
+                    record(f"layers.{i}.mamba_x", lambda out, a=inner: out[..., a : 2 * a])))
+                handles.append(mixer.in_proj.register_forward_hook(
+                    record(f"layers.{i}.mamba_bc", lambda out, a=inner, b=G * N: out[..., 2 * a : 2 * a + 2 * b])))
+            elif part.kind == ATTENTION:
+                handles.append(mixer.o_proj.register_forward_pre_hook(record_input(f"layers.{i}.attention")))
+            elif part.kind == MLP:
+                handles.append(mixer.down_proj.register_forward_pre_hook(record_input(f"layers.{i}.ffn")))
 
     device = next(model.parameters()).device
     use_cache = {"use_cache": False}
@@ -122,19 +122,20 @@ def activation_scores(
     scores: dict[str, torch.Tensor] = {}
     hidden_total = None
     for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
-        hidden = stats[f"layers.{i}.hidden"].score()
+        parts = family.block_parts(block, kind)
+        hidden = sum(stats[f"layers.{i}.hidden.{j}"].score() for j in range(len(parts)))
         scores[f"layers.{i}.hidden"] = hidden
         hidden_total = hidden if hidden_total is None else hidden_total + hidden
-        mixer = block.mixer
-        if kind == MAMBA:
-            H, P, G, N = _mamba_dims(mixer)
-            scores[f"layers.{i}.mamba_x"] = stats[f"layers.{i}.mamba_x"].score().view(H, P)
-            scores[f"layers.{i}.mamba_bc"] = stats[f"layers.{i}.mamba_bc"].score().view(2, G, N)
-        elif kind == ATTENTION:
-            heads = model.config.num_attention_heads
-            scores[f"layers.{i}.attention"] = stats[f"layers.{i}.attention"].score().view(heads, -1)
-        elif kind == MLP:
-            scores[f"layers.{i}.ffn"] = stats[f"layers.{i}.ffn"].score()
+        for part, _, mixer in parts:
+            if part.kind == MAMBA:
+                H, P, G, N = _mamba_dims(mixer)
+                scores[f"layers.{i}.mamba_x"] = stats[f"layers.{i}.mamba_x"].score().view(H, P)
+                scores[f"layers.{i}.mamba_bc"] = stats[f"layers.{i}.mamba_bc"].score().view(2, G, N)
+            elif part.kind == ATTENTION:
+                heads = model.config.num_attention_heads
+                scores[f"layers.{i}.attention"] = stats[f"layers.{i}.attention"].score().view(heads, -1)
+            elif part.kind == MLP:
+                scores[f"layers.{i}.ffn"] = stats[f"layers.{i}.ffn"].score()
     scores["hidden"] = hidden_total
     return scores
 
@@ -152,15 +153,16 @@ def summarize_scores(scores: dict[str, torch.Tensor], family: Family, config) ->
     layers = []
     for i, kind in enumerate(family.block_kinds(config)):
         entry = {"layer": i, "kind": kind, "hidden": stats(scores[f"layers.{i}.hidden"])}
-        if kind == MAMBA:
-            x = scores[f"layers.{i}.mamba_x"]
-            entry["mamba_heads"] = stats(x.norm(dim=1))
-            entry["mamba_head_dim"] = stats(x.norm(dim=0))
-            entry["ssm_state"] = stats(scores[f"layers.{i}.mamba_bc"].pow(2).sum(dim=(0, 1)).sqrt())
-        elif kind == ATTENTION:
-            entry["attention_heads"] = stats(scores[f"layers.{i}.attention"].norm(dim=1))
-        elif kind == MLP:
-            entry["ffn"] = stats(scores[f"layers.{i}.ffn"])
+        for part in family.parts(kind):
+            if part.kind == MAMBA:
+                x = scores[f"layers.{i}.mamba_x"]
+                entry["mamba_heads"] = stats(x.norm(dim=1))
+                entry["mamba_head_dim"] = stats(x.norm(dim=0))
+                entry["ssm_state"] = stats(scores[f"layers.{i}.mamba_bc"].pow(2).sum(dim=(0, 1)).sqrt())
+            elif part.kind == ATTENTION:
+                entry["attention_heads"] = stats(scores[f"layers.{i}.attention"].norm(dim=1))
+            elif part.kind == MLP:
+                entry["ffn"] = stats(scores[f"layers.{i}.ffn"])
         layers.append(entry)
     return {"family": family.name, "hidden": stats(scores["hidden"]), "layers": layers}
 
@@ -183,13 +185,14 @@ def load_scores(path: str | Path, family: Family, config) -> dict[str, torch.Ten
     sizes = family.sizes(config)
     expected = {"hidden": (sizes["hidden"],)}
     for i, kind in enumerate(family.block_kinds(config)):
-        if kind == MAMBA:
-            expected[f"layers.{i}.mamba_x"] = (sizes["mamba_heads"], sizes["mamba_head_dim"])
-            expected[f"layers.{i}.mamba_bc"] = (2, sizes["mamba_groups"], sizes["ssm_state"])
-        elif kind == ATTENTION:
-            expected[f"layers.{i}.attention"] = (sizes["attention_heads"], int(config.head_dim))
-        elif kind == MLP:
-            expected[f"layers.{i}.ffn"] = (sizes["ffn"],)
+        for part in family.parts(kind):
+            if part.kind == MAMBA:
+                expected[f"layers.{i}.mamba_x"] = (sizes["mamba_heads"], sizes["mamba_head_dim"])
+                expected[f"layers.{i}.mamba_bc"] = (2, sizes["mamba_groups"], sizes["ssm_state"])
+            elif part.kind == ATTENTION:
+                expected[f"layers.{i}.attention"] = (sizes["attention_heads"], attention_head_dim(config))
+            elif part.kind == MLP:
+                expected[f"layers.{i}.ffn"] = (sizes["ffn"],)
     for key, shape in expected.items():
         if key not in scores or tuple(scores[key].shape) != shape:
             got = tuple(scores[key].shape) if key in scores else "missing"

@@ -44,8 +44,9 @@ def load_config(model_id: str | os.PathLike, trust_remote_code: bool = False, gg
                 raise HypruneError(f"{cfg} is not valid JSON ({e}). Restore the file from the original checkpoint.") from None
     elif looks_like_local_path(str(model_id)):
         raise HypruneError(f"Model folder {model_id} does not exist.")
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(str(model_id), trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        config = AutoConfig.from_pretrained(str(model_id), trust_remote_code=trust_remote_code, **extra)
     except HypruneError:
         raise
     except Exception as e:  # transformers raises many types here (OSError, ValueError, KeyError, ...)
@@ -58,10 +59,14 @@ def looks_like_local_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
-def check_weights_format(model_id: str | os.PathLike, allow_pickle: bool) -> None:
+def check_weights_format(model_id: str | os.PathLike, allow_pickle: bool, gguf_file: str | None = None) -> None:
     """Refuse a local folder that holds only pickle weights, unless allowed."""
     path = Path(model_id)
     if not path.is_dir():
+        return
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise HypruneError(f"--gguf-file {gguf_file} is not in {path}.")
         return
     safetensors = list(path.glob("*.safetensors"))
     pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -81,28 +86,36 @@ def load_model(
     device_map: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
 ):
-    """Load a causal LM for pruning; returns (model, family). The model is in eval mode."""
-    config, family = load_config(model_id, trust_remote_code=trust_remote_code)
-    check_weights_format(model_id, allow_pickle)
+    """Load a causal LM for pruning; returns (model, family). The model is in eval mode.
+
+    ``gguf_file`` names a GGUF file inside the ``model_id`` folder: transformers dequantizes it to
+    plain float tensors (needs the ``gguf`` package), so it prunes like any other checkpoint.
+    """
+    config, family = load_config(model_id, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    check_weights_format(model_id, allow_pickle, gguf_file)
     kwargs = dict(dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-    if not allow_pickle:
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    elif not allow_pickle:
         kwargs["use_safetensors"] = True
     if device_map:
         kwargs["device_map"] = device_map
     elif device:
         kwargs["device_map"] = device
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_id), config=config, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(model_id), **kwargs)
     except Exception as e:
         raise HypruneError(f"Could not load the weights of {model_id}: {e}") from None
     model.eval()
     return model, family
 
 
-def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False):
+def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False, gguf_file: str | None = None):
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(model_id), trust_remote_code=trust_remote_code, **extra)
     except Exception as e:
         raise HypruneError(
             f"Could not load a tokenizer from {model_id}: {e}. Calibration data must be tokenized with the "
@@ -128,11 +141,12 @@ def count_parameters(model, family: Family) -> dict[str, int]:
                 out[key] += p.numel()
 
     backbone = getattr(model, family.base)
-    add("embeddings", backbone.embeddings.parameters())
+    add("embeddings", getattr(backbone, family.embeddings).parameters())
     for block, kind in zip(backbone.layers, kinds):
-        add("norms", block.norm.parameters())
-        add(kind, block.mixer.parameters())
-    add("norms", backbone.norm_f.parameters())
+        for part, norm, mixer in family.block_parts(block, kind):
+            add("norms", norm.parameters())
+            add(part.kind, mixer.parameters())
+    add("norms", getattr(backbone, family.final_norm).parameters())
     add("lm_head", model.lm_head.parameters())
     out["total"] = sum(v for k, v in out.items())
     return out

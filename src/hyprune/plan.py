@@ -36,7 +36,7 @@ PLAN_FORMAT = "hyprune-plan/1"
 class LayerPlan(BaseModel):
     """What one source block keeps. Which fields are set depends on ``kind``."""
 
-    kind: Literal["mamba", "attention", "mlp"]
+    kind: Literal["mamba", "attention", "mlp", "transformer"]  # transformer = attention + MLP (dense)
     heads: list[int] | None = None  # Mamba heads, or attention query heads
     head_dim: list[int] | None = None  # Mamba head channels, shared by every kept head
     state: list[int] | None = None  # SSM state channels, shared by every kept group
@@ -79,15 +79,17 @@ class Plan(BaseModel):
         sizes = dict(self.source["sizes"])
         sizes["hidden"] = len(self.hidden)
         kept = [self.layers[i] for i in self.kept_blocks()]
-        first = {kind: next((lp for lp in kept if lp.kind == kind), None) for kind in (MAMBA, ATTENTION, MLP)}
-        if first[MAMBA] is not None:
-            lp = first[MAMBA]
-            sizes.update(mamba_heads=len(lp.heads), mamba_head_dim=len(lp.head_dim),
-                         ssm_state=len(lp.state), mamba_groups=len(lp.groups))
-        if first[ATTENTION] is not None:
-            sizes.update(attention_heads=len(first[ATTENTION].heads), kv_heads=len(first[ATTENTION].kv_heads))
-        if first[MLP] is not None:
-            sizes["ffn"] = len(first[MLP].ffn)
+        # the part a layer holds shows in its fields (validation made them equal across layers)
+        mamba = next((lp for lp in kept if lp.groups is not None), None)
+        attention = next((lp for lp in kept if lp.kv_heads is not None), None)
+        mlp = next((lp for lp in kept if lp.ffn is not None), None)
+        if mamba is not None:
+            sizes.update(mamba_heads=len(mamba.heads), mamba_head_dim=len(mamba.head_dim),
+                         ssm_state=len(mamba.state), mamba_groups=len(mamba.groups))
+        if attention is not None:
+            sizes.update(attention_heads=len(attention.heads), kv_heads=len(attention.kv_heads))
+        if mlp is not None:
+            sizes["ffn"] = len(mlp.ffn)
         return sizes
 
 
@@ -146,7 +148,7 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
                 f"Target {family.fields[axis]}={value} is larger than the source ({source[axis]}). "
                 "Pruning only shrinks: pick a value <= the source size."
             )
-    kinds = set(family.block_kinds(config))
+    kinds = set(family.part_kinds(config))
     if MAMBA in kinds:
         heads, groups = sizes["mamba_heads"], sizes["mamba_groups"]
         f_heads, f_groups = family.fields["mamba_heads"], family.fields["mamba_groups"]
@@ -172,6 +174,7 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
                     "Change the heads, head_dim and hidden_size together."
                 )
     if ATTENTION in kinds:
+        _check_hidden_multiple_of_heads(family, sizes)
         q, kv = sizes["attention_heads"], sizes["kv_heads"]
         if q % kv:
             raise HypruneError(
@@ -184,6 +187,15 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
                 f"group, more than the source has ({source['attention_heads'] // source['kv_heads']})."
             )
     return sizes
+
+
+def _check_hidden_multiple_of_heads(family: Family, sizes: dict[str, int]) -> None:
+    if family.hidden_multiple_of_heads and sizes["hidden"] % sizes["attention_heads"]:
+        raise HypruneError(
+            f"{family.name} configs require hidden_size to be a multiple of num_attention_heads; "
+            f"{sizes['hidden']} is not a multiple of {sizes['attention_heads']}. Pick hidden_size as a multiple "
+            f"of {sizes['attention_heads']} (or change the head count)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,12 +269,17 @@ def make_plan(
     source = family.sizes(config)
     layers = []
     for i, kind in enumerate(family.block_kinds(config)):
-        if kind == MAMBA:
-            layers.append(plan_mamba_layer(scores[f"layers.{i}.mamba_x"], scores[f"layers.{i}.mamba_bc"], sizes))
-        elif kind == ATTENTION:
-            layers.append(plan_attention_layer(scores[f"layers.{i}.attention"], source["kv_heads"], sizes))
-        else:
-            layers.append(LayerPlan(kind=MLP, ffn=top_k(scores[f"layers.{i}.ffn"], sizes["ffn"])))
+        fields = {}
+        for part in family.parts(kind):
+            if part.kind == MAMBA:
+                part_plan = plan_mamba_layer(scores[f"layers.{i}.mamba_x"], scores[f"layers.{i}.mamba_bc"], sizes)
+                fields.update(part_plan.model_dump(exclude={"kind"}, exclude_none=True))
+            elif part.kind == ATTENTION:
+                part_plan = plan_attention_layer(scores[f"layers.{i}.attention"], source["kv_heads"], sizes)
+                fields.update(part_plan.model_dump(exclude={"kind"}, exclude_none=True))
+            else:
+                fields["ffn"] = top_k(scores[f"layers.{i}.ffn"], sizes["ffn"])
+        layers.append(LayerPlan(kind=kind, **fields))
     plan = Plan(
         family=family.name,
         method=method,
@@ -282,13 +299,16 @@ def identity_plan(family: Family, config) -> Plan:
     full = lambda n: list(range(n))  # noqa: E731
     layers = []
     for kind in family.block_kinds(config):
-        if kind == MAMBA:
-            layers.append(LayerPlan(kind=kind, heads=full(s["mamba_heads"]), head_dim=full(s["mamba_head_dim"]),
-                                    state=full(s["ssm_state"]), groups=full(s["mamba_groups"])))
-        elif kind == ATTENTION:
-            layers.append(LayerPlan(kind=kind, heads=full(s["attention_heads"]), kv_heads=full(s["kv_heads"])))
-        else:
-            layers.append(LayerPlan(kind=kind, ffn=full(s["ffn"])))
+        fields = {}
+        for part in family.parts(kind):
+            if part.kind == MAMBA:
+                fields.update(heads=full(s["mamba_heads"]), head_dim=full(s["mamba_head_dim"]),
+                              state=full(s["ssm_state"]), groups=full(s["mamba_groups"]))
+            elif part.kind == ATTENTION:
+                fields.update(heads=full(s["attention_heads"]), kv_heads=full(s["kv_heads"]))
+            else:
+                fields["ffn"] = full(s["ffn"])
+        layers.append(LayerPlan(kind=kind, **fields))
     return Plan(family=family.name, method="identity", source=fingerprint(family, config),
                 hidden=full(s["hidden"]), layers=layers)
 
@@ -351,20 +371,22 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
         where = f"layer {i} ({kind})"
         if lp.kind != kind:
             raise HypruneError(f"Plan {where}: the plan says '{lp.kind}'.")
-        if kind == MAMBA:
-            groups = _check_indices(f"{where} groups", lp.groups, s["mamba_groups"])
-            heads = _check_indices(f"{where} heads", lp.heads, s["mamba_heads"])
-            _check_indices(f"{where} head_dim", lp.head_dim, s["mamba_head_dim"])
-            _check_indices(f"{where} state", lp.state, s["ssm_state"])
-            _check_grouped(where, heads, groups, s["mamba_heads"] // s["mamba_groups"], "head")
-            shape = (len(lp.heads), len(lp.head_dim), len(lp.state), len(lp.groups))
-        elif kind == ATTENTION:
-            kv = _check_indices(f"{where} kv_heads", lp.kv_heads, s["kv_heads"])
-            heads = _check_indices(f"{where} heads", lp.heads, s["attention_heads"])
-            _check_grouped(where, heads, kv, s["attention_heads"] // s["kv_heads"], "query head")
-            shape = (len(lp.heads), len(lp.kv_heads))
-        else:
-            shape = (len(_check_indices(f"{where} ffn", lp.ffn, s["ffn"])),)
+        shape = ()
+        for part in family.parts(kind):
+            if part.kind == MAMBA:
+                groups = _check_indices(f"{where} groups", lp.groups, s["mamba_groups"])
+                heads = _check_indices(f"{where} heads", lp.heads, s["mamba_heads"])
+                _check_indices(f"{where} head_dim", lp.head_dim, s["mamba_head_dim"])
+                _check_indices(f"{where} state", lp.state, s["ssm_state"])
+                _check_grouped(where, heads, groups, s["mamba_heads"] // s["mamba_groups"], "head")
+                shape += (len(lp.heads), len(lp.head_dim), len(lp.state), len(lp.groups))
+            elif part.kind == ATTENTION:
+                kv = _check_indices(f"{where} kv_heads", lp.kv_heads, s["kv_heads"])
+                heads = _check_indices(f"{where} heads", lp.heads, s["attention_heads"])
+                _check_grouped(where, heads, kv, s["attention_heads"] // s["kv_heads"], "query head")
+                shape += (len(lp.heads), len(lp.kv_heads))
+            else:
+                shape += (len(_check_indices(f"{where} ffn", lp.ffn, s["ffn"])),)
         if i not in kept:
             continue
         if kind in seen and seen[kind][1] != shape:
@@ -373,6 +395,8 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
                 "an HF config holds one size per field, so every layer of a kind must keep the same counts."
             )
         seen.setdefault(kind, (i, shape))
+    if ATTENTION in family.part_kinds(config):
+        _check_hidden_multiple_of_heads(family, plan.result_sizes())
     if family.mamba_width_coupled_to_hidden and MAMBA in seen:
         result = plan.result_sizes()
         width = result["mamba_heads"] * result["mamba_head_dim"]

@@ -19,8 +19,23 @@ AXES = (
     "mamba_groups",  # B/C groups (n_groups)
 )
 
-# Block kinds, in the words of the papers.
-MAMBA, ATTENTION, MLP, MOE = "mamba", "attention", "mlp", "moe"
+# Block kinds, in the words of the papers. A ``transformer`` block is a dense decoder layer: attention
+# then MLP, each behind its own pre-norm (Llama, Qwen, Mistral); depth pruning drops it as one unit.
+MAMBA, ATTENTION, MLP, MOE, TRANSFORMER = "mamba", "attention", "mlp", "moe", "transformer"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One pre-norm + mixer pair inside a block, by attribute name."""
+
+    kind: str  # mamba, attention or mlp
+    norm: str
+    mixer: str
+
+
+def single_part(kind: str) -> list[Part]:
+    """Hybrid families (NemotronH, Mamba2): every block is ``norm`` + ``mixer``."""
+    return [Part(kind, "norm", "mixer")]
 
 
 @dataclass(frozen=True)
@@ -31,8 +46,14 @@ class Family:
         name: our name for the family (also the HF ``model_type``).
         base: attribute/state-dict prefix of the backbone (``model`` or ``backbone``).
         fields: canonical axis -> config field name, for the axes the family has.
-        block_kinds: config -> one block kind per layer (``mamba``, ``attention``, ``mlp``, ``moe``).
-        set_block_kinds: (config dict, kinds) -> None, rewrites the layer pattern in a config dict.
+        block_kinds: config -> one block kind per layer (``mamba``, ``attention``, ``mlp``, ``moe``,
+            ``transformer``).
+        set_block_kinds: (config dict, kept block indices, their kinds) -> None, rewrites the layer
+            count/pattern in a config dict after blocks were dropped.
+        parts: block kind -> its norm + mixer pairs (`Part`), in forward order.
+        embeddings / final_norm: attribute names under ``base``.
+        hidden_multiple_of_heads: the config validator demands hidden_size % num_attention_heads == 0
+            (Llama), even with an explicit head_dim.
         mamba_width_coupled_to_hidden: the Mamba inner width is ``expand * hidden_size`` in this
             family's config, so heads * head_dim must equal expand * hidden after pruning.
     """
@@ -41,8 +62,12 @@ class Family:
     base: str
     fields: dict[str, str]
     block_kinds: Callable[[Any], list[str]]
-    set_block_kinds: Callable[[dict, list[str]], None]
+    set_block_kinds: Callable[[dict, list[int], list[str]], None]
+    parts: Callable[[str], list[Part]] = single_part
+    embeddings: str = "embeddings"
+    final_norm: str = "norm_f"
     mamba_width_coupled_to_hidden: bool = False
+    hidden_multiple_of_heads: bool = False  # the config refuses hidden_size % num_attention_heads != 0
     notes: tuple[str, ...] = field(default=())
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -70,6 +95,14 @@ class Family:
     def layers(self, model):
         return getattr(model, self.base).layers
 
+    def block_parts(self, block, kind: str):
+        """(part, norm module, mixer module) for each norm + mixer pair of a loaded block."""
+        return [(part, getattr(block, part.norm), getattr(block, part.mixer)) for part in self.parts(kind)]
+
+    def part_kinds(self, config) -> list[str]:
+        """Every part kind present in the model (``mamba``, ``attention``, ``mlp``)."""
+        return sorted({part.kind for kind in self.block_kinds(config) for part in self.parts(kind)})
+
     def check_supported(self, config) -> None:
         kinds = self.block_kinds(config)
         if MOE in kinds:
@@ -77,6 +110,14 @@ class Family:
                 f"{self.name} checkpoints with MoE blocks ('E' in the pattern) are not supported yet: "
                 "hyprune prunes Mamba, attention and dense MLP blocks. Use a dense-MLP checkpoint."
             )
+
+
+def attention_head_dim(config) -> int:
+    """Per-head width of attention (explicit ``head_dim``, else hidden / heads)."""
+    explicit = getattr(config, "head_dim", None)
+    if explicit:
+        return int(explicit)
+    return int(config.hidden_size) // int(config.num_attention_heads)
 
 
 _REGISTRY: dict[str, Family] = {}

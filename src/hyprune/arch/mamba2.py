@@ -15,7 +15,7 @@ def _block_kinds(config) -> list[str]:
     return [MAMBA] * int(config.num_hidden_layers)
 
 
-def _set_block_kinds(config_dict: dict, kinds: list[str]) -> None:
+def _set_block_kinds(config_dict: dict, kept: list[int], kinds: list[str]) -> None:
     if any(k != MAMBA for k in kinds):
         raise HypruneError("Mamba2 models hold only Mamba blocks.")
     config_dict["num_hidden_layers"] = len(kinds)

@@ -17,7 +17,7 @@ def _block_kinds(config) -> list[str]:
     return [_KIND[t] for t in config.layers_block_type]
 
 
-def _set_block_kinds(config_dict: dict, kinds: list[str]) -> None:
+def _set_block_kinds(config_dict: dict, kept: list[int], kinds: list[str]) -> None:
     config_dict["layers_block_type"] = [_HF_TYPE[k] for k in kinds]
     config_dict.pop("hybrid_override_pattern", None)
     config_dict.pop("num_hidden_layers", None)
