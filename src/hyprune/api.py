@@ -167,7 +167,8 @@ def inspect_model(model: str, scores: str | None = None, trust_remote_code: bool
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     kinds = family.block_kinds(config)
-    letters = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E", "transformer": "T"}
+    letters = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E", "transformer": "T", "mamba+mlp": "M",
+               "attention+mlp": "*"}
     info = {
         "family": family.name,
         "pattern": "".join(letters[k] for k in kinds),

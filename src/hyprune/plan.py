@@ -36,7 +36,8 @@ PLAN_FORMAT = "hyprune-plan/1"
 class LayerPlan(BaseModel):
     """What one source block keeps. Which fields are set depends on ``kind``."""
 
-    kind: Literal["mamba", "attention", "mlp", "transformer"]  # transformer = attention + MLP (dense)
+    # transformer = attention + MLP (dense); "mamba+mlp" / "attention+mlp" = one hybrid decoder layer (Bamba)
+    kind: Literal["mamba", "attention", "mlp", "transformer", "mamba+mlp", "attention+mlp"]
     heads: list[int] | None = None  # Mamba heads, or attention query heads
     head_dim: list[int] | None = None  # Mamba head channels, shared by every kept head
     state: list[int] | None = None  # SSM state channels, shared by every kept group

@@ -68,6 +68,7 @@ class Family:
     final_norm: str = "norm_f"
     mamba_width_coupled_to_hidden: bool = False
     hidden_multiple_of_heads: bool = False  # the config refuses hidden_size % num_attention_heads != 0
+    expand_field: str = "expand"  # config field of the Mamba expansion factor (coupled families)
     notes: tuple[str, ...] = field(default=())
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ class Family:
         )
 
     def expand(self, config) -> int:
-        return int(getattr(config, "expand", 2))
+        return int(getattr(config, self.expand_field, 2))
 
     # ---- names -------------------------------------------------------------------------------
     def layer_prefix(self, i: int) -> str:

@@ -1,0 +1,192 @@
+"""Bamba (Mamba-2 / attention + MLP decoder layers, width tied to expand * hidden) against references.
+
+The reference is the original HF model with what the plan removes masked instead of sliced:
+zero embedding columns and block output rows for removed hidden channels, every hidden-size RMSNorm
+and every gated Mamba norm taking its statistic over the kept channels, zero output columns for
+removed attention heads and FFN neurons, zero B/C rows and conv channels for removed states and
+groups. Removed heads and head channels are zeroed by the masked gated norm.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM
+
+from hyprune.apply import apply_plan
+from hyprune.arch import family_for_config
+from hyprune.importance import activation_scores
+from hyprune.plan import identity_plan, make_plan
+
+
+def bamba(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BambaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3, attn_layer_indices=[1],
+        num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=4, mamba_n_groups=2,
+        mamba_d_state=6, mamba_expand=2, mamba_chunk_size=4, use_cache=False, pad_token_id=0, bos_token_id=0,
+        eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("conv1d.bias", ".D", "dt_bias")):
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _masked_rmsnorm(norm, mask):
+    def forward(x):
+        x32 = x.float()
+        var = (x32.pow(2) * mask).sum(-1, keepdim=True) / mask.sum()
+        return norm.weight * (x32 * torch.rsqrt(var + norm.variance_epsilon)).to(x.dtype)
+
+    return forward
+
+
+def _masked_gated_norm(norm, inner_mask, groups):
+    def forward(x, gate=None):
+        h = x.float() * F.silu(gate.float()) * inner_mask
+        shape = h.shape
+        hg = h.view(*shape[:-1], groups, shape[-1] // groups)
+        kept = inner_mask.view(groups, -1).sum(-1, keepdim=True).clamp(min=1)
+        var = hg.pow(2).sum(-1, keepdim=True) / kept
+        out = (hg * torch.rsqrt(var + norm.variance_epsilon)).view(shape)
+        return norm.weight * out.to(x.dtype) * inner_mask
+
+    return forward
+
+
+def masked_reference(model, plan):
+    ref = copy.deepcopy(model)
+    c = model.config
+    H, P, G, N = c.mamba_n_heads, c.mamba_d_head, c.mamba_n_groups, c.mamba_d_state
+    I = H * P
+    d = c.hidden_size // c.num_attention_heads
+    hidden = torch.zeros(c.hidden_size)
+    hidden[plan.hidden] = 1
+    gone = hidden == 0
+    with torch.no_grad():
+        ref.model.embed_tokens.weight[:, gone] = 0
+        for lp, layer in zip(plan.layers, ref.model.layers):
+            for norm in (layer.input_layernorm, layer.pre_ff_layernorm):
+                norm.forward = _masked_rmsnorm(norm, hidden)
+            mlp = layer.feed_forward
+            mlp.down_proj.weight[:, [f for f in range(c.intermediate_size) if f not in lp.ffn]] = 0
+            mlp.down_proj.weight[gone] = 0
+            if lp.kind == "mamba+mlp":
+                mixer = layer.mamba
+                inner = torch.zeros(I)
+                inner[[h * P + p for h in lp.heads for p in lp.head_dim]] = 1
+                mixer.norm.forward = _masked_gated_norm(mixer.norm, inner, G)
+                bc = sorted({g * N + n for g in range(G) for n in range(N) if g not in lp.groups or n not in lp.state})
+                mixer.in_proj.weight[[2 * I + i for i in bc] + [2 * I + G * N + i for i in bc]] = 0
+                conv = [I + i for i in bc] + [I + G * N + i for i in bc]
+                mixer.conv1d.weight[conv] = 0
+                mixer.conv1d.bias[conv] = 0
+                mixer.out_proj.weight[gone] = 0
+            else:
+                attn = layer.self_attn
+                for h in range(c.num_attention_heads):
+                    if h not in lp.heads:
+                        attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
+                attn.o_proj.weight[gone] = 0
+        ref.model.final_layernorm.forward = _masked_rmsnorm(ref.model.final_layernorm, hidden)
+    for i in plan.drop_blocks:
+        ref.model.layers[i].register_forward_hook(_skip, with_kwargs=True)
+    return ref
+
+
+def _skip(module, args, kwargs, output):
+    """A dropped layer passes its input through (Bamba layers return a tuple)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None, head_dim=None, state=None,
+                ffn=None, attn_per_kv=None, drop=()):
+    family = family_for_config(model.config)
+    plan = identity_plan(family, model.config)
+    s = family.sizes(model.config)
+    if hidden:
+        plan.hidden = sorted(rng.sample(range(s["hidden"]), hidden))
+    for lp in plan.layers:
+        if ffn:
+            lp.ffn = sorted(rng.sample(range(s["ffn"]), ffn))
+        if lp.kind == "mamba+mlp":
+            per = s["mamba_heads"] // s["mamba_groups"]
+            if keep_groups:
+                lp.groups = sorted(rng.sample(range(s["mamba_groups"]), keep_groups))
+            k = heads_per_group or per
+            lp.heads = [g * per + i for g in lp.groups for i in sorted(rng.sample(range(per), k))]
+            if head_dim:
+                lp.head_dim = sorted(rng.sample(range(s["mamba_head_dim"]), head_dim))
+            if state:
+                lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
+        elif attn_per_kv:
+            per_kv = s["attention_heads"] // s["kv_heads"]
+            lp.heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), attn_per_kv))]
+    plan.drop_blocks = list(drop)
+    return plan
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_identity_is_exact(ids):
+    model = bamba()
+    pruned = apply_plan(model, identity_plan(family_for_config(model.config), model.config))
+    assert torch.equal(pruned(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("what", [
+    dict(state=3), dict(keep_groups=1, hidden=8), dict(ffn=10, attn_per_kv=1), dict(drop=[1]),
+    # coupled width: 16 -> 12 hidden needs 24 Mamba channels = 6 heads x 4 or 8 heads x 3
+    dict(hidden=12, heads_per_group=3), dict(hidden=12, head_dim=3, state=4, ffn=12, attn_per_kv=1, drop=[2]),
+])
+def test_bamba_pruning_matches_masked_reference(what, ids):
+    model = bamba(seed=len(what))
+    plan = random_plan(model, random.Random(str(what)), **what)
+    pruned = apply_plan(model, plan)
+    assert rel_err(pruned(ids).logits, masked_reference(model, plan)(ids).logits) < 1e-5
+
+
+def test_bamba_minitron_plan_roundtrips_and_generates(tmp_path):
+    model = bamba()
+    family = family_for_config(model.config)
+    windows = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(3))
+    scores = activation_scores(model, windows, family, progress=False)
+    plan = make_plan(family, model.config, scores, {"hidden_size": 12, "mamba_n_heads": 6, "intermediate_size": 16,
+                                                    "mamba_d_state": 4})
+    pruned = apply_plan(model, plan)
+    c = pruned.config
+    assert (c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state) == (12, 6, 4, 4)
+    pruned.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    prompt = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(loaded(prompt).logits, pruned(prompt).logits)
+    a = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    b = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_bamba_rejects_uncoupled_width():
+    from hyprune.errors import HypruneError
+    from hyprune.plan import resolve_target
+
+    model = bamba()
+    with pytest.raises(HypruneError, match="tied to the hidden size"):
+        resolve_target(family_for_config(model.config), model.config, {"mamba_n_heads": 4})
