@@ -86,7 +86,10 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
             "k_norm.weight": [],
         }
     ffn = _idx(lp.ffn)
+    gate_up = torch.cat([ffn, sizes["ffn"] + ffn])  # fused [gate; up] rows (Granite's input_linear)
     return {
+        "input_linear.weight": [(0, gate_up), (1, h)],
+        "output_linear.weight": [(0, h), (1, ffn)],
         "gate_proj.weight": [(0, ffn), (1, h)],
         "gate_proj.bias": [(0, ffn)],
         "up_proj.weight": [(0, ffn), (1, h)],

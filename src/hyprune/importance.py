@@ -6,7 +6,7 @@ running sum of squares (float32, one value per channel) is kept; no per-token ac
 
 What each hook reads (shared/reference/methods.md, section 1):
     hidden channels   output of every block's pre-norm            -> per-layer scores, summed
-    FFN neurons       input of down_proj                          -> ``layers.i.ffn`` [ffn]
+    FFN neurons       input of down_proj (output_linear)          -> ``layers.i.ffn`` [ffn]
     attention heads   input of o_proj, [heads, head_dim]          -> ``layers.i.attention``
     Mamba heads/dims  x slice of in_proj output, [heads, head_dim] -> ``layers.i.mamba_x``
     SSM states        B and C slices of in_proj output            -> ``layers.i.mamba_bc`` [2, groups, state]
@@ -109,7 +109,8 @@ def activation_scores(
             elif part.kind == ATTENTION:
                 handles.append(mixer.o_proj.register_forward_pre_hook(record_input(f"layers.{i}.attention")))
             elif part.kind == MLP:
-                handles.append(mixer.down_proj.register_forward_pre_hook(record_input(f"layers.{i}.ffn")))
+                down = mixer.down_proj if hasattr(mixer, "down_proj") else mixer.output_linear  # Granite
+                handles.append(down.register_forward_pre_hook(record_input(f"layers.{i}.ffn")))
 
     device = next(model.parameters()).device
     use_cache = {"use_cache": False}

@@ -398,7 +398,7 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
         seen.setdefault(kind, (i, shape))
     if ATTENTION in family.part_kinds(config):
         _check_hidden_multiple_of_heads(family, plan.result_sizes())
-    if family.mamba_width_coupled_to_hidden and MAMBA in seen:
+    if family.mamba_width_coupled_to_hidden and MAMBA in family.part_kinds(config):
         result = plan.result_sizes()
         width = result["mamba_heads"] * result["mamba_head_dim"]
         if width != family.expand(config) * result["hidden"]:

@@ -1,4 +1,4 @@
-"""Bamba (Mamba-2 / attention + MLP decoder layers, width tied to expand * hidden) against references.
+"""Bamba and Granite 4.0-H (Mamba-2 / attention + MLP decoder layers, width tied to expand * hidden).
 
 The reference is the original HF model with what the plan removes masked instead of sliced:
 zero embedding columns and block output rows for removed hidden channels, every hidden-size RMSNorm
@@ -24,13 +24,20 @@ from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
 
 
-def bamba(seed=0):
+MAMBA = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             mamba_n_heads=8, mamba_d_head=4, mamba_n_groups=2, mamba_d_state=6, mamba_expand=2, mamba_chunk_size=4,
+             use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+
+
+def bamba(seed=0, family="bamba"):
     torch.manual_seed(seed)
-    config = transformers.BambaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3, attn_layer_indices=[1],
-        num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=4, mamba_n_groups=2,
-        mamba_d_state=6, mamba_expand=2, mamba_chunk_size=4, use_cache=False, pad_token_id=0, bos_token_id=0,
-        eos_token_id=0)
+    if family == "bamba":
+        config = transformers.BambaConfig(intermediate_size=24, attn_layer_indices=[1], **MAMBA)
+    else:  # dense Granite 4.0-H, with its scalar multipliers
+        config = transformers.GraniteMoeHybridConfig(
+            shared_intermediate_size=24, num_local_experts=0, layer_types=["mamba", "attention", "mamba"],
+            embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=1.5, attention_multiplier=0.3,
+            position_embedding_type="rope", **MAMBA)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -63,7 +70,14 @@ def _masked_gated_norm(norm, inner_mask, groups):
     return forward
 
 
+# attribute names that differ: MLP norm, MLP module, its output projection, final norm
+NAMES = {"bamba": ("pre_ff_layernorm", "feed_forward", "down_proj", "final_layernorm"),
+         "granitemoehybrid": ("post_attention_layernorm", "shared_mlp", "output_linear", "norm")}
+
+
 def masked_reference(model, plan):
+    mlp_norm, mlp_name, down_name, final_norm = NAMES[model.config.model_type]
+    ffn_size = model.config.intermediate_size if mlp_name == "feed_forward" else model.config.shared_intermediate_size
     ref = copy.deepcopy(model)
     c = model.config
     H, P, G, N = c.mamba_n_heads, c.mamba_d_head, c.mamba_n_groups, c.mamba_d_state
@@ -75,11 +89,11 @@ def masked_reference(model, plan):
     with torch.no_grad():
         ref.model.embed_tokens.weight[:, gone] = 0
         for lp, layer in zip(plan.layers, ref.model.layers):
-            for norm in (layer.input_layernorm, layer.pre_ff_layernorm):
+            for norm in (layer.input_layernorm, getattr(layer, mlp_norm)):
                 norm.forward = _masked_rmsnorm(norm, hidden)
-            mlp = layer.feed_forward
-            mlp.down_proj.weight[:, [f for f in range(c.intermediate_size) if f not in lp.ffn]] = 0
-            mlp.down_proj.weight[gone] = 0
+            down = getattr(getattr(layer, mlp_name), down_name)
+            down.weight[:, [f for f in range(ffn_size) if f not in lp.ffn]] = 0
+            down.weight[gone] = 0
             if lp.kind == "mamba+mlp":
                 mixer = layer.mamba
                 inner = torch.zeros(I)
@@ -97,7 +111,8 @@ def masked_reference(model, plan):
                     if h not in lp.heads:
                         attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
                 attn.o_proj.weight[gone] = 0
-        ref.model.final_layernorm.forward = _masked_rmsnorm(ref.model.final_layernorm, hidden)
+        final = getattr(ref.model, final_norm)
+        final.forward = _masked_rmsnorm(final, hidden)
     for i in plan.drop_blocks:
         ref.model.layers[i].register_forward_hook(_skip, with_kwargs=True)
     return ref
@@ -145,8 +160,12 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_identity_is_exact(ids):
-    model = bamba()
+FAMILIES = ["bamba", "granitemoehybrid"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_is_exact(family, ids):
+    model = bamba(family=family)
     pruned = apply_plan(model, identity_plan(family_for_config(model.config), model.config))
     assert torch.equal(pruned(ids).logits, model(ids).logits)
 
@@ -156,21 +175,25 @@ def test_identity_is_exact(ids):
     # coupled width: 16 -> 12 hidden needs 24 Mamba channels = 6 heads x 4 or 8 heads x 3
     dict(hidden=12, heads_per_group=3), dict(hidden=12, head_dim=3, state=4, ffn=12, attn_per_kv=1, drop=[2]),
 ])
-def test_bamba_pruning_matches_masked_reference(what, ids):
-    model = bamba(seed=len(what))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_matches_masked_reference(family, what, ids):
+    model = bamba(seed=len(what), family=family)
     plan = random_plan(model, random.Random(str(what)), **what)
     pruned = apply_plan(model, plan)
     assert rel_err(pruned(ids).logits, masked_reference(model, plan)(ids).logits) < 1e-5
 
 
-def test_bamba_minitron_plan_roundtrips_and_generates(tmp_path):
-    model = bamba()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_minitron_plan_roundtrips_and_generates(family, tmp_path):
+    model = bamba(family=family)
     family = family_for_config(model.config)
     windows = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(3))
     scores = activation_scores(model, windows, family, progress=False)
-    plan = make_plan(family, model.config, scores, {"hidden_size": 12, "mamba_n_heads": 6, "intermediate_size": 16,
-                                                    "mamba_d_state": 4})
+    ffn_field = family.fields["ffn"]
+    plan = make_plan(family, model.config, scores, {"hidden_size": 12, "mamba_n_heads": 6, ffn_field: 16,
+                                                    "mamba_d_state": 4}, drop_blocks=[2])
     pruned = apply_plan(model, plan)
+    assert family.block_kinds(pruned.config) == ["mamba+mlp", "attention+mlp"]
     c = pruned.config
     assert (c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state) == (12, 6, 4, 4)
     pruned.save_pretrained(tmp_path)
@@ -183,10 +206,17 @@ def test_bamba_minitron_plan_roundtrips_and_generates(tmp_path):
     assert torch.equal(a, b)
 
 
-def test_bamba_rejects_uncoupled_width():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uncoupled_mamba_width_is_rejected(family):
     from hyprune.errors import HypruneError
-    from hyprune.plan import resolve_target
+    from hyprune.plan import resolve_target, validate_plan
 
-    model = bamba()
+    model = bamba(family=family)
+    fam = family_for_config(model.config)
     with pytest.raises(HypruneError, match="tied to the hidden size"):
-        resolve_target(family_for_config(model.config), model.config, {"mamba_n_heads": 4})
+        resolve_target(fam, model.config, {"mamba_n_heads": 4})
+    plan = random_plan(model, random.Random(0), heads_per_group=2)  # half the heads, same hidden size
+    with pytest.raises(HypruneError, match="expand"):
+        validate_plan(plan, fam, model.config)
+
+
