@@ -17,8 +17,10 @@ shared/reference/hf-hybrid-layouts.md:
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hyprune.arch.family import ATTENTION, MAMBA, Family, attention_head_dim
@@ -178,7 +180,7 @@ def apply_plan(model, plan: Plan, family: Family | None = None):
     validate_plan(plan, family, model.config)
     new_config = pruned_config(family, model.config, plan)
     state = slice_state_dict(family, model.config, plan, model.state_dict())
-    with torch.device("meta"):
+    with _parameters_on_meta():
         new_model = AutoModelForCausalLM.from_config(new_config, dtype=model.dtype)
     # Tied weights (if the config ties them) share one tensor in state_dict; load all keys present.
     missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
@@ -187,7 +189,9 @@ def apply_plan(model, plan: Plan, family: Family | None = None):
         raise HypruneError(f"Pruned weights do not fit the pruned config: missing {leftover}, unexpected {unexpected}.")
     if hasattr(new_model, "tie_weights"):
         new_model.tie_weights()
-    _restore_buffers(new_model, model)
+    for name, param in new_model.named_parameters():
+        if param.is_meta:
+            raise HypruneError(f"Parameter {name} of the pruned model received no weights.")
     new_model.generation_config = model.generation_config
     new_model.eval()
     return new_model
@@ -198,19 +202,21 @@ def _is_tied(model, key: str) -> bool:
     return key in tied
 
 
-def _restore_buffers(new_model, source) -> None:
-    """Non-persistent buffers (e.g. rotary ``inv_freq``) are not in the state dict: take the source's.
-
-    They depend on sizes pruning never changes (attention head_dim, rope settings), so a buffer of the
-    same name and shape in the source is the right value; anything else is an error, not a guess.
+@contextmanager
+def _parameters_on_meta():
+    """Build a model whose parameters live on the meta device (no memory, no init cost) while its
+    buffers are real: non-persistent buffers (rotary ``inv_freq``, FalconH1's ``mup_vector``) are
+    computed from the *pruned* config at construction, exactly as ``from_pretrained`` would.
     """
-    source_buffers = dict(source.named_buffers())
-    for name, buf in list(new_model.named_buffers()):
-        if not buf.is_meta:
-            continue
-        src = source_buffers.get(name)
-        if src is None or src.shape != buf.shape:
-            raise HypruneError(f"Buffer {name} of the pruned model has no counterpart in the source model.")
-        module_name, _, attr = name.rpartition(".")
-        module = new_model.get_submodule(module_name) if module_name else new_model
-        module._buffers[attr] = src.clone()
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
