@@ -136,7 +136,7 @@ def masks_from_plan(plan, sizes):
             layers.append({"inner": mask(sizes["mamba_heads"] * P, inner),
                            "state": mask(sizes["ssm_state"], lp.state)})
         elif lp.kind == "attention":
-            layers.append({"heads": mask(sizes["attention_heads"], lp.heads)})
+            layers.append({"heads": mask(sizes["attention_heads"], lp.query_heads)})
         else:
             layers.append({"ffn": mask(sizes["ffn"], lp.ffn)})
     return {"hidden": mask(sizes["hidden"], plan.hidden), "layers": layers, "dropped": set(plan.drop_blocks)}

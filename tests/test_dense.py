@@ -65,7 +65,7 @@ def masked_reference(model, plan):
         backbone.embed_tokens.weight[:, removed_hidden] = 0
         for lp, layer in zip(plan.layers, backbone.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            dead_heads = [h for h in range(config.num_attention_heads) if h not in lp.heads]
+            dead_heads = [h for h in range(config.num_attention_heads) if h not in lp.query_heads]
             for h in dead_heads:
                 attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
             dead_ffn = [f for f in range(config.intermediate_size) if f not in lp.ffn]
@@ -92,7 +92,7 @@ def random_dense_plan(model, rng, hidden=None, heads_per_kv=None, kv=None, ffn=N
         if kv:
             lp.kv_heads = sorted(rng.sample(range(c.num_key_value_heads), kv))
         k = heads_per_kv or per_kv
-        lp.heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), k))]
+        lp.query_heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), k))]
         if ffn:
             lp.ffn = sorted(rng.sample(range(c.intermediate_size), ffn))
     plan.drop_blocks = list(drop)

@@ -86,7 +86,7 @@ def random_plan(model, rng, keep_groups=None, mamba_heads=None, head_dim=None, s
                 lp.state = _subset(rng, s["ssm_state"], state)
         elif lp.kind == "attention" and attn_per_kv is not None:
             per_kv = s["attention_heads"] // s["kv_heads"]
-            lp.heads = [g * per_kv + i for g in lp.kv_heads for i in _subset(rng, per_kv, attn_per_kv)]
+            lp.query_heads = [g * per_kv + i for g in lp.kv_heads for i in _subset(rng, per_kv, attn_per_kv)]
         elif lp.kind == "mlp" and ffn is not None:
             lp.ffn = _subset(rng, s["ffn"], ffn)
         layers.append(lp)

@@ -108,7 +108,7 @@ def masked_reference(model, plan):
             else:
                 attn = layer.self_attn
                 for h in range(c.num_attention_heads):
-                    if h not in lp.heads:
+                    if h not in lp.query_heads:
                         attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
                 attn.o_proj.weight[gone] = 0
         final = getattr(ref.model, final_norm)
@@ -146,7 +146,7 @@ def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None,
                 lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
         elif attn_per_kv:
             per_kv = s["attention_heads"] // s["kv_heads"]
-            lp.heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), attn_per_kv))]
+            lp.query_heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), attn_per_kv))]
     plan.drop_blocks = list(drop)
     return plan
 

@@ -54,7 +54,7 @@ def attention_indices(lp: LayerPlan, head_dim: int) -> dict[str, Index]:
     def rows(heads):
         return _idx(h * head_dim + d for h in heads for d in range(head_dim))
 
-    return {"q": rows(lp.heads), "kv": rows(lp.kv_heads)}
+    return {"q": rows(lp.query_heads), "kv": rows(lp.kv_heads)}
 
 
 def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn_head_dim: int):
@@ -121,6 +121,8 @@ def pruned_config(family: Family, config, plan: Plan):
     family.set_block_kinds(data, kept, [plan.layers[i].kind for i in kept])
     if "attention_heads" in family.fields:
         data["head_dim"] = attention_head_dim(config)  # never re-derived from a pruned hidden size
+    if family.finish_config is not None:
+        family.finish_config(data)
     for key in ("architectures", "transformers_version", "model_type", "quantization_config"):
         data.pop(key, None)
     new = type(config)(**data)

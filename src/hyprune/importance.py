@@ -96,8 +96,11 @@ def activation_scores(
         return hook
 
     for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
+        hooked_norms = set()
         for j, (part, norm, mixer) in enumerate(family.block_parts(block, kind)):
-            handles.append(norm.register_forward_hook(record(f"layers.{i}.hidden.{j}")))
+            if id(norm) not in hooked_norms:  # FalconH1's attention and Mamba share one pre-norm
+                hooked_norms.add(id(norm))
+                handles.append(norm.register_forward_hook(record(f"layers.{i}.hidden.{j}")))
             if part.kind == MAMBA:
                 H, P, G, N = _mamba_dims(mixer)
                 inner = H * P
@@ -124,7 +127,8 @@ def activation_scores(
     hidden_total = None
     for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
         parts = family.block_parts(block, kind)
-        hidden = sum(stats[f"layers.{i}.hidden.{j}"].score() for j in range(len(parts)))
+        hidden = sum(stats[f"layers.{i}.hidden.{j}"].score() for j in range(len(parts))
+                     if f"layers.{i}.hidden.{j}" in stats)
         scores[f"layers.{i}.hidden"] = hidden
         hidden_total = hidden if hidden_total is None else hidden_total + hidden
         for part, _, mixer in parts:

@@ -9,7 +9,7 @@ JSON that a person can read and diff, validated against the model before any hea
  "target": {"hidden_size": 128, "mamba_num_heads": 8},
  "hidden": [0, 3, ...],
  "layers": [{"kind": "mamba", "heads": [...], "head_dim": [...], "state": [...], "groups": [...]},
-            {"kind": "mlp", "ffn": [...]}, {"kind": "attention", "heads": [...], "kv_heads": [...]}],
+            {"kind": "mlp", "ffn": [...]}, {"kind": "attention", "query_heads": [...], "kv_heads": [...]}],
  "drop_blocks": []}
 ```
 
@@ -36,12 +36,14 @@ PLAN_FORMAT = "hyprune-plan/1"
 class LayerPlan(BaseModel):
     """What one source block keeps. Which fields are set depends on ``kind``."""
 
-    # transformer = attention + MLP (dense); "mamba+mlp" / "attention+mlp" = one hybrid decoder layer (Bamba)
-    kind: Literal["mamba", "attention", "mlp", "transformer", "mamba+mlp", "attention+mlp"]
-    heads: list[int] | None = None  # Mamba heads, or attention query heads
+    # transformer = attention + MLP (dense); "mamba+mlp" / "attention+mlp" = one hybrid decoder layer (Bamba);
+    # parallel = attention and Mamba side by side, then MLP (FalconH1)
+    kind: Literal["mamba", "attention", "mlp", "transformer", "mamba+mlp", "attention+mlp", "parallel"]
+    heads: list[int] | None = None  # Mamba heads
     head_dim: list[int] | None = None  # Mamba head channels, shared by every kept head
     state: list[int] | None = None  # SSM state channels, shared by every kept group
     groups: list[int] | None = None  # Mamba B/C groups
+    query_heads: list[int] | None = None  # attention query heads
     kv_heads: list[int] | None = None  # attention key/value heads
     ffn: list[int] | None = None  # MLP neurons
 
@@ -88,7 +90,7 @@ class Plan(BaseModel):
             sizes.update(mamba_heads=len(mamba.heads), mamba_head_dim=len(mamba.head_dim),
                          ssm_state=len(mamba.state), mamba_groups=len(mamba.groups))
         if attention is not None:
-            sizes.update(attention_heads=len(attention.heads), kv_heads=len(attention.kv_heads))
+            sizes.update(attention_heads=len(attention.query_heads), kv_heads=len(attention.kv_heads))
         if mlp is not None:
             sizes["ffn"] = len(mlp.ffn)
         return sizes
@@ -254,7 +256,7 @@ def plan_attention_layer(head_channel_score: torch.Tensor, num_kv: int, sizes: d
     head_score = head_channel_score.norm(dim=1)
     kept_kv = top_k(head_score.view(num_kv, per_kv).norm(dim=1), sizes["kv_heads"])
     kept = top_k_within_groups(head_score, kept_kv, per_kv, sizes["attention_heads"] // sizes["kv_heads"])
-    return LayerPlan(kind=ATTENTION, heads=kept, kv_heads=kept_kv)
+    return LayerPlan(kind=ATTENTION, query_heads=kept, kv_heads=kept_kv)
 
 
 def make_plan(
@@ -306,7 +308,7 @@ def identity_plan(family: Family, config) -> Plan:
                 fields.update(heads=full(s["mamba_heads"]), head_dim=full(s["mamba_head_dim"]),
                               state=full(s["ssm_state"]), groups=full(s["mamba_groups"]))
             elif part.kind == ATTENTION:
-                fields.update(heads=full(s["attention_heads"]), kv_heads=full(s["kv_heads"]))
+                fields.update(query_heads=full(s["attention_heads"]), kv_heads=full(s["kv_heads"]))
             else:
                 fields["ffn"] = full(s["ffn"])
         layers.append(LayerPlan(kind=kind, **fields))
@@ -383,9 +385,9 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
                 shape += (len(lp.heads), len(lp.head_dim), len(lp.state), len(lp.groups))
             elif part.kind == ATTENTION:
                 kv = _check_indices(f"{where} kv_heads", lp.kv_heads, s["kv_heads"])
-                heads = _check_indices(f"{where} heads", lp.heads, s["attention_heads"])
-                _check_grouped(where, heads, kv, s["attention_heads"] // s["kv_heads"], "query head")
-                shape += (len(lp.heads), len(lp.kv_heads))
+                query = _check_indices(f"{where} query_heads", lp.query_heads, s["attention_heads"])
+                _check_grouped(where, query, kv, s["attention_heads"] // s["kv_heads"], "query head")
+                shape += (len(lp.query_heads), len(lp.kv_heads))
             else:
                 shape += (len(_check_indices(f"{where} ffn", lp.ffn, s["ffn"])),)
         if i not in kept:

@@ -69,6 +69,7 @@ class Family:
     mamba_width_coupled_to_hidden: bool = False
     hidden_multiple_of_heads: bool = False  # the config refuses hidden_size % num_attention_heads != 0
     expand_field: str = "expand"  # config field of the Mamba expansion factor (coupled families)
+    finish_config: Callable[[dict], None] | None = None  # derive dependent fields of a pruned config dict
     notes: tuple[str, ...] = field(default=())
 
     # ---- sizes -------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""FalconH1 (attention and Mamba-2 in parallel in every layer, mup multipliers) against references.
+
+The reference is the original HF model with what the plan removes masked: removed hidden channels
+zero in the embeddings and in every block's output rows, hidden RMSNorms and the gated Mamba norm
+taking their statistic over kept channels, removed heads / head channels masked in the gated norm
+(or zeroed in out_proj when the model has no Mamba norm), removed states and groups zeroed in B/C and
+their conv channels, removed attention heads and FFN neurons zeroed in their output projection.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM
+
+from hyprune.apply import apply_plan
+from hyprune.arch import family_for_config
+from hyprune.importance import activation_scores
+from hyprune.plan import identity_plan, make_plan
+
+
+def falcon(rms_norm=True, before_gate=True, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.FalconH1Config(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=8, mamba_d_head=4, mamba_n_groups=2, mamba_d_state=6,
+        mamba_chunk_size=4, mamba_rms_norm=rms_norm, mamba_norm_before_gate=before_gate,
+        ssm_multipliers=[1.5, 0.5, 2.0, 0.7, 1.2], mlp_multipliers=[0.8, 1.3], key_multiplier=0.9,
+        attention_in_multiplier=1.1, attention_out_multiplier=0.6, ssm_in_multiplier=1.4, ssm_out_multiplier=0.8,
+        embedding_multiplier=2.0, lm_head_multiplier=0.5, use_cache=False, pad_token_id=0, bos_token_id=0,
+        eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("conv1d.bias", ".D", "dt_bias")):
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _masked_rmsnorm(norm, mask):
+    def forward(x):
+        x32 = x.float()
+        var = (x32.pow(2) * mask).sum(-1, keepdim=True) / mask.sum()
+        return norm.weight * (x32 * torch.rsqrt(var + norm.variance_epsilon)).to(x.dtype)
+
+    return forward
+
+
+def _masked_gated_norm(norm, mask, groups):
+    def forward(x, gate=None):
+        h = x.float()
+        if not norm.norm_before_gate:
+            h = h * F.silu(gate.float())
+        h = h * mask
+        shape = h.shape
+        hg = h.view(*shape[:-1], groups, shape[-1] // groups)
+        var = hg.pow(2).sum(-1, keepdim=True) / mask.view(groups, -1).sum(-1, keepdim=True).clamp(min=1)
+        h = (norm.weight.view(groups, -1) * (hg * torch.rsqrt(var + norm.variance_epsilon))).view(shape) * mask
+        if norm.norm_before_gate:
+            h = h * F.silu(gate.float())
+        return h.to(x.dtype)
+
+    return forward
+
+
+def masked_reference(model, plan):
+    ref = copy.deepcopy(model)
+    c = model.config
+    H, P, G, N = c.mamba_n_heads, c.mamba_d_head, c.mamba_n_groups, c.mamba_d_state
+    I, d = H * P, c.hidden_size // c.num_attention_heads
+    hidden = torch.zeros(c.hidden_size)
+    hidden[plan.hidden] = 1
+    gone = hidden == 0
+    with torch.no_grad():
+        ref.model.embed_tokens.weight[:, gone] = 0
+        for lp, layer in zip(plan.layers, ref.model.layers):
+            for norm in (layer.input_layernorm, layer.pre_ff_layernorm):
+                norm.forward = _masked_rmsnorm(norm, hidden)
+            down = layer.feed_forward.down_proj
+            down.weight[:, [f for f in range(c.intermediate_size) if f not in lp.ffn]] = 0
+            down.weight[gone] = 0
+            attn = layer.self_attn
+            for h in range(c.num_attention_heads):
+                if h not in lp.query_heads:
+                    attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
+            attn.o_proj.weight[gone] = 0
+            mixer = layer.mamba
+            inner = torch.zeros(I)
+            inner[[h * P + p for h in lp.heads for p in lp.head_dim]] = 1
+            if c.mamba_rms_norm:
+                mixer.norm.forward = _masked_gated_norm(mixer.norm, inner, G)
+            else:
+                mixer.out_proj.weight[:, inner == 0] = 0
+            bc = sorted({g * N + n for g in range(G) for n in range(N) if g not in lp.groups or n not in lp.state})
+            mixer.in_proj.weight[[2 * I + i for i in bc] + [2 * I + G * N + i for i in bc]] = 0
+            conv = [I + i for i in bc] + [I + G * N + i for i in bc]
+            mixer.conv1d.weight[conv] = 0
+            mixer.conv1d.bias[conv] = 0
+            mixer.out_proj.weight[gone] = 0
+        final = ref.model.final_layernorm
+        final.forward = _masked_rmsnorm(final, hidden)
+    for i in plan.drop_blocks:
+        ref.model.layers[i].register_forward_hook(_skip, with_kwargs=True)
+    return ref
+
+
+def _skip(module, args, kwargs, output):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None, head_dim=None, state=None,
+                ffn=None, attn_per_kv=None, drop=()):
+    family = family_for_config(model.config)
+    plan = identity_plan(family, model.config)
+    s = family.sizes(model.config)
+    if hidden:
+        plan.hidden = sorted(rng.sample(range(s["hidden"]), hidden))
+    per, per_kv = s["mamba_heads"] // s["mamba_groups"], s["attention_heads"] // s["kv_heads"]
+    for lp in plan.layers:
+        if ffn:
+            lp.ffn = sorted(rng.sample(range(s["ffn"]), ffn))
+        if keep_groups:
+            lp.groups = sorted(rng.sample(range(s["mamba_groups"]), keep_groups))
+        lp.heads = [g * per + i for g in lp.groups for i in sorted(rng.sample(range(per), heads_per_group or per))]
+        if head_dim:
+            lp.head_dim = sorted(rng.sample(range(s["mamba_head_dim"]), head_dim))
+        if state:
+            lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
+        if attn_per_kv:
+            lp.query_heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), attn_per_kv))]
+    plan.drop_blocks = list(drop)
+    return plan
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+NORMS = [(True, True), (True, False), (False, True)]  # (mamba_rms_norm, norm_before_gate)
+
+
+@pytest.mark.parametrize("rms_norm,before_gate", NORMS)
+def test_identity_is_exact(rms_norm, before_gate, ids):
+    model = falcon(rms_norm, before_gate)
+    pruned = apply_plan(model, identity_plan(family_for_config(model.config), model.config))
+    assert torch.equal(pruned(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("rms_norm,before_gate", NORMS)
+@pytest.mark.parametrize("what", [
+    dict(state=3), dict(keep_groups=1), dict(heads_per_group=2), dict(head_dim=3), dict(hidden=10),
+    dict(ffn=10, attn_per_kv=1), dict(drop=[1]),
+    dict(hidden=12, heads_per_group=3, head_dim=2, state=4, ffn=12, attn_per_kv=1, keep_groups=1, drop=[0]),
+])
+def test_falcon_pruning_matches_masked_reference(rms_norm, before_gate, what, ids):
+    model = falcon(rms_norm, before_gate, seed=len(what))
+    plan = random_plan(model, random.Random(str(what)), **what)
+    pruned = apply_plan(model, plan)
+    assert pruned.config.mamba_d_ssm == len(plan.layers[0].heads) * len(plan.layers[0].head_dim)
+    assert rel_err(pruned(ids).logits, masked_reference(model, plan)(ids).logits) < 1e-5
+
+
+def test_falcon_minitron_plan_roundtrips_and_generates(tmp_path):
+    model = falcon()
+    family = family_for_config(model.config)
+    windows = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(3))
+    scores = activation_scores(model, windows, family, progress=False)
+    plan = make_plan(family, model.config, scores, {"hidden_size": 12, "mamba_n_heads": 4, "mamba_d_head": 3,
+                                                    "intermediate_size": 16, "num_attention_heads": 2},
+                     drop_blocks=[1])
+    pruned = apply_plan(model, plan)
+    pruned.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    c = loaded.config
+    assert (c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_ssm, c.num_hidden_layers) == (12, 4, 3, 12, 2)
+    assert loaded.model.layers[0].mamba.mup_vector.shape[-1] == 2 * 12 + 2 * 2 * 6 + 4  # rebuilt from the config
+    prompt = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(loaded(prompt).logits, pruned(prompt).logits)
+    a = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    b = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
