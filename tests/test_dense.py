@@ -20,6 +20,8 @@ from hyprune.arch import family_for_config
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
 
+from masking import masked_rmsnorm, randomized, rel_err, skip_block
+
 FAMILIES = {
     "llama": lambda **kw: transformers.LlamaConfig(**kw),
     "qwen2": lambda **kw: transformers.Qwen2Config(**kw),  # q/k/v biases
@@ -33,23 +35,7 @@ def dense(name: str, tie: bool = False, seed: int = 0):
     config = FAMILIES[name](vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=3,
                            num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie,
                            use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif pname.endswith("bias"):
-                p.normal_(0, 0.2)
-    return model.eval()
-
-
-def _masked_norm(norm, mask):
-    def forward(x):
-        x32 = x.float()
-        var = (x32.pow(2) * mask).sum(-1, keepdim=True) / mask.sum()
-        return norm.weight * (x32 * torch.rsqrt(var + norm.variance_epsilon)).to(x.dtype)
-
-    return forward
+    return randomized(AutoModelForCausalLM.from_config(config))
 
 
 def masked_reference(model, plan):
@@ -73,11 +59,10 @@ def masked_reference(model, plan):
             attn.o_proj.weight[removed_hidden] = 0
             mlp.down_proj.weight[removed_hidden] = 0
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.forward = _masked_norm(norm, hidden)
-        backbone.norm.forward = _masked_norm(backbone.norm, hidden)
-    for i in plan.drop_blocks:  # a dropped decoder layer passes the residual stream through
-        backbone.layers[i].register_forward_hook(lambda mod, args, kwargs, out: args[0] if args else kwargs["hidden_states"],
-                                                 with_kwargs=True)
+                norm.forward = masked_rmsnorm(norm, hidden)
+        backbone.norm.forward = masked_rmsnorm(backbone.norm, hidden)
+    for i in plan.drop_blocks:
+        backbone.layers[i].register_forward_hook(skip_block, with_kwargs=True)
     return ref
 
 
@@ -102,10 +87,6 @@ def random_dense_plan(model, rng, hidden=None, heads_per_kv=None, kv=None, ffn=N
 @pytest.fixture
 def ids():
     return torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

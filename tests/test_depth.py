@@ -36,6 +36,7 @@ from hyprune.errors import HypruneError
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
 
+from masking import randomized
 from reference import masks_from_plan, reference_logits
 
 HYBRID = ["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"]
@@ -59,7 +60,7 @@ def nemotron(seed: int = 0):
         ssm_state_size=6, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         chunk_size=8, initializer_range=0.1, use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0,
     )
-    return _randomized(AutoModelForCausalLM.from_config(config))
+    return randomized(AutoModelForCausalLM.from_config(config), output_scale=0.3)
 
 
 def mamba2(seed: int = 0, layers: int = 4):
@@ -67,22 +68,7 @@ def mamba2(seed: int = 0, layers: int = 4):
     config = Mamba2Config(vocab_size=64, hidden_size=16, num_heads=4, head_dim=8, expand=2, n_groups=2, state_size=6,
                           num_hidden_layers=layers, chunk_size=8, initializer_range=0.1, use_cache=False,
                           pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    return _randomized(AutoModelForCausalLM.from_config(config))
-
-
-def _randomized(model):
-    """Random norms, biases and SSM scalars, and output projections large enough that every block matters."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm_f.weight")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("conv1d.bias", ".D", "dt_bias")):
-                p.normal_(0, 0.5)
-            elif name.endswith("A_log"):
-                p.uniform_(-1, 1.5)
-            elif name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight")):
-                p.normal_(0, 0.3)
-    return model.eval()
+    return randomized(AutoModelForCausalLM.from_config(config), output_scale=0.3)
 
 
 def output_projection(model, i):

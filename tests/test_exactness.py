@@ -19,6 +19,7 @@ from hyprune.apply import apply_plan
 from hyprune.arch import family_for_config
 from hyprune.plan import LayerPlan, Plan, fingerprint, identity_plan
 
+from masking import randomized, rel_err
 from reference import masks_from_plan, reference_logits
 
 HYBRID = ["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"]
@@ -36,27 +37,14 @@ def nemotron(groups: int, per_group: int, attention: bool, seed: int = 0):
         intermediate_size=40, num_attention_heads=6, num_key_value_heads=2, head_dim=8, chunk_size=4,
         use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0,
     )
-    return _randomized(AutoModelForCausalLM.from_config(config))
+    return randomized(AutoModelForCausalLM.from_config(config))
 
 
 def mamba2(groups: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     config = Mamba2Config(vocab_size=64, hidden_size=24, num_heads=6, head_dim=8, expand=2, n_groups=groups,
                           state_size=6, num_hidden_layers=2, chunk_size=4, use_cache=False)
-    return _randomized(AutoModelForCausalLM.from_config(config))
-
-
-def _randomized(model):
-    """Give every norm, bias and SSM scalar random values so no slice can hide behind a constant."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm_f.weight")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("conv1d.bias", ".D", "dt_bias")):
-                p.normal_(0, 0.5)
-            elif name.endswith("A_log"):
-                p.uniform_(-1, 1.5)
-    return model.eval()
+    return randomized(AutoModelForCausalLM.from_config(config))
 
 
 def _subset(rng, n, k):
@@ -93,10 +81,6 @@ def random_plan(model, rng, keep_groups=None, mamba_heads=None, head_dim=None, s
     plan.layers = layers
     plan.drop_blocks = list(drop_blocks)
     return plan
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.fixture

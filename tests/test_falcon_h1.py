@@ -14,7 +14,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +21,8 @@ from hyprune.apply import apply_plan
 from hyprune.arch import family_for_config
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
+
+from masking import inner_mask, masked_gated_norm, masked_rmsnorm, randomized, rel_err, skip_block, zero_removed_bc
 
 
 def falcon(rms_norm=True, before_gate=True, seed=0):
@@ -34,47 +35,14 @@ def falcon(rms_norm=True, before_gate=True, seed=0):
         attention_in_multiplier=1.1, attention_out_multiplier=0.6, ssm_in_multiplier=1.4, ssm_out_multiplier=0.8,
         embedding_multiplier=2.0, lm_head_multiplier=0.5, use_cache=False, pad_token_id=0, bos_token_id=0,
         eos_token_id=0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("conv1d.bias", ".D", "dt_bias")):
-                p.normal_(0, 0.5)
-    return model.eval()
-
-
-def _masked_rmsnorm(norm, mask):
-    def forward(x):
-        x32 = x.float()
-        var = (x32.pow(2) * mask).sum(-1, keepdim=True) / mask.sum()
-        return norm.weight * (x32 * torch.rsqrt(var + norm.variance_epsilon)).to(x.dtype)
-
-    return forward
-
-
-def _masked_gated_norm(norm, mask, groups):
-    def forward(x, gate=None):
-        h = x.float()
-        if not norm.norm_before_gate:
-            h = h * F.silu(gate.float())
-        h = h * mask
-        shape = h.shape
-        hg = h.view(*shape[:-1], groups, shape[-1] // groups)
-        var = hg.pow(2).sum(-1, keepdim=True) / mask.view(groups, -1).sum(-1, keepdim=True).clamp(min=1)
-        h = (norm.weight.view(groups, -1) * (hg * torch.rsqrt(var + norm.variance_epsilon))).view(shape) * mask
-        if norm.norm_before_gate:
-            h = h * F.silu(gate.float())
-        return h.to(x.dtype)
-
-    return forward
+    return randomized(AutoModelForCausalLM.from_config(config))
 
 
 def masked_reference(model, plan):
+    sizes = family_for_config(model.config).sizes(model.config)
     ref = copy.deepcopy(model)
     c = model.config
-    H, P, G, N = c.mamba_n_heads, c.mamba_d_head, c.mamba_n_groups, c.mamba_d_state
-    I, d = H * P, c.hidden_size // c.num_attention_heads
+    d = c.hidden_size // c.num_attention_heads
     hidden = torch.zeros(c.hidden_size)
     hidden[plan.hidden] = 1
     gone = hidden == 0
@@ -82,7 +50,7 @@ def masked_reference(model, plan):
         ref.model.embed_tokens.weight[:, gone] = 0
         for lp, layer in zip(plan.layers, ref.model.layers):
             for norm in (layer.input_layernorm, layer.pre_ff_layernorm):
-                norm.forward = _masked_rmsnorm(norm, hidden)
+                norm.forward = masked_rmsnorm(norm, hidden)
             down = layer.feed_forward.down_proj
             down.weight[:, [f for f in range(c.intermediate_size) if f not in lp.ffn]] = 0
             down.weight[gone] = 0
@@ -92,28 +60,18 @@ def masked_reference(model, plan):
                     attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
             attn.o_proj.weight[gone] = 0
             mixer = layer.mamba
-            inner = torch.zeros(I)
-            inner[[h * P + p for h in lp.heads for p in lp.head_dim]] = 1
+            inner = inner_mask(lp, sizes)
             if c.mamba_rms_norm:
-                mixer.norm.forward = _masked_gated_norm(mixer.norm, inner, G)
-            else:
+                mixer.norm.forward = masked_gated_norm(mixer.norm, inner, sizes["mamba_groups"])
+            else:  # no norm after the scan: a removed channel is a zero out_proj column
                 mixer.out_proj.weight[:, inner == 0] = 0
-            bc = sorted({g * N + n for g in range(G) for n in range(N) if g not in lp.groups or n not in lp.state})
-            mixer.in_proj.weight[[2 * I + i for i in bc] + [2 * I + G * N + i for i in bc]] = 0
-            conv = [I + i for i in bc] + [I + G * N + i for i in bc]
-            mixer.conv1d.weight[conv] = 0
-            mixer.conv1d.bias[conv] = 0
+            zero_removed_bc(mixer, lp, sizes)
             mixer.out_proj.weight[gone] = 0
         final = ref.model.final_layernorm
-        final.forward = _masked_rmsnorm(final, hidden)
+        final.forward = masked_rmsnorm(final, hidden)
     for i in plan.drop_blocks:
-        ref.model.layers[i].register_forward_hook(_skip, with_kwargs=True)
+        ref.model.layers[i].register_forward_hook(skip_block, with_kwargs=True)
     return ref
-
-
-def _skip(module, args, kwargs, output):
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None, head_dim=None, state=None,
@@ -143,10 +101,6 @@ def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None,
 @pytest.fixture
 def ids():
     return torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 NORMS = [(True, True), (True, False), (False, True)]  # (mamba_rms_norm, norm_before_gate)

@@ -14,7 +14,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +21,8 @@ from hyprune.apply import apply_plan
 from hyprune.arch import family_for_config
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
+
+from masking import inner_mask, masked_gated_norm, masked_rmsnorm, randomized, rel_err, skip_block, zero_removed_bc
 
 
 MAMBA = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -38,38 +39,10 @@ def bamba(seed=0, family="bamba"):
             shared_intermediate_size=24, num_local_experts=0, layer_types=["mamba", "attention", "mamba"],
             embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=1.5, attention_multiplier=0.3,
             position_embedding_type="rope", **MAMBA)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("conv1d.bias", ".D", "dt_bias")):
-                p.normal_(0, 0.5)
-    return model.eval()
+    return randomized(AutoModelForCausalLM.from_config(config))
 
 
-def _masked_rmsnorm(norm, mask):
-    def forward(x):
-        x32 = x.float()
-        var = (x32.pow(2) * mask).sum(-1, keepdim=True) / mask.sum()
-        return norm.weight * (x32 * torch.rsqrt(var + norm.variance_epsilon)).to(x.dtype)
-
-    return forward
-
-
-def _masked_gated_norm(norm, inner_mask, groups):
-    def forward(x, gate=None):
-        h = x.float() * F.silu(gate.float()) * inner_mask
-        shape = h.shape
-        hg = h.view(*shape[:-1], groups, shape[-1] // groups)
-        kept = inner_mask.view(groups, -1).sum(-1, keepdim=True).clamp(min=1)
-        var = hg.pow(2).sum(-1, keepdim=True) / kept
-        out = (hg * torch.rsqrt(var + norm.variance_epsilon)).view(shape)
-        return norm.weight * out.to(x.dtype) * inner_mask
-
-    return forward
-
-
+FAMILIES = ["bamba", "granitemoehybrid"]
 # attribute names that differ: MLP norm, MLP module, its output projection, final norm
 NAMES = {"bamba": ("pre_ff_layernorm", "feed_forward", "down_proj", "final_layernorm"),
          "granitemoehybrid": ("post_attention_layernorm", "shared_mlp", "output_linear", "norm")}
@@ -77,11 +50,9 @@ NAMES = {"bamba": ("pre_ff_layernorm", "feed_forward", "down_proj", "final_layer
 
 def masked_reference(model, plan):
     mlp_norm, mlp_name, down_name, final_norm = NAMES[model.config.model_type]
-    ffn_size = model.config.intermediate_size if mlp_name == "feed_forward" else model.config.shared_intermediate_size
+    sizes = family_for_config(model.config).sizes(model.config)
     ref = copy.deepcopy(model)
     c = model.config
-    H, P, G, N = c.mamba_n_heads, c.mamba_d_head, c.mamba_n_groups, c.mamba_d_state
-    I = H * P
     d = c.hidden_size // c.num_attention_heads
     hidden = torch.zeros(c.hidden_size)
     hidden[plan.hidden] = 1
@@ -90,20 +61,14 @@ def masked_reference(model, plan):
         ref.model.embed_tokens.weight[:, gone] = 0
         for lp, layer in zip(plan.layers, ref.model.layers):
             for norm in (layer.input_layernorm, getattr(layer, mlp_norm)):
-                norm.forward = _masked_rmsnorm(norm, hidden)
+                norm.forward = masked_rmsnorm(norm, hidden)
             down = getattr(getattr(layer, mlp_name), down_name)
-            down.weight[:, [f for f in range(ffn_size) if f not in lp.ffn]] = 0
+            down.weight[:, [f for f in range(sizes["ffn"]) if f not in lp.ffn]] = 0
             down.weight[gone] = 0
             if lp.kind == "mamba+mlp":
                 mixer = layer.mamba
-                inner = torch.zeros(I)
-                inner[[h * P + p for h in lp.heads for p in lp.head_dim]] = 1
-                mixer.norm.forward = _masked_gated_norm(mixer.norm, inner, G)
-                bc = sorted({g * N + n for g in range(G) for n in range(N) if g not in lp.groups or n not in lp.state})
-                mixer.in_proj.weight[[2 * I + i for i in bc] + [2 * I + G * N + i for i in bc]] = 0
-                conv = [I + i for i in bc] + [I + G * N + i for i in bc]
-                mixer.conv1d.weight[conv] = 0
-                mixer.conv1d.bias[conv] = 0
+                mixer.norm.forward = masked_gated_norm(mixer.norm, inner_mask(lp, sizes), sizes["mamba_groups"])
+                zero_removed_bc(mixer, lp, sizes)
                 mixer.out_proj.weight[gone] = 0
             else:
                 attn = layer.self_attn
@@ -112,16 +77,10 @@ def masked_reference(model, plan):
                         attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
                 attn.o_proj.weight[gone] = 0
         final = getattr(ref.model, final_norm)
-        final.forward = _masked_rmsnorm(final, hidden)
+        final.forward = masked_rmsnorm(final, hidden)
     for i in plan.drop_blocks:
-        ref.model.layers[i].register_forward_hook(_skip, with_kwargs=True)
+        ref.model.layers[i].register_forward_hook(skip_block, with_kwargs=True)
     return ref
-
-
-def _skip(module, args, kwargs, output):
-    """A dropped layer passes its input through (Bamba layers return a tuple)."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None, head_dim=None, state=None,
@@ -154,13 +113,6 @@ def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None,
 @pytest.fixture
 def ids():
     return torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-FAMILIES = ["bamba", "granitemoehybrid"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

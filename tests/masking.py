@@ -1,0 +1,96 @@
+"""Helpers for reference computations that *mask* what a plan removes in the original HF model.
+
+Pruning a channel must equal masking it: the tests patch the original model's norms so their
+statistic runs over the kept channels only, zero the removed units' output weights, and compare.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def randomized(model, output_scale: float | None = None):
+    """Random norm weights, biases and SSM scalars, so no slice can hide behind a constant.
+
+    ``output_scale``: also redraw output projections with this std (depth tests need every block to matter).
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("conv1d.bias", ".D", "dt_bias")):
+                p.normal_(0, 0.5)
+            elif name.endswith("A_log"):
+                p.uniform_(-1, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.2)
+            elif output_scale and name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight")):
+                p.normal_(0, output_scale)
+    return model.eval()
+
+
+def masked_rmsnorm(norm, mask):
+    """A forward for an RMSNorm module whose statistic runs over the channels where ``mask`` is 1."""
+
+    def forward(x):
+        x32 = x.float()
+        var = (x32.pow(2) * mask).sum(-1, keepdim=True) / mask.sum()
+        return norm.weight * (x32 * torch.rsqrt(var + norm.variance_epsilon)).to(x.dtype)
+
+    return forward
+
+
+def masked_gated_norm(norm, mask, groups: int):
+    """A forward for a Mamba-2 gated RMSNorm (per B/C group) restricted to the channels in ``mask``.
+
+    Gate before the norm (NemotronH, Bamba, Granite) or after it (FalconH1 ``norm_before_gate``).
+    """
+    before_gate = getattr(norm, "norm_before_gate", False)
+
+    def forward(x, gate=None):
+        h = x.float()
+        if not before_gate:
+            h = h * F.silu(gate.float())
+        h = h * mask
+        shape = h.shape
+        hg = h.view(*shape[:-1], groups, shape[-1] // groups)
+        kept = mask.view(groups, -1).sum(-1, keepdim=True).clamp(min=1)
+        var = hg.pow(2).sum(-1, keepdim=True) / kept
+        h = (norm.weight.view(groups, -1) * (hg * torch.rsqrt(var + norm.variance_epsilon))).view(shape) * mask
+        if before_gate:
+            h = h * F.silu(gate.float())
+        return h.to(x.dtype)
+
+    return forward
+
+
+def skip_block(module, args, kwargs, output):
+    """Forward hook (``with_kwargs=True``): a dropped block passes the residual stream through."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def zero_removed_bc(mixer, lp, sizes: dict):
+    """Zero the B/C rows of in_proj and their conv channels for removed (group, state) pairs."""
+    H, P, G, N = sizes["mamba_heads"], sizes["mamba_head_dim"], sizes["mamba_groups"], sizes["ssm_state"]
+    inner = H * P
+    bc = sorted({g * N + n for g in range(G) for n in range(N) if g not in lp.groups or n not in lp.state})
+    with torch.no_grad():
+        mixer.in_proj.weight[[2 * inner + i for i in bc] + [2 * inner + G * N + i for i in bc]] = 0
+        conv = [inner + i for i in bc] + [inner + G * N + i for i in bc]
+        mixer.conv1d.weight[conv] = 0
+        mixer.conv1d.bias[conv] = 0
+
+
+def inner_mask(lp, sizes: dict) -> torch.Tensor:
+    """1 on the kept (head, channel) pairs of a Mamba layer."""
+    P = sizes["mamba_head_dim"]
+    mask = torch.zeros(sizes["mamba_heads"] * P)
+    mask[[h * P + p for h in lp.heads for p in lp.head_dim]] = 1
+    return mask
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
