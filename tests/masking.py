@@ -94,3 +94,35 @@ def inner_mask(lp, sizes: dict) -> torch.Tensor:
 def rel_err(a, b) -> float:
     """max |a - b| / max |b|."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None, head_dim=None, state=None,
+                ffn=None, attn_per_kv=None, drop=()):
+    """A random valid plan for any family; ``None`` keeps an axis whole. Each layer's fields say which
+    parts it holds (Mamba: ``groups``; attention: ``kv_heads``; MLP: ``ffn``)."""
+    from hyprune.arch import family_for_config
+    from hyprune.plan import identity_plan
+
+    family = family_for_config(model.config)
+    plan = identity_plan(family, model.config)
+    s = family.sizes(model.config)
+    if hidden:
+        plan.hidden = sorted(rng.sample(range(s["hidden"]), hidden))
+    for lp in plan.layers:
+        if ffn and lp.ffn is not None:
+            lp.ffn = sorted(rng.sample(range(s["ffn"]), ffn))
+        if lp.groups is not None:
+            per = s["mamba_heads"] // s["mamba_groups"]
+            if keep_groups:
+                lp.groups = sorted(rng.sample(range(s["mamba_groups"]), keep_groups))
+            k = heads_per_group or per
+            lp.heads = [g * per + i for g in lp.groups for i in sorted(rng.sample(range(per), k))]
+            if head_dim:
+                lp.head_dim = sorted(rng.sample(range(s["mamba_head_dim"]), head_dim))
+            if state:
+                lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
+        if attn_per_kv and lp.kv_heads is not None:
+            per_kv = s["attention_heads"] // s["kv_heads"]
+            lp.query_heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), attn_per_kv))]
+    plan.drop_blocks = list(drop)
+    return plan

@@ -22,7 +22,8 @@ from hyprune.arch import family_for_config
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
 
-from masking import inner_mask, masked_gated_norm, masked_rmsnorm, randomized, rel_err, skip_block, zero_removed_bc
+from masking import (inner_mask, masked_gated_norm, masked_rmsnorm, random_plan, randomized, rel_err, skip_block,
+                     zero_removed_bc)
 
 
 def falcon(rms_norm=True, before_gate=True, seed=0):
@@ -72,30 +73,6 @@ def masked_reference(model, plan):
     for i in plan.drop_blocks:
         ref.model.layers[i].register_forward_hook(skip_block, with_kwargs=True)
     return ref
-
-
-def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None, head_dim=None, state=None,
-                ffn=None, attn_per_kv=None, drop=()):
-    family = family_for_config(model.config)
-    plan = identity_plan(family, model.config)
-    s = family.sizes(model.config)
-    if hidden:
-        plan.hidden = sorted(rng.sample(range(s["hidden"]), hidden))
-    per, per_kv = s["mamba_heads"] // s["mamba_groups"], s["attention_heads"] // s["kv_heads"]
-    for lp in plan.layers:
-        if ffn:
-            lp.ffn = sorted(rng.sample(range(s["ffn"]), ffn))
-        if keep_groups:
-            lp.groups = sorted(rng.sample(range(s["mamba_groups"]), keep_groups))
-        lp.heads = [g * per + i for g in lp.groups for i in sorted(rng.sample(range(per), heads_per_group or per))]
-        if head_dim:
-            lp.head_dim = sorted(rng.sample(range(s["mamba_head_dim"]), head_dim))
-        if state:
-            lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
-        if attn_per_kv:
-            lp.query_heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), attn_per_kv))]
-    plan.drop_blocks = list(drop)
-    return plan
 
 
 @pytest.fixture

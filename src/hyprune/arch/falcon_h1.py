@@ -11,6 +11,7 @@ scalars that pruning leaves alone.
 from __future__ import annotations
 
 from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family, Part, register
+from hyprune.arch.hybrid_decoder import MAMBA_N_FIELDS
 
 PARALLEL = "parallel"
 
@@ -34,16 +35,7 @@ def _finish_config(config_dict: dict) -> None:
 
 register(Family(
     name="falcon_h1", base="model",
-    fields={
-        "hidden": "hidden_size",
-        "ffn": "intermediate_size",
-        "attention_heads": "num_attention_heads",
-        "kv_heads": "num_key_value_heads",
-        "mamba_heads": "mamba_n_heads",
-        "mamba_head_dim": "mamba_d_head",
-        "ssm_state": "mamba_d_state",
-        "mamba_groups": "mamba_n_groups",
-    },
+    fields={**MAMBA_N_FIELDS, "ffn": "intermediate_size"},
     block_kinds=_block_kinds, set_block_kinds=_set_block_kinds, parts=_parts, embeddings="embed_tokens",
     final_norm="final_layernorm", finish_config=_finish_config,
 ))

@@ -18,7 +18,7 @@ from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family, Part, register
 from hyprune.errors import HypruneError
 
 MAMBA_MLP, ATTENTION_MLP = "mamba+mlp", "attention+mlp"
-_MAMBA_FIELDS = {
+MAMBA_N_FIELDS = {
     "hidden": "hidden_size",
     "attention_heads": "num_attention_heads",
     "kv_heads": "num_key_value_heads",
@@ -52,7 +52,7 @@ def _bamba_set_kinds(config_dict: dict, kept: list[int], kinds: list[str]) -> No
 
 
 register(Family(
-    name="bamba", base="model", fields={**_MAMBA_FIELDS, "ffn": "intermediate_size"},
+    name="bamba", base="model", fields={**MAMBA_N_FIELDS, "ffn": "intermediate_size"},
     block_kinds=_bamba_kinds, set_block_kinds=_bamba_set_kinds, parts=_parts_with("pre_ff_layernorm", "feed_forward"),
     embeddings="embed_tokens", final_norm="final_layernorm", mamba_width_coupled_to_hidden=True,
     expand_field="mamba_expand", notes=_COUPLED_NOTE,
@@ -79,7 +79,7 @@ def _granite_set_kinds(config_dict: dict, kept: list[int], kinds: list[str]) -> 
 
 
 register(Family(
-    name="granitemoehybrid", base="model", fields={**_MAMBA_FIELDS, "ffn": "shared_intermediate_size"},
+    name="granitemoehybrid", base="model", fields={**MAMBA_N_FIELDS, "ffn": "shared_intermediate_size"},
     block_kinds=_granite_kinds, set_block_kinds=_granite_set_kinds,
     parts=_parts_with("post_attention_layernorm", "shared_mlp"), embeddings="embed_tokens", final_norm="norm",
     mamba_width_coupled_to_hidden=True, expand_field="mamba_expand", notes=_COUPLED_NOTE,
