@@ -500,3 +500,20 @@ def test_dense_llama_width_and_depth_from_cli(llama_dir, calib_txt, tmp_path):
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers) == (24, 20, 2, 2)
     shown = runner.invoke(app, ["inspect", str(llama_dir), "--json"])
     assert json.loads(shown.output)["pattern"] == "TTT"
+
+
+def test_eval_and_bench_from_cli(nemotron_dir, llama_dir, calib_txt, tmp_path):
+    results = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(nemotron_dir), "--data", str(calib_txt), "--seq-len", "32",
+                                 "--num-windows", "4", "--out", str(results), "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(results.read_text())
+    assert data["tokens"] == 4 * 31 and data["perplexity"] > 1
+    bench_json = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", str(nemotron_dir), str(llama_dir), "--out", str(bench_json),
+                                 "--context-lengths", "16", "--decode-tokens", "4", "--repeats", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "ratios" in json.loads(bench_json.read_text())
+    refused = runner.invoke(app, ["eval", str(nemotron_dir), "--data", str(tmp_path / "missing.txt"), "--seq-len",
+                                  "32", "--out", str(tmp_path / "x.json")])
+    assert refused.exit_code != 0 and "does not exist" in refused.output

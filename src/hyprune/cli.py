@@ -324,6 +324,67 @@ def cache_teacher(
     out_console.print(f"teacher top-{k} cache written to {path}")
 
 
+# Evaluation ------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_command(
+    model: str = ModelArg,
+    data: Optional[str] = typer.Option(None, "--data", help="Text for token-level perplexity."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per perplexity window."),
+    out: str = typer.Option(..., "--out", help="RESULTS.json (perplexity, tokens, tasks...)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Overlapping windows S tokens apart."),
+    num_windows: Optional[int] = typer.Option(None, "--num-windows", help="Read at most this many windows."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks: piqa,arc_easy,..."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Few-shot examples (default: each task's)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (or a fraction < 1)."),
+    task_paths: Optional[str] = typer.Option(None, "--task-paths", help="Folder of local task YAMLs."),
+    batch_size: int = BatchSize, text_field: str = TextField, split: str = Split, dtype: str = Dtype,
+    device: Optional[str] = Device, device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle,
+    trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile, overwrite: bool = Overwrite,
+    quiet: bool = Quiet,
+):
+    """Perplexity on local text and/or lm-evaluation-harness tasks, as JSON."""
+    from hyprune.evaluate import evaluate
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    with _hf_progress(not quiet):
+        result = _run(evaluate, model, data=data, seq_len=seq_len, out=out, stride=stride, num_windows=num_windows,
+                      tasks=tasks, shots=shots, limit=limit, task_paths=task_paths, batch_size=batch_size,
+                      text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
+                      **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file))
+    if result.get("perplexity") is not None:
+        out_console.print(f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} tokens")
+    for name, task in (result.get("tasks") or {}).items():
+        scores = ", ".join(f"{k}={task[k]:.4f}" for k in ("acc", "acc_norm") if task.get(k) is not None)
+        out_console.print(f"{name} ({task.get('shots')}-shot): {scores}")
+    out_console.print(f"results written to {out}")
+
+
+@app.command()
+def bench(
+    models: list[str] = typer.Argument(..., help="One model, or two to compare (ratios B / A)."),
+    out: str = typer.Option(..., "--out", help="BENCH.json."),
+    batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes."),
+    context_lengths: str = typer.Option("128,512", "--context-lengths", help="Comma-separated prompt lengths."),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Tokens decoded with the cache."),
+    repeats: int = typer.Option(3, "--repeats", help="Measurements per setting (medians reported)."),
+    dtype: str = Dtype, device: Optional[str] = Device, allow_pickle: bool = AllowPickle,
+    trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile, overwrite: bool = Overwrite,
+    quiet: bool = Quiet,
+):
+    """Prefill and decode speed, latency, peak memory and cache bytes; two models side by side."""
+    from hyprune.evaluate import bench as run_bench, format_bench_table
+
+    if len(models) > 2:
+        _run(_fail, f"bench compares at most two models; got {len(models)}.")
+    with _hf_progress(not quiet):
+        result = _run(run_bench, models, batch_sizes=batch_sizes, context_lengths=context_lengths,
+                      decode_tokens=decode_tokens, repeats=repeats, device=device, dtype=dtype, out=out,
+                      overwrite=overwrite, progress=not quiet, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    out_console.print(format_bench_table(result))
+
+
 @app.command()
 def demo(
     out: str = typer.Option("hyprune-demo", "--out", help="Folder for the demo's models and results."),
