@@ -27,6 +27,7 @@ Results go to ``benchmarks/out/bench_distill.json`` (git-ignored) and a Markdown
 
     python benchmarks/bench_distill.py                    # defaults: ../shared from the repo root, 2 threads
     python benchmarks/bench_distill.py --tokens 200000    # a smaller budget (about 1/5 of the time)
+    python benchmarks/bench_distill.py --replot           # redraw the PNG from benchmarks/out/bench_distill.json
     python benchmarks/bench_distill.py --help
 """
 
@@ -100,6 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out, run nothing")
     # internal: one memory measurement in a fresh process
     p.add_argument("--memory-child", choices=["kd", "fwd_bwd"], help=argparse.SUPPRESS)
     p.add_argument("--student-dir", help=argparse.SUPPRESS)
@@ -494,6 +496,15 @@ def plot_curves(quality: dict, path: Path) -> None:
     ax.axhline(quality["teacher"]["val_ppl"], color="0.4", ls=":", lw=1.2,
                label=f"teacher (test {quality['teacher']['test_ppl']:.2f})")
     ax.set_yscale("log")
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    lo = min(min(p["val_ppl"] for p in r["curve"]) for r in quality["runs"].values())
+    lo = min(lo, quality["teacher"]["val_ppl"])
+    hi = max(max(p["val_ppl"] for p in r["curve"]) for r in quality["runs"].values())
+    ticks = [t for m in (1, 10, 100, 1000) for t in (m, 1.5 * m, 2 * m, 3 * m, 5 * m, 7 * m) if lo / 1.6 <= t <= hi * 1.6]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("training tokens of train.txt.gz (millions)")
     ax.set_ylabel(f"perplexity, first {quality['curve_eval']['windows'][0]} windows of val.txt.gz")
     b = quality["budget"]
@@ -542,6 +553,9 @@ def markdown(results: dict) -> str:
 
 if __name__ == "__main__":
     arguments = parse_args()
+    if arguments.replot:
+        plot_curves(json.loads(Path(arguments.out).read_text())["quality"], Path(arguments.plot))
+        sys.exit(0)
     if arguments.memory_child:
         memory_child(arguments)
         sys.exit(0)
