@@ -126,3 +126,11 @@ def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None,
             lp.query_heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), attn_per_kv))]
     plan.drop_blocks = list(drop)
     return plan
+
+
+def zero_removed_query_heads(attn, kept, num_heads: int, head_dim: int):
+    """Zero the o_proj columns of the query heads not in ``kept``."""
+    with torch.no_grad():
+        for h in range(num_heads):
+            if h not in kept:
+                attn.o_proj.weight[:, h * head_dim : (h + 1) * head_dim] = 0

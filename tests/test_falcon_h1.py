@@ -23,7 +23,7 @@ from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
 
 from masking import (inner_mask, masked_gated_norm, masked_rmsnorm, random_plan, randomized, rel_err, skip_block,
-                     zero_removed_bc)
+                     zero_removed_bc, zero_removed_query_heads)
 
 
 def falcon(rms_norm=True, before_gate=True, seed=0):
@@ -56,9 +56,7 @@ def masked_reference(model, plan):
             down.weight[:, [f for f in range(c.intermediate_size) if f not in lp.ffn]] = 0
             down.weight[gone] = 0
             attn = layer.self_attn
-            for h in range(c.num_attention_heads):
-                if h not in lp.query_heads:
-                    attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
+            zero_removed_query_heads(attn, lp.query_heads, c.num_attention_heads, d)
             attn.o_proj.weight[gone] = 0
             mixer = layer.mamba
             inner = inner_mask(lp, sizes)

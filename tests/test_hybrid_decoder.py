@@ -23,7 +23,7 @@ from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
 
 from masking import (inner_mask, masked_gated_norm, masked_rmsnorm, random_plan, randomized, rel_err, skip_block,
-                     zero_removed_bc)
+                     zero_removed_bc, zero_removed_query_heads)
 
 
 MAMBA = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -73,9 +73,7 @@ def masked_reference(model, plan):
                 mixer.out_proj.weight[gone] = 0
             else:
                 attn = layer.self_attn
-                for h in range(c.num_attention_heads):
-                    if h not in lp.query_heads:
-                        attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
+                zero_removed_query_heads(attn, lp.query_heads, c.num_attention_heads, d)
                 attn.o_proj.weight[gone] = 0
         final = getattr(ref.model, final_norm)
         final.forward = masked_rmsnorm(final, hidden)
