@@ -33,8 +33,12 @@ def _causal_depthwise_conv(x, weight, bias):
     return out + bias if bias is not None else out
 
 
-def mamba_reference(u, mixer, inner_mask, state_mask):
-    """One Mamba-2 mixer on u [b, s, hidden] (float64), with (head, channel) pairs and states masked."""
+def mamba_reference(u, mixer, inner_mask, state_mask, group_of_head=None):
+    """One Mamba-2 mixer on u [b, s, hidden] (float64), with (head, channel) pairs and states masked.
+
+    ``group_of_head`` [H] says which B/C group (and gated-norm group) each head uses; the default is the
+    model's own consecutive grouping. A group-blind plan hands kept heads to other groups.
+    """
     H, P, G, N = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
     I = H * P
     w = lambda t: None if t is None else t.detach().double()  # noqa: E731
@@ -51,7 +55,8 @@ def mamba_reference(u, mixer, inner_mask, state_mask):
     low, high = mixer.time_step_limit
     dt = F.softplus(dt + w(mixer.dt_bias)).clamp(min=low, max=high)  # [b, s, H]
     A = -torch.exp(w(mixer.A_log))  # [H]
-    group_of_head = torch.arange(H) // (H // G)
+    if group_of_head is None:
+        group_of_head = torch.arange(H) // (H // G)
     state = torch.zeros(b, H, P, N, dtype=torch.float64)
     ys = []
     for t in range(s):
@@ -62,11 +67,12 @@ def mamba_reference(u, mixer, inner_mask, state_mask):
         ys.append((state * Ct[:, :, None, :]).sum(-1) + w(mixer.D)[:, None] * x[:, t])
     y = torch.stack(ys, dim=1).reshape(b, s, I)
     gated = y * F.silu(z) * inner_mask
-    # gated RMSNorm per B/C group (I/G consecutive channels), statistic over kept channels
-    gated_g = gated.view(b, s, G, I // G)
-    mask_g = inner_mask.view(G, I // G)
-    var = gated_g.pow(2).sum(-1, keepdim=True) / mask_g.sum(-1, keepdim=True).clamp(min=1)
-    normed = (gated_g * torch.rsqrt(var + mixer.norm.variance_epsilon)).view(b, s, I)
+    # gated RMSNorm per B/C group (the channels of the heads in it), statistic over kept channels
+    member = F.one_hot(group_of_head, G).double()  # [H, G]
+    sum_sq = gated.view(b, s, H, P).pow(2).sum(-1) @ member  # [b, s, G]
+    count = inner_mask.view(H, P).sum(-1) @ member  # [G]
+    var = (sum_sq / count.clamp(min=1))[..., group_of_head]  # [b, s, H]
+    normed = (gated.view(b, s, H, P) * torch.rsqrt(var + mixer.norm.variance_epsilon)[..., None]).view(b, s, I)
     normed = normed * w(mixer.norm.weight) * inner_mask
     out = normed @ w(mixer.out_proj.weight).T
     if mixer.out_proj.bias is not None:
@@ -109,7 +115,7 @@ def reference_logits(model, input_ids, masks, family):
         u = _masked_rmsnorm(h, block.norm.weight.detach().double(), mh, block.norm.variance_epsilon)
         lm = masks["layers"][i]
         if kind == "mamba":
-            y = mamba_reference(u, block.mixer, lm["inner"].double(), lm["state"].double())
+            y = mamba_reference(u, block.mixer, lm["inner"].double(), lm["state"].double(), lm["group_of_head"])
         elif kind == "attention":
             y = attention_reference(u, block.mixer, lm["heads"].double(), config.num_attention_heads,
                                     config.num_key_value_heads, config.head_dim)
@@ -133,8 +139,13 @@ def masks_from_plan(plan, sizes):
         if lp.kind == "mamba":
             P = sizes["mamba_head_dim"]
             inner = [h * P + p for h in lp.heads for p in lp.head_dim]
+            # kept head j reads kept group j // (kept heads per group); for a group-aware plan that is
+            # its own group, for a group-blind one it may be another
+            per_group = len(lp.heads) // len(lp.groups)
+            group_of_head = torch.arange(sizes["mamba_heads"]) // (sizes["mamba_heads"] // sizes["mamba_groups"])
+            group_of_head[lp.heads] = torch.tensor([lp.groups[j // per_group] for j in range(len(lp.heads))])
             layers.append({"inner": mask(sizes["mamba_heads"] * P, inner),
-                           "state": mask(sizes["ssm_state"], lp.state)})
+                           "state": mask(sizes["ssm_state"], lp.state), "group_of_head": group_of_head})
         elif lp.kind == "attention":
             layers.append({"heads": mask(sizes["attention_heads"], lp.query_heads)})
         else:

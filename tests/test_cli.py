@@ -130,6 +130,27 @@ def test_prune_end_to_end(pruned_dir, nemotron_dir):
     assert_generates(pruned_dir)
 
 
+def test_group_blind_method_regroups_heads(tmp_path, nemotron_dir, scores_dir):
+    out = tmp_path / "blind"
+    ok(invoke("prune", nemotron_dir, "--scores", scores_dir, "--target", TARGET, "--method", "group-blind",
+              "--out", out, "--quiet"))
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == "group-blind" and plan["heads_regrouped"] is True
+    assert json.loads((out / "hyprune_summary.json").read_text())["method"] == {"name": "group-blind"}
+    assert_generates(out)
+
+
+def test_unknown_method_lists_the_choices(tmp_path, nemotron_dir, calib_txt):
+    out = tmp_path / "out"
+    result = invoke("prune", nemotron_dir, "--data", calib_txt, "--target", TARGET, "--method", "nope", "--out", out)
+    assert_refused(result, out, "Unknown pruning method 'nope'", "activation, group-blind")
+
+
+def test_malformed_nm_is_refused(tmp_path, nemotron_dir, calib_txt):
+    out = tmp_path / "out"
+    assert_refused(invoke("prune", nemotron_dir, "--data", calib_txt, "--nm", "4:2", "--out", out), out, "0 < N < M")
+
+
 def test_mamba2_prune_end_to_end(tmp_path, mamba2_dir, calib_txt):
     out = tmp_path / "m2-small"
     ok(invoke("prune", mamba2_dir, "--data", calib_txt, "--target", "hidden_size=16,num_heads=4", "--out", out, *FAST))

@@ -241,3 +241,51 @@ def test_uneven_heads_per_group_rejected():
     with pytest.raises(HypruneError, match="same number of heads"):
         apply_plan(model, plan)
     assert isinstance(plan, Plan)
+
+
+@pytest.mark.parametrize("groups,per_group,keep_groups", [(2, 4, 2), (4, 2, 2), (4, 3, 4)])
+def test_group_blind_plan_matches_regrouped_reference(groups, per_group, keep_groups, ids):
+    """Heads kept from anywhere and handed to the kept groups in order: the pruned model equals the
+    reference in which each kept head reads its new group's B/C (and normalises with its new group)."""
+    model = nemotron(groups, per_group, True, seed=5)
+    family = family_for_config(model.config)
+    s = family.sizes(model.config)
+    rng = random.Random(f"blind-{groups}-{per_group}")
+    plan = random_plan(model, rng, keep_groups=keep_groups, head_dim=3, state=4)
+    plan.heads_regrouped = True
+    regrouped = 0
+    for lp in plan.layers:
+        if lp.kind == "mamba":
+            lp.heads = _subset(rng, s["mamba_heads"], keep_groups * max(1, per_group - 1))
+            new_group = [lp.groups[j // (len(lp.heads) // keep_groups)] for j in range(len(lp.heads))]
+            regrouped += sum(g != h // per_group for g, h in zip(new_group, lp.heads))
+    assert regrouped > 0, "the random plan should move at least one head to another group"
+    pruned = apply_plan(model, plan)
+    ref = reference_logits(model, ids, masks_from_plan(plan, s), family)
+    assert rel_err(pruned(ids).logits, ref) < 1e-5
+
+
+def test_group_blind_make_plan_keeps_best_heads_anywhere():
+    """The same scores give balanced heads group-aware and the global top heads group-blind."""
+    from hyprune.plan import plan_mamba_layer
+
+    x_score = torch.ones(8, 4)
+    x_score[[0, 1, 2, 3]] = 10.0  # group 0 (heads 0-3) holds the four best heads
+    sizes = {"mamba_heads": 4, "mamba_head_dim": 4, "ssm_state": 6, "mamba_groups": 2}
+    bc_score = torch.ones(2, 2, 6)
+    aware = plan_mamba_layer(x_score, bc_score, sizes)
+    blind = plan_mamba_layer(x_score, bc_score, sizes, group_aware=False)
+    assert aware.heads == [0, 1, 4, 5]
+    assert blind.heads == [0, 1, 2, 3]
+
+
+def test_regrouped_heads_must_split_evenly():
+    from hyprune.errors import HypruneError
+
+    model = nemotron(2, 4, False)
+    plan = identity_plan(family_for_config(model.config), model.config)
+    plan.heads_regrouped = True
+    plan.layers[0] = LayerPlan(kind="mamba", heads=[0, 1, 2], head_dim=[0, 1, 2, 3], state=list(range(6)),
+                               groups=[0, 1])
+    with pytest.raises(HypruneError, match="split evenly"):
+        apply_plan(model, plan)

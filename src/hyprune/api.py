@@ -18,6 +18,7 @@ from hyprune.checkpoint import check_output_dir, save_pruned
 from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
 from hyprune.importance import activation_scores, load_scores, save_scores, summarize_scores
+from hyprune.methods import Method, MethodOptions, get_method
 from hyprune.models import count_parameters, load_config, load_model, load_tokenizer
 from hyprune.plan import Plan, load_plan_for, make_plan, parse_target, resolve_target, summarize
 
@@ -81,6 +82,8 @@ def prune(
     drop_block_list: str | list[int] | None = None,
     depth_method: str = "block_influence",
     depth_mode: str = "lowest",
+    method: str = "activation",
+    options: MethodOptions | None = None,
     seq_len: int = 256,
     num_samples: int = 64,
     batch_size: int = 8,
@@ -95,13 +98,24 @@ def prune(
     apply it and save the pruned checkpoint at ``out``.
 
     Width scores come from ``scores`` or a sweep over ``data``; depth scores (``depth_method``, on the
-    unpruned model) from ``data``. Returns the summary written to ``out/hyprune_summary.json``.
+    unpruned model) from ``data``. ``method`` picks how (see `hyprune.methods`); the registered methods
+    take their settings from ``options``. Returns the summary written to ``out/hyprune_summary.json``.
     """
     from hyprune import depth
 
     source = _source(load_kwargs)
     config, family = load_config(model, **source)
     check_output_dir(out, overwrite, inputs=(model, data, scores, plan_file))
+    registered = get_method(method)
+    if registered is not None:
+        if target or scores or plan_file or drop_blocks or drop_block_list:
+            raise HypruneError(f"--method {method} decides what to cut itself; do not combine it with "
+                               "--target, --scores, --plan or --drop-blocks.")
+        return _prune_with_method(registered, model, out, data, options or MethodOptions(), config, family,
+                                  dict(seq_len=seq_len, num_samples=num_samples, seed=seed, text_field=text_field,
+                                       split=split), batch_size, overwrite, progress, load_kwargs)
+    if method == "group-blind" and not target:
+        raise HypruneError("--method group-blind ranks Mamba heads for a width --target; pass one.")
     the_plan = None
     target_dict = parse_target(target)
     if plan_file is not None:
@@ -136,7 +150,8 @@ def prune(
         if target_dict:
             if width_sweep:
                 saved = activation_scores(loaded, windows, family, batch_size=batch_size, progress=progress)
-            the_plan = make_plan(family, loaded.config, saved, target_dict)
+            the_plan = make_plan(family, loaded.config, saved, target_dict, method=method,
+                                 group_aware=method != "group-blind")
         if drop_blocks:
             the_plan, _ = depth.depth_plan(loaded, drop_blocks, depth_method, depth_mode, windows=windows,
                                            plan=the_plan, batch_size=batch_size, progress=progress)
@@ -145,9 +160,38 @@ def prune(
     before = count_parameters(loaded, family)
     pruned = apply_plan(loaded, the_plan, family)
     after = count_parameters(pruned, family)
-    summary = {"source": str(model), "parameters": {"before": before, "after": after}, **summarize(the_plan)}
+    summary = {"source": str(model), "method": {"name": method}, "parameters": {"before": before, "after": after},
+               **summarize(the_plan)}
     save_pruned(pruned, tokenizer, out, {"plan.json": the_plan.model_dump(exclude_none=True),
                                          "hyprune_summary.json": summary}, overwrite=overwrite)
+    return summary
+
+
+def _prune_with_method(method: Method, model: str, out: str, data: str | None, options: MethodOptions, config,
+                       family, window_kwargs: dict, batch_size: int, overwrite: bool, progress: bool,
+                       load_kwargs: dict) -> dict:
+    """`prune` for a registered method: check, (calibrate,) run, save."""
+    method.check(family, config, options)
+    source = _source(load_kwargs)
+    windows = None
+    if method.needs_data:
+        if data is None:
+            raise HypruneError(f"--method {method.name} needs calibration text: pass --data FILE.")
+        check_source(data)
+        tokenizer = load_tokenizer(model, **source)
+        windows = calibration_windows(tokenizer, data, **window_kwargs)
+    else:
+        tokenizer = _optional_tokenizer(model, source)
+    loaded, family = load_model(model, **load_kwargs)
+    before = count_parameters(loaded, family)
+    result = method.run(loaded, family, windows, options, batch_size=batch_size, progress=progress)
+    summary = {"source": str(model), "method": {"name": method.name, **result.report},
+               "parameters": {"before": before, "after": count_parameters(result.model, family)}}
+    extra = {"hyprune_summary.json": summary}
+    if result.plan is not None:
+        extra["plan.json"] = result.plan.model_dump(exclude_none=True)
+        summary.update(summarize(result.plan))
+    save_pruned(result.model, tokenizer, out, extra, overwrite=overwrite)
     return summary
 
 

@@ -131,6 +131,11 @@ def prune(
     depth_method: str = typer.Option("block_influence", "--depth-method",
                                      help="block_influence, angular, kl or lm_loss (for --drop-blocks)."),
     depth_mode: str = typer.Option("lowest", "--depth-mode", help="lowest (any blocks) or contiguous (one window)."),
+    method: str = typer.Option("activation", "--method", help="activation (default), group-blind, or a registered method; a wrong name lists them all."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Unstructured methods: fraction of zeros."),
+    nm: Optional[str] = typer.Option(None, "--nm", help="Unstructured methods: N:M sparsity, e.g. 2:4."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Regex over parameter names to prune."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Structured SSM methods: fraction removed."),
     gguf_file: Optional[str] = GgufFile,
     seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
     text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
@@ -139,11 +144,13 @@ def prune(
 ):
     """Score, plan and apply in one go (or apply --plan) and save an ordinary HF checkpoint."""
     from hyprune import api
+    from hyprune.methods import MethodOptions, parse_nm
 
+    options = _run(lambda: MethodOptions(sparsity=sparsity, nm=parse_nm(nm), targets=targets, ratio=ratio, seed=seed))
     with _hf_progress(not quiet):
         summary = _run(api.prune, model, out, data=data, target=target, scores=scores, plan_file=plan_file,
                        drop_blocks=drop_blocks, drop_block_list=drop_block_list, depth_method=depth_method,
-                       depth_mode=depth_mode,
+                       depth_mode=depth_mode, method=method, options=options,
                        seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
                        text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
                        **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file))
@@ -155,7 +162,7 @@ def prune(
     for key in before:
         table.add_row(key, f"{before[key]:,}", f"{after[key]:,}")
     out_console.print(table)
-    if summary["blocks_after"] != summary["blocks_before"]:
+    if summary.get("blocks_after") != summary.get("blocks_before"):
         out_console.print(f"blocks: {summary['blocks_before']} -> {summary['blocks_after']} "
                           f"(dropped {summary['drop_blocks']})")
 

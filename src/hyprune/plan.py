@@ -57,6 +57,9 @@ class Plan(BaseModel):
     hidden: list[int]
     layers: list[LayerPlan]
     drop_blocks: list[int] = Field(default_factory=list)
+    # group-blind plans keep Mamba heads from anywhere and hand kept head j to kept group
+    # j // (heads per group): heads change B/C group (the baseline Minitron-SSM argues against)
+    heads_regrouped: bool = False
 
     # ---- io ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -219,7 +222,8 @@ def top_k_within_groups(score: torch.Tensor, groups: list[int], per_group: int, 
     return kept
 
 
-def plan_mamba_layer(x_score: torch.Tensor, bc_score: torch.Tensor, sizes: dict[str, int]) -> LayerPlan:
+def plan_mamba_layer(x_score: torch.Tensor, bc_score: torch.Tensor, sizes: dict[str, int],
+                     group_aware: bool = True) -> LayerPlan:
     """Group-aware Minitron-SSM ranking for one Mamba layer.
 
     Args:
@@ -230,6 +234,8 @@ def plan_mamba_layer(x_score: torch.Tensor, bc_score: torch.Tensor, sizes: dict[
     Order (nested, as in the paper): whole groups by the L2 of their heads; head channels by the
     L2 over the heads of the kept groups (one ranking shared by all heads); heads by the L2 over the
     kept channels, ranked *inside* their group; states by the L2 of B and C over the kept groups.
+    With ``group_aware=False`` (the group-blind baseline) channels and heads are ranked over all heads
+    and the best heads are kept wherever they are; the plan then regroups them.
     """
     heads, head_dim = x_score.shape
     groups = bc_score.shape[1]
@@ -237,9 +243,13 @@ def plan_mamba_layer(x_score: torch.Tensor, bc_score: torch.Tensor, sizes: dict[
     head_all = x_score.norm(dim=1)  # [heads]
     kept_groups = top_k(head_all.view(groups, per_group).norm(dim=1), sizes["mamba_groups"])
     in_kept_groups = [g * per_group + i for g in kept_groups for i in range(per_group)]
-    kept_channels = top_k(x_score[in_kept_groups].norm(dim=0), sizes["mamba_head_dim"])
+    candidates = in_kept_groups if group_aware else list(range(heads))
+    kept_channels = top_k(x_score[candidates].norm(dim=0), sizes["mamba_head_dim"])
     head_score = x_score[:, kept_channels].norm(dim=1)  # [heads]
-    kept_heads = top_k_within_groups(head_score, kept_groups, per_group, sizes["mamba_heads"] // len(kept_groups))
+    if group_aware:
+        kept_heads = top_k_within_groups(head_score, kept_groups, per_group, sizes["mamba_heads"] // len(kept_groups))
+    else:
+        kept_heads = top_k(head_score, sizes["mamba_heads"])
     state_score = bc_score[:, kept_groups].pow(2).sum(dim=(0, 1)).sqrt()  # [state]
     kept_state = top_k(state_score, sizes["ssm_state"])
     return LayerPlan(kind=MAMBA, heads=kept_heads, head_dim=kept_channels, state=kept_state, groups=kept_groups)
@@ -266,8 +276,12 @@ def make_plan(
     target: dict[str, int],
     drop_blocks: list[int] | None = None,
     method: str = "activation",
+    group_aware: bool = True,
 ) -> Plan:
-    """Turn activation scores and a target (config field -> size) into a validated plan."""
+    """Turn activation scores and a target (config field -> size) into a validated plan.
+
+    ``group_aware=False`` gives the group-blind baseline (see `plan_mamba_layer`).
+    """
     sizes = resolve_target(family, config, target)
     source = family.sizes(config)
     layers = []
@@ -275,7 +289,8 @@ def make_plan(
         fields = {}
         for part in family.parts(kind):
             if part.kind == MAMBA:
-                part_plan = plan_mamba_layer(scores[f"layers.{i}.mamba_x"], scores[f"layers.{i}.mamba_bc"], sizes)
+                part_plan = plan_mamba_layer(scores[f"layers.{i}.mamba_x"], scores[f"layers.{i}.mamba_bc"], sizes,
+                                             group_aware)
                 fields.update(part_plan.model_dump(exclude={"kind"}, exclude_none=True))
             elif part.kind == ATTENTION:
                 part_plan = plan_attention_layer(scores[f"layers.{i}.attention"], source["kv_heads"], sizes)
@@ -291,6 +306,7 @@ def make_plan(
         hidden=top_k(scores["hidden"], sizes["hidden"]),
         layers=layers,
         drop_blocks=sorted(drop_blocks or []),
+        heads_regrouped=not group_aware,
     )
     validate_plan(plan, family, config)
     return plan
@@ -381,7 +397,11 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
                 heads = _check_indices(f"{where} heads", lp.heads, s["mamba_heads"])
                 _check_indices(f"{where} head_dim", lp.head_dim, s["mamba_head_dim"])
                 _check_indices(f"{where} state", lp.state, s["ssm_state"])
-                _check_grouped(where, heads, groups, s["mamba_heads"] // s["mamba_groups"], "head")
+                if not plan.heads_regrouped:
+                    _check_grouped(where, heads, groups, s["mamba_heads"] // s["mamba_groups"], "head")
+                elif len(heads) % len(groups):
+                    raise HypruneError(f"Plan {where}: {len(heads)} regrouped heads do not split evenly "
+                                       f"into {len(groups)} groups.")
                 shape += (len(lp.heads), len(lp.head_dim), len(lp.state), len(lp.groups))
             elif part.kind == ATTENTION:
                 kv = _check_indices(f"{where} kv_heads", lp.kv_heads, s["kv_heads"])
