@@ -106,20 +106,75 @@ def test_temperature_scaling_against_hand_computation():
     assert forward_kl(s2, t2, T, mask=torch.tensor([[1], [0]])).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_fused_forward_kl_matches_autograd_in_float64():
+    """The hand-written gradient (q - p) / T equals autograd through the plain formula."""
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 5, 11) * 3, torch.randn(2, 5, 11) * 3
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 1]])
+    for T in (1.0, 2.0):
+        s_fused = s.clone().requires_grad_()
+        fused = forward_kl(s_fused, t, T, mask=mask)
+        fused.backward()
+        s_ref = s.double().requires_grad_()
+        log_q, log_p = F.log_softmax(s_ref / T, -1), F.log_softmax(t.double() / T, -1)
+        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+        ref = (per_token * mask).sum() / mask.sum() * T**2
+        ref.backward()
+        assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
+        torch.testing.assert_close(s_fused.grad, s_ref.grad.float(), rtol=1e-5, atol=1e-7)
+        assert torch.count_nonzero(s_fused.grad[0, 2]) == 0  # masked token: no gradient
+    # a teacher that requires grad takes the autograd path and gets its gradient
+    t_req = t.clone().requires_grad_()
+    forward_kl(s, t_req, 1.0).backward()
+    assert t_req.grad is not None and t_req.grad.abs().sum() > 0
+
+
 def test_topk_kl_with_full_support_equals_kl():
     torch.manual_seed(2)
     s, t = torch.randn(2, 3, 9), torch.randn(2, 3, 9)
     top = F.log_softmax(t, -1).topk(9, dim=-1)
-    torch.testing.assert_close(topk_forward_kl(s, top.values, top.indices, 1.5), forward_kl(s, t, 1.5))
+    for T in (1.0, 1.5):
+        torch.testing.assert_close(topk_forward_kl(s, top.values, top.indices, T), forward_kl(s, t, T))
+
+
+def test_topk_kl_keeps_the_rest_of_the_vocabulary_as_one_bucket():
+    """Top-k KD = KL between k + 1 buckets: the teacher's top ids and 'everything else', with the
+    student's probabilities taken from its full softmax (not renormalized over the k ids)."""
+    torch.manual_seed(4)
+    s, t = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
+    k = 4
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    top = p.log().topk(k, dim=-1)
+    expected = 0.0
+    for row in range(3):
+        ids = top.indices[row].tolist()
+        p_b = [p[row, i].item() for i in ids] + [1 - sum(p[row, i].item() for i in ids)]
+        q_b = [q[row, i].item() for i in ids] + [1 - sum(q[row, i].item() for i in ids)]
+        expected += sum(a * math.log(a / b) for a, b in zip(p_b, q_b)) / 3
+    s_req = s.float().requires_grad_()
+    loss = topk_forward_kl(s_req, top.values.float(), top.indices)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # the student's mass outside the top-k matters: raising a non-top logit raises the loss
+    other = next(i for i in range(10) if i not in top.indices[0].tolist())
+    bumped = s.float().clone()
+    bumped[0, other] += 3.0
+    assert topk_forward_kl(bumped, top.values.float(), top.indices) > loss
+    loss.backward()
+    assert torch.isfinite(s_req.grad).all()
+
+
+def test_topk_entries_marked_invalid_leave_the_support():
+    """Teacher ids in padding rows (marked invalid) drop out, without NaN, like a smaller top-k."""
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 3, 9), torch.randn(2, 3, 9)
     small = F.log_softmax(t, -1).topk(3, dim=-1)
-    assert topk_forward_kl(s, small.values, small.indices).item() >= 0
-    # entries marked invalid (teacher ids in padding rows) leave the support, without NaN
     four = F.log_softmax(t, -1).topk(4, dim=-1)
     valid = torch.ones_like(four.indices, dtype=torch.bool)
     valid[..., 3] = False
+    indices = four.indices.masked_fill(~valid, 0)  # what the trainer passes: clamped in range
     s_req = s.clone().requires_grad_()
     for kind in ("forward_kl", "reverse_kl", "jsd"):
-        masked = topk_loss(kind, s_req, four.values, four.indices, valid=valid)
+        masked = topk_loss(kind, s_req, four.values, indices, valid=valid)
         torch.testing.assert_close(masked, topk_loss(kind, s, small.values, small.indices))
         masked.backward()
         assert torch.isfinite(s_req.grad).all()

@@ -46,11 +46,43 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+class _ForwardKLPerToken(torch.autograd.Function):
+    """``KL(p || q)`` per token with ``p = softmax(t / T)`` fixed and ``q = softmax(s / T)``.
+
+    The gradient is simply ``(q - p) / T``. Autograd through ``log_softmax`` and the product keeps
+    more ``[tokens, vocab]`` float32 tensors alive and makes several extra passes over them, which at
+    a large vocabulary made the KD step 0.83x of the teacher + student bound (benchmarks/RESULTS.md);
+    this keeps two (``log q`` and ``p``) and computes the gradient in one pass.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature):
+        log_q = _log_probs(student_logits, temperature)
+        log_p = _log_probs(teacher_logits, temperature)
+        p = log_p.exp()
+        per_token = (p * (log_p - log_q)).sum(-1)
+        ctx.save_for_backward(log_q, p)
+        ctx.temperature, ctx.dtype = temperature, student_logits.dtype
+        return per_token
+
+    @staticmethod
+    def backward(ctx, grad_per_token):
+        log_q, p = ctx.saved_tensors
+        grad = torch.exp(log_q).sub_(p).mul_(grad_per_token.unsqueeze(-1) / ctx.temperature)
+        return grad.to(ctx.dtype), None, None
+
+
 def forward_kl(student_logits, teacher_logits, temperature: float = 1.0, mask=None) -> torch.Tensor:
-    """KL(teacher || student): mean-seeking, the Minitron default. Shapes ``[..., vocab]``."""
-    log_q = _log_probs(student_logits, temperature)
-    log_p = _log_probs(teacher_logits, temperature)
-    return _token_mean(_kl(log_p, log_q), mask) * temperature**2
+    """KL(teacher || student): mean-seeking, the Minitron default. Shapes ``[..., vocab]``.
+
+    The teacher is a fixed target (no gradient flows to it), which the fused per-token KL relies on;
+    a teacher that requires grad takes the plain autograd path.
+    """
+    if teacher_logits.requires_grad:
+        per_token = _kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+    else:
+        per_token = _ForwardKLPerToken.apply(student_logits, teacher_logits, temperature)
+    return _token_mean(per_token, mask) * temperature**2
 
 
 def reverse_kl(student_logits, teacher_logits, temperature: float = 1.0, mask=None) -> torch.Tensor:
@@ -90,38 +122,55 @@ def logit_loss(kind: str, student_logits, teacher_logits, temperature: float = 1
     raise HypruneError(f"Unknown logit loss '{kind}'. Use one of: {', '.join(LOGIT_LOSSES)}.")
 
 
-def topk_forward_kl(student_logits, teacher_values, teacher_indices, temperature: float = 1.0,
-                    mask=None) -> torch.Tensor:
-    """Forward KL over the teacher's top-k support, both distributions renormalized on it.
+_MASKED = -1e9  # a finite "minus infinity": its probability is exactly 0 and 0 * log-prob stays 0 (no NaN)
+
+
+def topk_buckets(student_logits, teacher_values, teacher_indices, valid: torch.Tensor | None = None):
+    """Teacher and student as distributions over ``k + 1`` buckets: the teacher's top-k ids, and the
+    rest of the vocabulary as one bucket. Returns log-probabilities ``[..., k + 1]`` for both.
+
+    The student's probabilities come from its *full* softmax (gathered at the ids; the rest bucket is
+    a logsumexp over the other ids), so the loss pulls down its mass outside the teacher's top-k
+    instead of only matching ratios inside it. The teacher's rest is ``1 - sum(top-k)``.
 
     Args:
         student_logits: ``[..., vocab]``.
-        teacher_values: ``[..., k]`` teacher log-probabilities (or logits: only differences matter,
-            because the teacher is renormalized over the k entries).
+        teacher_values: ``[..., k]`` teacher log-probabilities at temperature 1 (full-vocabulary softmax).
         teacher_indices: ``[..., k]`` vocabulary ids of those entries.
+        valid: ``[..., k]`` bool; False drops an entry (e.g. a teacher id in padding rows the student
+            does not have; its index must still be in range, clamp it to 0). Its mass joins the rest.
     """
-    gathered = student_logits.float().gather(-1, teacher_indices.long())  # [..., k]
-    log_q = F.log_softmax(gathered / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_values.float() / temperature, dim=-1)
-    return _token_mean(_kl(log_p, log_q), mask) * temperature**2
-
-
-_MASKED = -1e9  # a finite "minus infinity": its probability is exactly 0 and 0 * log-prob stays 0 (no NaN)
+    s = student_logits.float()
+    index = teacher_indices.long()
+    keep = torch.ones_like(index, dtype=torch.bool) if valid is None else valid
+    log_z = torch.logsumexp(s, dim=-1, keepdim=True)
+    in_top = torch.zeros_like(s).scatter_add_(-1, index, keep.float()) > 0  # scatter_add: ids repeat when clamped
+    s_rest = torch.logsumexp(s.masked_fill(in_top, _MASKED), dim=-1, keepdim=True) - log_z
+    s_top = (s.gather(-1, index) - log_z).masked_fill(~keep, _MASKED)
+    t_top = teacher_values.float().masked_fill(~keep, _MASKED)
+    t_rest = torch.log((1.0 - t_top.exp().sum(-1, keepdim=True)).clamp_min(0.0)).clamp_min(_MASKED)
+    # top-k covering the whole vocabulary: no rest on either side (the teacher's is rounding error)
+    empty = in_top.all(dim=-1, keepdim=True)
+    s_rest, t_rest = s_rest.masked_fill(empty, _MASKED), t_rest.masked_fill(empty, _MASKED)
+    return torch.cat([s_top, s_rest], dim=-1), torch.cat([t_top, t_rest], dim=-1)
 
 
 def topk_loss(kind: str, student_logits, teacher_values, teacher_indices, temperature: float = 1.0,
               beta: float = 0.5, mask=None, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Any logit loss over the top-k support (student logits gathered there; both renormalized).
+    """Any logit loss between the ``k + 1``-bucket distributions of `topk_buckets`.
 
-    ``valid`` ([..., k] bool) drops entries from the support, e.g. teacher ids in padding rows the
-    student does not have; their indices must still be in range (clamp them to 0).
+    Exact at temperature 1 (the default) for what the cache holds. A temperature softens the buckets,
+    not the full distributions, because the teacher's tail is not in the cache; with the top-k
+    covering the vocabulary the two agree.
     """
-    gathered = student_logits.float().gather(-1, teacher_indices.long())
-    values = teacher_values.float()
-    if valid is not None:
-        gathered = gathered.masked_fill(~valid, _MASKED)
-        values = values.masked_fill(~valid, _MASKED)
-    return logit_loss(kind, gathered, values, temperature, beta, mask)
+    student, teacher = topk_buckets(student_logits, teacher_values, teacher_indices, valid)
+    return logit_loss(kind, student, teacher, temperature, beta, mask)
+
+
+def topk_forward_kl(student_logits, teacher_values, teacher_indices, temperature: float = 1.0,
+                    mask=None) -> torch.Tensor:
+    """Forward KL from a top-k teacher (see `topk_buckets`)."""
+    return topk_loss("forward_kl", student_logits, teacher_values, teacher_indices, temperature, mask=mask)
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
