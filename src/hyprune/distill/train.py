@@ -30,6 +30,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -345,9 +346,23 @@ def _say(info, message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, resume: bool, tokenizer,
-         teacher_tokenizer, overwrite: bool, info) -> dict:
-    # ---- checks, before any heavy work -------------------------------------------------------
+@dataclass
+class _Inputs:
+    """What the checks established about a run, before any heavy work."""
+
+    kd: bool  # a teacher signal (full logits or the top-k cache); False: plain next-token loss
+    cache: TopKCache | None
+    windows: torch.Tensor | None  # training windows (None with a cache)
+    num_windows: int
+    common: int | None  # logits to compare when the vocabularies differ only in padding rows
+    hidden_map: dict[int, int]  # student block -> teacher block for the intermediate-state loss
+    channels: torch.Tensor | None  # teacher channels the student kept
+    micro: int  # windows per micro-batch on this rank
+    eval_windows: torch.Tensor | None
+
+
+def _check_inputs(teacher, student, data, cfg: DistillConfig, eval_windows, tokenizer, teacher_tokenizer,
+                  info) -> _Inputs:
     cache = data if isinstance(data, TopKCache) else None
     if cache is None and isinstance(data, (str, Path)):
         if not (Path(data) / "manifest.json").is_file():
@@ -381,7 +396,7 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
         warnings.warn(
             f"The student is not derived from the teacher: the teacher is a {teacher.config.model_type} model and "
             f"the student a {student.config.model_type} model. Distillation runs, but a student pruned from the "
-            "teacher recovers far better.", stacklevel=3)
+            "teacher recovers far better.", stacklevel=4)
     hidden_map, channels = ({}, None)
     if cfg.hidden_loss and kd:
         hidden_map, channels = _hidden_setup(cfg, teacher, student)
@@ -395,6 +410,121 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
                            "Pick micro_batch as a divisor of batch / processes.")
     if eval_windows is not None:
         eval_windows = as_windows(eval_windows, eval_windows.shape[-1])[: cfg.eval_windows]
+    return _Inputs(kd=kd, cache=cache, windows=windows, num_windows=num_windows, common=common,
+                   hidden_map=hidden_map, channels=channels, micro=micro, eval_windows=eval_windows)
+
+
+def _resume_point(root: Path, cfg: DistillConfig, student, info) -> tuple[int, Path | None, dict]:
+    """(first step, checkpoint resumed from or None, its trainer.json); loads the student's weights."""
+    found = None
+    if info.is_main:
+        ckpt.remove_stale(root)
+        found = ckpt.newest_valid_checkpoint(root)
+    found = dist_utils.broadcast_object(None if found is None else (str(found[0]), found[1]), info)
+    if found is None:
+        _say(info, f"no valid checkpoint in {root}; starting from step 0.")
+        return 0, None, {}
+    resumed = Path(found[0])
+    saved = json.loads((resumed / ckpt.TRAINER_JSON).read_text())
+    for key in ("seq_len", "batch", "seed"):
+        if saved["config"][key] != getattr(cfg, key):
+            raise HypruneError(
+                f"The checkpoint {resumed} was made with {key}={saved['config'][key]}, this run has "
+                f"{key}={getattr(cfg, key)}: resuming would change the data order. Use the same settings.")
+    _load_weights(student, resumed / ckpt.WEIGHTS)
+    _say(info, f"resuming from {resumed} (step {saved['step']}, {saved['tokens']} tokens).")
+    return int(saved["step"]), resumed, saved
+
+
+class _Objective:
+    """The loss of one micro-batch: student forward, the teacher's signal, the configured mix."""
+
+    def __init__(self, cfg: DistillConfig, inputs: _Inputs, wrapped, student, teacher, device):
+        self.cfg, self.inputs, self.wrapped, self.student, self.teacher, self.device = (
+            cfg, inputs, wrapped, student, teacher, device)
+
+    def fetch(self, indices: list[int]):
+        """Token ids of these windows, and the cached teacher top-k (or None)."""
+        if self.inputs.cache is not None:
+            ids, values, top = self.inputs.cache.rows(indices)
+            return ids.to(self.device), (values.to(self.device), top.to(self.device))
+        return self.inputs.windows[indices].to(self.device), None
+
+    def __call__(self, ids, cached) -> dict[str, torch.Tensor]:
+        cfg, inputs, hidden_map = self.cfg, self.inputs, self.inputs.hidden_map
+        parts: dict[str, torch.Tensor] = {}
+        with _autocast(self.device, cfg.precision):
+            s_capture = capture_block_outputs(self.student, list(hidden_map)) if hidden_map else nullcontext()
+            with s_capture as s_states:
+                s_logits = self.wrapped(input_ids=ids, use_cache=False).logits
+            t_logits, t_states = None, None
+            if inputs.kd and cached is None:
+                t_device = next(self.teacher.parameters()).device
+                t_capture = capture_block_outputs(self.teacher, list(hidden_map.values())) if hidden_map else nullcontext()
+                with torch.no_grad(), t_capture as t_states:
+                    t_logits = self.teacher(input_ids=ids.to(t_device), use_cache=False).logits.to(self.device)
+        if inputs.common is not None:
+            s_logits = s_logits[..., : inputs.common]
+            t_logits = t_logits[..., : inputs.common] if t_logits is not None else None
+        if not inputs.kd:
+            total = parts["ce"] = next_token_ce(s_logits, ids)
+            return {"loss": total, **parts}
+        if cached is not None:
+            values, top = cached
+            valid = None
+            if inputs.common is not None and inputs.common < inputs.cache.vocab_size:
+                valid = top < inputs.common  # teacher entries in padding rows: drop them
+                top = top.masked_fill(~valid, 0)
+            total = parts["kd"] = topk_loss(cfg.loss, s_logits, values, top, cfg.temperature, cfg.beta, valid=valid)
+        else:
+            total = parts["kd"] = logit_loss(cfg.loss, s_logits, t_logits, cfg.temperature, cfg.beta)
+        if cfg.ce_weight > 0:
+            parts["ce"] = next_token_ce(s_logits, ids)
+            total = (1 - cfg.ce_weight) * total + cfg.ce_weight * parts["ce"]
+        if hidden_map:
+            parts["hidden"] = hidden_state_loss([s_states[s] for s in hidden_map],
+                                                [t_states[t].to(self.device) for t in hidden_map.values()],
+                                                cfg.hidden_loss, inputs.channels)
+            total = combine_with_hidden(total, parts["hidden"], cfg.hidden_alpha)
+        return {"loss": total, **parts}
+
+
+def _save_checkpoint(root: Path, step: int, tokens: int, loss: float, cfg: DistillConfig, wrapped, student,
+                     optimizer, scheduler, mode: str, teacher_ppl, info) -> None:
+    """Write ``root/step-N`` atomically on rank 0 (every rank joins the gathers); keep the last K."""
+    weights = _full_state_dict(wrapped, student, mode)
+    optim_state = _optimizer_state(wrapped, optimizer, mode)
+    rngs = dist_utils.gather_objects(_rng_state(), info)
+    error = None
+    if info.is_main:
+        meta = {"step": step, "tokens": tokens}
+        state_json = {"step": step, "tokens": tokens, "loss": loss, "world_size": info.world_size,
+                      "teacher_ppl": teacher_ppl, "config": cfg.model_dump(mode="json")}
+        writers = {
+            ckpt.WEIGHTS: lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
+            ckpt.OPTIMIZER: lambda p: ckpt.save_torch(optim_state, p),
+            ckpt.TRAINER_STATE: lambda p: ckpt.save_torch({"scheduler": scheduler.state_dict(), "rng": rngs}, p),
+            ckpt.TRAINER_JSON: lambda p: p.write_text(json.dumps(state_json, indent=1) + "\n"),
+        }
+        try:
+            ckpt.write_checkpoint(root, step, writers, meta)
+            ckpt.prune_checkpoints(root, cfg.keep_last)
+        except OSError as e:
+            previous = ckpt.list_checkpoints(root)
+            kept = (f"The previous checkpoint {previous[-1][1]} is intact" if previous
+                    else "No earlier checkpoint exists")
+            error = (f"Could not write the checkpoint of step {step} under {root}: {e}. {kept}. Free disk space "
+                     "(or pick another --out) and rerun with --resume.")
+    error = dist_utils.broadcast_object(error, info)
+    dist_utils.barrier(info)
+    if error:
+        raise HypruneError(error)
+
+
+def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, resume: bool, tokenizer,
+         teacher_tokenizer, overwrite: bool, info) -> dict:
+    inputs = _check_inputs(teacher, student, data, cfg, eval_windows, tokenizer, teacher_tokenizer, info)
+    eval_windows = inputs.eval_windows
     _prepare_out_dir(out, resume, overwrite, info)
     total_steps = cfg.total_steps()
     mode = "fsdp" if (cfg.fsdp and info.enabled) else ("ddp" if info.enabled else "single")
@@ -406,26 +536,7 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
             teacher.to(info.device)
     device = next(student.parameters()).device
     root = out / CHECKPOINTS
-    start_step, resumed, saved = 0, None, {}
-    if resume:
-        found = None
-        if info.is_main:
-            ckpt.remove_stale(root)
-            found = ckpt.newest_valid_checkpoint(root)
-        found = dist_utils.broadcast_object(None if found is None else (str(found[0]), found[1]), info)
-        if found is None:
-            _say(info, f"no valid checkpoint in {root}; starting from step 0.")
-        else:
-            resumed = Path(found[0])
-            saved = json.loads((resumed / ckpt.TRAINER_JSON).read_text())
-            for key in ("seq_len", "batch", "seed"):
-                if saved["config"][key] != getattr(cfg, key):
-                    raise HypruneError(
-                        f"The checkpoint {resumed} was made with {key}={saved['config'][key]}, this run has "
-                        f"{key}={getattr(cfg, key)}: resuming would change the data order. Use the same settings.")
-            _load_weights(student, resumed / ckpt.WEIGHTS)
-            start_step = int(saved["step"])
-            _say(info, f"resuming from {resumed} (step {start_step}, {saved['tokens']} tokens).")
+    start_step, resumed, saved = _resume_point(root, cfg, student, info) if resume else (0, None, {})
     if info.is_main and resumed is None:
         ckpt.remove_stale(root)
     if resumed is None:
@@ -434,10 +545,8 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
     student.train()
     if teacher is not None:
         teacher.eval()
-    enabled_checkpointing = False
     if cfg.activation_checkpointing:
         _set_activation_checkpointing(student, True)
-        enabled_checkpointing = True
     wrapped = _wrap(student, mode, info)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -451,6 +560,7 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
         scheduler.load_state_dict(trainer_state["scheduler"])
         rngs = trainer_state["rng"]
         _set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+    objective = _Objective(cfg, inputs, wrapped, student, teacher, device)
 
     # ---- logging and the teacher's perplexity --------------------------------------------------
     log_path = out / LOG_FILE
@@ -475,98 +585,26 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
             module.train()
         return dist_utils.broadcast_object(value, info)
 
-    def fetch(indices: list[int]):
-        if cache is not None:
-            ids, values, top = cache.rows(indices)
-            return ids.to(device), (values.to(device), top.to(device))
-        return windows[indices].to(device), None
-
-    def micro_loss(ids, cached) -> dict[str, torch.Tensor]:
-        parts: dict[str, torch.Tensor] = {}
-        with _autocast(device, cfg.precision):
-            s_capture = capture_block_outputs(student, list(hidden_map)) if hidden_map else nullcontext()
-            with s_capture as s_states:
-                s_logits = wrapped(input_ids=ids, use_cache=False).logits
-            t_logits, t_states = None, None
-            if kd and cached is None:
-                t_device = next(teacher.parameters()).device
-                t_capture = capture_block_outputs(teacher, list(hidden_map.values())) if hidden_map else nullcontext()
-                with torch.no_grad(), t_capture as t_states:
-                    t_logits = teacher(input_ids=ids.to(t_device), use_cache=False).logits.to(device)
-        if common is not None:
-            s_logits = s_logits[..., :common]
-            t_logits = t_logits[..., :common] if t_logits is not None else None
-        if not kd:
-            total = parts["ce"] = next_token_ce(s_logits, ids)
-            return {"loss": total, **parts}
-        if cached is not None:
-            values, top = cached
-            valid = None
-            if common is not None and common < cache.vocab_size:  # teacher entries in padding rows: drop them
-                valid = top < common
-                top = top.masked_fill(~valid, 0)
-            total = parts["kd"] = topk_loss(cfg.loss, s_logits, values, top, cfg.temperature, cfg.beta, valid=valid)
-        else:
-            total = parts["kd"] = logit_loss(cfg.loss, s_logits, t_logits, cfg.temperature, cfg.beta)
-        if cfg.ce_weight > 0:
-            parts["ce"] = next_token_ce(s_logits, ids)
-            total = (1 - cfg.ce_weight) * total + cfg.ce_weight * parts["ce"]
-        if hidden_map:
-            parts["hidden"] = hidden_state_loss([s_states[s] for s in hidden_map],
-                                                [t_states[t].to(device) for t in hidden_map.values()],
-                                                cfg.hidden_loss, channels)
-            total = combine_with_hidden(total, parts["hidden"], cfg.hidden_alpha)
-        return {"loss": total, **parts}
-
-    def save_checkpoint(step: int, tokens: int, loss: float) -> None:
-        weights = _full_state_dict(wrapped, student, mode)
-        optim_state = _optimizer_state(wrapped, optimizer, mode)
-        rngs = dist_utils.gather_objects(_rng_state(), info)
-        error = None
-        if info.is_main:
-            meta = {"step": step, "tokens": tokens}
-            state_json = {"step": step, "tokens": tokens, "loss": loss, "world_size": info.world_size,
-                          "teacher_ppl": teacher_ppl, "config": cfg.model_dump(mode="json")}
-            writers = {
-                ckpt.WEIGHTS: lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
-                ckpt.OPTIMIZER: lambda p: ckpt.save_torch(optim_state, p),
-                ckpt.TRAINER_STATE: lambda p: ckpt.save_torch({"scheduler": scheduler.state_dict(), "rng": rngs}, p),
-                ckpt.TRAINER_JSON: lambda p: p.write_text(json.dumps(state_json, indent=1) + "\n"),
-            }
-            try:
-                ckpt.write_checkpoint(root, step, writers, meta)
-                ckpt.prune_checkpoints(root, cfg.keep_last)
-            except OSError as e:
-                previous = ckpt.list_checkpoints(root)
-                kept = (f"The previous checkpoint {previous[-1][1]} is intact" if previous
-                        else "No earlier checkpoint exists")
-                error = (f"Could not write the checkpoint of step {step} under {root}: {e}. {kept}. Free disk space "
-                         "(or pick another --out) and rerun with --resume.")
-        error = dist_utils.broadcast_object(error, info)
-        dist_utils.barrier(info)
-        if error:
-            raise HypruneError(error)
-
     # ---- the loop -------------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, initial=start_step, desc="finetune" if not kd else "distill", unit="step",
+    bar = tqdm(total=total_steps, initial=start_step, desc="distill" if inputs.kd else "finetune", unit="step",
                disable=not (cfg.progress and info.is_main), dynamic_ncols=True)
     tokens_per_step = cfg.batch * cfg.seq_len
-    last_loss, last_ppl, started = None, None, time.perf_counter()
-    if saved.get("loss") is not None:
-        last_loss = saved["loss"]
+    names = ["loss", "kd", "ce", "hidden"]
+    active = {"kd": inputs.kd, "ce": not inputs.kd or cfg.ce_weight > 0, "hidden": bool(inputs.hidden_map)}
+    last_loss, last_ppl, started = saved.get("loss"), None, time.perf_counter()
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             done = step + 1
-            share = rank_slice(batch_indices(step, cfg.batch, num_windows, cfg.seed), info.rank, info.world_size)
-            chunks = micro_batches(share, micro)
+            share = rank_slice(batch_indices(step, cfg.batch, inputs.num_windows, cfg.seed), info.rank,
+                               info.world_size)
+            chunks = micro_batches(share, inputs.micro)
             optimizer.zero_grad(set_to_none=True)
-            names = ["loss", "kd", "ce", "hidden"]
             sums = torch.zeros(len(names), dtype=torch.float64)
             for m, chunk in enumerate(chunks):
-                ids, cached = fetch(chunk)
+                ids, cached = objective.fetch(chunk)
                 with _grad_sync(wrapped, mode, sync=m == len(chunks) - 1):
-                    parts = micro_loss(ids, cached)
+                    parts = objective(ids, cached)
                     (parts["loss"] * (len(chunk) / len(share))).backward()
                 for i, name in enumerate(names):
                     if name in parts:
@@ -587,7 +625,6 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
             elapsed = time.perf_counter() - t0
             record = {"step": done, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)}
-            active = {"kd": kd, "ce": not kd or cfg.ce_weight > 0, "hidden": bool(hidden_map)}
             for i, name in enumerate(names[1:], 1):
                 if active[name]:
                     record[f"{name}_loss"] = float(sums[i])
@@ -599,16 +636,12 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
                     record["teacher_ppl"] = teacher_ppl
             record["elapsed_s"] = time.perf_counter() - started
             if info.is_main and (done % cfg.log_every == 0 or is_last or "eval_ppl" in record):
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for key, value in record.items():
-                        if key not in ("step", "tokens") and value is not None:
-                            writer.add_scalar(f"train/{key}", value, done)
+                _log(log_path, writer, record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"ppl": f"{last_ppl:.2f}"} if last_ppl else {}))
             if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or is_last):
-                save_checkpoint(done, tokens, loss)
+                _save_checkpoint(root, done, tokens, loss, cfg, wrapped, student, optimizer, scheduler, mode,
+                                 teacher_ppl, info)
         # ---- the final student ----------------------------------------------------------------
         if eval_windows is not None and last_ppl is None:
             last_ppl = student_ppl()
@@ -631,9 +664,19 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
         bar.close()
         if writer is not None:
             writer.close()
-        if enabled_checkpointing:
+        if cfg.activation_checkpointing:
             _set_activation_checkpointing(student, False)
         student.eval()
+
+
+def _log(path: Path, writer, record: dict) -> None:
+    """One line of log.jsonl (and the TensorBoard scalars)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if key not in ("step", "tokens") and value is not None:
+                writer.add_scalar(f"train/{key}", value, record["step"])
 
 
 def _set_activation_checkpointing(model, on: bool) -> None:
