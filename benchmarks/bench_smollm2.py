@@ -48,7 +48,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="hidden_size=468,intermediate_size=1024",
-                        help="width target (LlamaConfig needs hidden_size % 9 heads == 0)")
+                        help="width target (LlamaConfig needs hidden_size %% 9 heads == 0)")
     parser.add_argument("--drop", type=int, default=8, help="blocks to drop (8 of 30 = 25%%, rounded up)")
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--depth-windows", type=int, default=4, help="windows for the depth scores")
