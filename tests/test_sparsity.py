@@ -137,7 +137,8 @@ FAMILIES = {
 }
 
 
-def windows_for(model, n=6, seq=16, seed=0):
+def windows_for(model, n=10, seq=16, seed=0):
+    """Batches of 4, 4 and 2 windows: a repeated batch shape and a new one."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, model.config.vocab_size, (n, seq), generator=g)
 

@@ -19,9 +19,9 @@ compare within each output row, SparseGPT within each block of 128 columns, as t
   zeroed weight pushed onto the later columns of its row, lazily per block of 128 columns.
 
 Calibration is sequential, as in both papers: the inputs of a block come from the blocks before it
-*after* they were pruned. The model runs once to capture what the first block receives (and the keyword
-arguments every block gets: masks, rotary embeddings); then each block is run on those inputs with
-hooks collecting input statistics, pruned, and run again to make the inputs of the next block.
+*after* they were pruned. A capture pass records what the first block receives (and the other arguments
+every block gets: masks, rotary embeddings); then each block is run on those inputs with hooks collecting
+input statistics, pruned, and run again to make the inputs of the next block.
 """
 
 from __future__ import annotations
@@ -189,21 +189,27 @@ class InputStats:
 
 
 class _Stop(Exception):
-    """Raised by the capture hook once the last block's inputs are known: the rest of the model is not needed."""
+    """Raised by the capture hooks once what is needed is recorded: the rest of the model need not run."""
 
 
 def _capture_block_inputs(model, family: Family, windows: torch.Tensor, batch_size: int, progress: bool):
-    """Per batch: the hidden states entering block 0, and per block the other arguments it is called with."""
+    """Per batch: the hidden states entering block 0, and per block the other arguments it is called with.
+
+    The other arguments (masks, rotary embeddings, ...) depend only on the batch's shape, since no padding
+    mask is passed; so the whole model runs once per distinct batch shape, and every other batch stops at
+    block 0. Returns (hidden per batch, per batch a list over blocks of (args, kwargs)).
+    """
     layers = family.layers(model)
-    first, calls = [], [[] for _ in layers]
+    first, calls, by_shape = [], [], {}
+    recording: list | None = None  # per-block arguments of the batch being run, when its shape is new
 
     def hook(i):
         def capture(module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
             if i == 0:
-                first.append(hidden)
-            calls[i].append((args[1:], dict(kwargs)))
-            if i == len(layers) - 1:
+                first.append(args[0] if args else kwargs["hidden_states"])
+            if recording is not None:
+                recording.append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            if recording is None or i == len(layers) - 1:
                 raise _Stop
 
         return capture
@@ -213,10 +219,15 @@ def _capture_block_inputs(model, family: Family, windows: torch.Tensor, batch_si
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc="capture block inputs", unit="batch",
                           disable=not progress):
+            batch = windows[start : start + batch_size].to(device)
+            recording = [] if batch.shape not in by_shape else None
             try:
-                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                model(input_ids=batch, use_cache=False)
             except _Stop:
                 pass
+            if recording is not None:
+                by_shape[batch.shape] = recording
+            calls.append(by_shape[batch.shape])
     finally:
         for h in handles:
             h.remove()
@@ -247,7 +258,8 @@ def prune_sequentially(model, family: Family, targets: list[Target], windows: to
             handles = [t.module.register_forward_pre_hook(lambda m, args, s=stats[t.name]: s.add(args[0]))
                        for t in by_block[i]]
             try:
-                for h, (args, kwargs) in zip(hidden, calls[i]):
+                for h, arguments in zip(hidden, calls):
+                    args, kwargs = arguments[i]
                     block(h, *args, **kwargs)
             finally:
                 for handle in handles:
@@ -255,7 +267,8 @@ def prune_sequentially(model, family: Family, targets: list[Target], windows: to
             for t in by_block[i]:
                 prune_layer(t, stats[t.name])
         if i < last:
-            hidden = [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls[i])]
+            hidden = [_block_output(block(h, *arguments[i][0], **arguments[i][1]))
+                      for h, arguments in zip(hidden, calls)]
 
 
 # ---------------------------------------------------------------------------------------------
