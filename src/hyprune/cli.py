@@ -134,7 +134,9 @@ def prune(
     method: str = typer.Option("activation", "--method", help="activation (default), group-blind, or a registered method; a wrong name lists them all."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Unstructured methods: fraction of zeros."),
     nm: Optional[str] = typer.Option(None, "--nm", help="Unstructured methods: N:M sparsity, e.g. 2:4."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Regex over parameter names to prune."),
+    targets: Optional[str] = typer.Option(
+        None, "--targets", help="Sparsity methods: groups (in_proj,out_proj,mamba,attention,mlp) or a regex over "
+                                "parameter names; default every linear layer inside the blocks."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Structured SSM methods: fraction removed."),
     gguf_file: Optional[str] = GgufFile,
     seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
