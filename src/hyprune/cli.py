@@ -134,7 +134,9 @@ def prune(
     method: str = typer.Option("activation", "--method", help="activation (default), group-blind, or a registered method; a wrong name lists them all."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Unstructured methods: fraction of zeros."),
     nm: Optional[str] = typer.Option(None, "--nm", help="Unstructured methods: N:M sparsity, e.g. 2:4."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Regex over parameter names to prune."),
+    targets: Optional[str] = typer.Option(
+        None, "--targets", help="Sparsity methods: groups (in_proj,out_proj,mamba,attention,mlp) or a regex over "
+                                "parameter names; default every linear layer inside the blocks."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Structured SSM methods: fraction removed."),
     gguf_file: Optional[str] = GgufFile,
     seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
@@ -162,9 +164,25 @@ def prune(
     for key in before:
         table.add_row(key, f"{before[key]:,}", f"{after[key]:,}")
     out_console.print(table)
+    if "tensors" in summary["method"]:
+        out_console.print(_sparsity_table(summary["method"]))
     if summary.get("blocks_after") != summary.get("blocks_before"):
         out_console.print(f"blocks: {summary['blocks_before']} -> {summary['blocks_after']} "
                           f"(dropped {summary['drop_blocks']})")
+
+
+def _sparsity_table(report: dict) -> Table:
+    """Zeros per pruned tensor, as written to hyprune_summary.json by the sparsity methods."""
+    pattern = report["nm"] or f"{report['sparsity']:.0%} unstructured"
+    table = Table(title=f"{report['name']}: {pattern}, targets: {report['targets']}")
+    for column, justify in (("tensor", "left"), ("group", "left"), ("shape", "right"), ("zeros", "right"),
+                            ("sparsity", "right")):
+        table.add_column(column, justify=justify)
+    for row in [*report["tensors"], {"name": "total", "group": "", "shape": [report["total"]["weights"]],
+                                     "zeros": report["total"]["zeros"], "sparsity": report["total"]["sparsity"]}]:
+        table.add_row(row["name"], row["group"], "x".join(map(str, row["shape"])), f"{row['zeros']:,}",
+                      f"{row['sparsity']:.2%}")
+    return table
 
 
 @app.command()

@@ -1,0 +1,359 @@
+"""Unstructured and N:M sparsity: ``magnitude``, ``wanda`` and ``sparsegpt`` (shared/reference/methods.md, 5-6).
+
+Weights are set to zero in place and saved dense, so the checkpoint loads anywhere with no custom code;
+the report lists the zeros of every pruned tensor.
+
+Which weights: the ``nn.Linear`` layers inside the blocks (never embeddings or the LM head), narrowed by
+``--targets``: either a comma-separated list of groups (`GROUPS`: ``in_proj``, ``out_proj``, ``mamba``,
+``attention``, ``mlp``) or a regular expression searched in parameter names
+(``model.layers.3.mixer.in_proj.weight``; exclude with a lookahead, e.g. ``^(?!.*layers\\.0\\.).*in_proj``).
+
+How many: ``--sparsity R`` zeroes the fraction R of every compared set of weights (Wanda and magnitude
+compare within each output row, SparseGPT within each block of 128 columns, as the papers do);
+``--nm N:M`` keeps N non-zeros in every M consecutive input weights of a row (2:4, 4:8).
+
+- ``magnitude``: score |W_ij|, no data.
+- ``wanda``: score |W_ij| * ||X_j||_2, X_j the j-th input feature over all calibration tokens.
+- ``sparsegpt``: optimal brain surgeon one column at a time: H = X^T X (+ 1% of its mean diagonal), the mask
+  chosen per column block from w^2 / [U]_jj^2 (U the upper Cholesky factor of H^-1), the error of every
+  zeroed weight pushed onto the later columns of its row, lazily per block of 128 columns.
+
+Calibration is sequential, as in both papers: the inputs of a block come from the blocks before it
+*after* they were pruned. A capture pass records what the first block receives (and the other arguments
+every block gets: masks, rotary embeddings); then each block is run on those inputs with hooks collecting
+input statistics, pruned, and run again to make the inputs of the next block.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family
+from hyprune.errors import HypruneError
+from hyprune.methods import Method, MethodOptions, MethodResult, register
+
+GROUPS = {
+    "in_proj": "Mamba in_proj (z, x, B, C, dt rows)",
+    "out_proj": "Mamba out_proj",
+    "mamba": "Mamba in_proj and out_proj",
+    "attention": "attention q/k/v/o projections",
+    "mlp": "MLP projections",
+}
+_GROUP_MEMBERS = {"mamba": {"in_proj", "out_proj"}}
+SPARSEGPT_BLOCK = 128  # columns per lazy-update block (and per mask-selection block), as in the paper
+SPARSEGPT_DAMP = 0.01  # dampening: this fraction of the mean diagonal of H is added to the diagonal
+
+
+@dataclass
+class Target:
+    """One prunable linear layer: its parameter name, target group and module."""
+
+    name: str  # parameter name, e.g. model.layers.0.mixer.in_proj.weight
+    group: str  # in_proj, out_proj, attention or mlp
+    module: nn.Linear
+    block: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------------
+def _group(part_kind: str, sub_name: str) -> str:
+    if part_kind == MAMBA:
+        return sub_name.rsplit(".", 1)[-1]  # in_proj or out_proj
+    return {ATTENTION: "attention", MLP: "mlp"}[part_kind]
+
+
+def block_linears(model, family: Family) -> list[Target]:
+    """Every ``nn.Linear`` inside the blocks, in forward order, with its group."""
+    out = []
+    kinds = family.block_kinds(model.config)
+    for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
+        for part, _, mixer in family.block_parts(block, kind):
+            for sub_name, module in mixer.named_modules():
+                if isinstance(module, nn.Linear):
+                    name = f"{family.layer_prefix(i)}.{part.mixer}.{sub_name}.weight"
+                    out.append(Target(name, _group(part.kind, sub_name), module, i))
+    return out
+
+
+def select_targets(model, family: Family, spec: str | None) -> list[Target]:
+    """The linear layers ``spec`` names (module docstring); all of them when ``spec`` is None."""
+    linears = block_linears(model, family)
+    if spec is None:
+        return linears
+    items = [item.strip() for item in spec.split(",")]
+    if all(item in GROUPS for item in items):
+        groups = set().union(*(_GROUP_MEMBERS.get(item, {item}) for item in items))
+        chosen = [t for t in linears if t.group in groups]
+    else:
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise HypruneError(f"--targets '{spec}' is neither a list of groups ({', '.join(GROUPS)}) "
+                               f"nor a valid regular expression: {e}.") from None
+        chosen = [t for t in linears if pattern.search(t.name)]
+    if not chosen:
+        examples = ", ".join(t.name for t in linears[:3])
+        present = sorted({t.group for t in linears})
+        raise HypruneError(
+            f"--targets '{spec}' matches no linear layer of this {family.name} model. Use groups among "
+            f"{', '.join(present)} (comma-separated) or a regular expression over parameter names such as {examples}."
+        )
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------
+def lowest_mask(scores: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """True where a weight is removed: the lowest ``sparsity`` of each row, or M - N lowest of every M in a row.
+
+    ``scores``: [rows, cols]; with ``nm``, cols must be a multiple of M.
+    """
+    rows, cols = scores.shape
+    if nm is not None:
+        n, m = nm
+        blocks = scores.reshape(rows, cols // m, m)  # [rows, groups of M, M]
+        drop = blocks.topk(m - n, dim=-1, largest=False).indices
+        return torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, drop, True).reshape(rows, cols)
+    drop = scores.topk(round(sparsity * cols), dim=1, largest=False).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, drop, True)
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2, from the per-feature sum of squared inputs ([cols])."""
+    return weight.abs().double() * input_sq_sum.double().sqrt()[None, :]
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None,
+                    nm: tuple[int, int] | None = None, block_size: int = SPARSEGPT_BLOCK,
+                    damp: float = SPARSEGPT_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one weight [rows, cols] with input Gram matrix ``hessian`` [cols, cols] (any positive scale).
+
+    Returns (new weight in float64, removed mask). Row j of U (upper Cholesky factor of H^-1) is the first row
+    of the inverse Hessian of columns j.. divided by the square root of its diagonal entry, so removing w_j
+    and updating the rest of its row by -w_j / U_jj * U_j,j: is the OBS step with columns < j already fixed.
+    Within a block of ``block_size`` columns the updates stay in the block; the accumulated errors reach
+    the later columns in one matrix product per block (lazy batch updates).
+    """
+    W = weight.detach().double().clone()
+    H = hessian.detach().double().clone()
+    rows, cols = W.shape
+    if nm is not None:
+        block_size = max(block_size // nm[1], 1) * nm[1]  # N:M groups never straddle two blocks
+    mean_diag = H.diagonal().mean()
+    H.diagonal().add_(damp * mean_diag if mean_diag > 0 else 1.0)  # no input seen: plain magnitude order
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    removed = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]  # views: W1 is updated in place
+        d = U1.diagonal()
+        errors = torch.zeros_like(W1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            scores = (W1.pow(2) / d.pow(2)).flatten()
+            mask1.view(-1)[scores.topk(round(sparsity * scores.numel()), largest=False).indices] = True
+        for j in range(i2 - i1):
+            if nm is not None and j % nm[1] == 0:
+                mask1[:, j : j + nm[1]] = lowest_mask(W1[:, j : j + nm[1]].pow(2) / d[j : j + nm[1]].pow(2), nm=nm)
+            err = torch.where(mask1[:, j], W1[:, j], 0.0) / d[j]  # [rows]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            errors[:, j] = err
+        W[:, i2:] -= errors @ U[i1:i2, i2:]
+        removed[:, i1:i2] = mask1
+    W[removed] = 0.0  # exactly zero (the update leaves rounding residue)
+    return W, removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: per-feature input statistics, block after block
+# ---------------------------------------------------------------------------------------------
+class InputStats:
+    """Running sum over tokens of x^2 per input feature (Wanda) or of x x^T (SparseGPT's H), in float64."""
+
+    def __init__(self, gram: bool) -> None:
+        self.gram = gram
+        self.total: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, features]
+        part = (x.T @ x if self.gram else x.pow(2).sum(dim=0)).double()
+        self.total = part if self.total is None else self.total + part
+
+
+class _Stop(Exception):
+    """Raised by the capture hooks once what is needed is recorded: the rest of the model need not run."""
+
+
+def _capture_block_inputs(model, family: Family, windows: torch.Tensor, batch_size: int, progress: bool):
+    """Per batch: the hidden states entering block 0, and per block the other arguments it is called with.
+
+    The other arguments (masks, rotary embeddings, ...) depend only on the batch's shape, since no padding
+    mask is passed; so the whole model runs once per distinct batch shape, and every other batch stops at
+    block 0. Returns (hidden per batch, per batch a list over blocks of (args, kwargs)).
+    """
+    layers = family.layers(model)
+    first, calls, by_shape = [], [], {}
+    recording: list | None = None  # per-block arguments of the batch being run, when its shape is new
+
+    def hook(i):
+        def capture(module, args, kwargs):
+            if i == 0:
+                first.append(args[0] if args else kwargs["hidden_states"])
+            if recording is not None:
+                recording.append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            if recording is None or i == len(layers) - 1:
+                raise _Stop
+
+        return capture
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc="capture block inputs", unit="batch",
+                          disable=not progress):
+            batch = windows[start : start + batch_size].to(device)
+            recording = [] if batch.shape not in by_shape else None
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+            if recording is not None:
+                by_shape[batch.shape] = recording
+            calls.append(by_shape[batch.shape])
+    finally:
+        for h in handles:
+            h.remove()
+    return first, calls
+
+
+def _block_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def prune_sequentially(model, family: Family, targets: list[Target], windows: torch.Tensor, prune_layer,
+                       gram: bool, batch_size: int = 8, progress: bool = True) -> None:
+    """Calibrate and prune block by block; ``prune_layer(target, stats)`` zeroes one layer in place.
+
+    The inputs of block i are the outputs of blocks < i after pruning (module docstring).
+    """
+    hidden, calls = _capture_block_inputs(model, family, windows, batch_size, progress)
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
+    last = max(by_block)
+    layers = family.layers(model)
+    for i in tqdm(range(last + 1), desc="prune blocks", unit="block", disable=not progress):
+        block = layers[i]
+        if i in by_block:
+            stats = {t.name: InputStats(gram) for t in by_block[i]}
+            handles = [t.module.register_forward_pre_hook(lambda m, args, s=stats[t.name]: s.add(args[0]))
+                       for t in by_block[i]]
+            try:
+                for h, arguments in zip(hidden, calls):
+                    args, kwargs = arguments[i]
+                    block(h, *args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for t in by_block[i]:
+                prune_layer(t, stats[t.name])
+        if i < last:
+            hidden = [_block_output(block(h, *arguments[i][0], **arguments[i][1]))
+                      for h, arguments in zip(hidden, calls)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods
+# ---------------------------------------------------------------------------------------------
+def _describe(options: MethodOptions) -> dict:
+    return {"sparsity": options.sparsity, "nm": f"{options.nm[0]}:{options.nm[1]}" if options.nm else None,
+            "targets": options.targets or "all linear layers inside blocks"}
+
+
+def check(name: str):
+    def check_options(family: Family, config, options: MethodOptions) -> None:
+        if (options.sparsity is None) == (options.nm is None):
+            raise HypruneError(f"--method {name} needs exactly one of --sparsity R (unstructured, e.g. 0.5) "
+                               "or --nm N:M (e.g. 2:4).")
+        if options.sparsity is not None and not 0 < options.sparsity < 1:
+            raise HypruneError(f"--sparsity must be a fraction strictly between 0 and 1, got {options.sparsity}.")
+        if options.ratio is not None:
+            raise HypruneError(f"--ratio is for the structured SSM methods; --method {name} takes --sparsity or --nm.")
+        with torch.device("meta"):  # names and shapes only: no weights are read
+            skeleton = AutoModelForCausalLM.from_config(config)
+        targets = select_targets(skeleton, family, options.targets)
+        if options.nm is not None:
+            m = options.nm[1]
+            bad = [f"{t.name} ({t.module.in_features} inputs)" for t in targets if t.module.in_features % m]
+            if bad:
+                raise HypruneError(f"--nm {options.nm[0]}:{m} needs input widths divisible by {m}; not: "
+                                   f"{', '.join(bad[:4])}. Narrow --targets or pick another M.")
+
+    return check_options
+
+
+def sparsity_report(targets: list[Target]) -> dict:
+    """Zeros per pruned tensor and in total (counted on the weights as they will be saved)."""
+    tensors = []
+    for t in targets:
+        w = t.module.weight
+        zeros = int((w == 0).sum())
+        tensors.append({"name": t.name, "group": t.group, "shape": list(w.shape), "zeros": zeros,
+                        "sparsity": zeros / w.numel()})
+    numel = sum(t.module.weight.numel() for t in targets)
+    zeros = sum(row["zeros"] for row in tensors)
+    return {"tensors": tensors, "total": {"tensors": len(tensors), "weights": numel, "zeros": zeros,
+                                          "sparsity": zeros / numel}}
+
+
+def _zero_(module: nn.Linear, mask: torch.Tensor, new_weight: torch.Tensor | None = None) -> None:
+    with torch.no_grad():
+        if new_weight is not None:
+            module.weight.copy_(new_weight.to(module.weight.dtype))
+        module.weight[mask.to(module.weight.device)] = 0
+
+
+def _run(name: str):
+    def run(model, family: Family, windows, options: MethodOptions, *, batch_size: int = 8,
+            progress: bool = True) -> MethodResult:
+        targets = select_targets(model, family, options.targets)
+        sparsity, nm = options.sparsity, options.nm
+        if name == "magnitude":
+            for t in tqdm(targets, desc="magnitude", unit="tensor", disable=not progress):
+                _zero_(t.module, lowest_mask(t.module.weight.detach().abs(), sparsity, nm))
+        elif name == "wanda":
+            prune_sequentially(model, family, targets, windows, gram=False, batch_size=batch_size, progress=progress,
+                               prune_layer=lambda t, s: _zero_(t.module, lowest_mask(
+                                   wanda_scores(t.module.weight.detach(), s.total), sparsity, nm)))
+        else:
+            def prune_layer(t: Target, stats: InputStats) -> None:
+                weight, mask = sparsegpt_prune(t.module.weight.detach(), stats.total, sparsity, nm)
+                _zero_(t.module, mask, weight)
+
+            prune_sequentially(model, family, targets, windows, gram=True, batch_size=batch_size, progress=progress,
+                               prune_layer=prune_layer)
+        report = {**_describe(options), **sparsity_report(targets)}
+        if windows is not None:
+            report["calibration_windows"] = list(windows.shape)
+        return MethodResult(model=model, report=report)
+
+    return run
+
+
+_SUMMARIES = {
+    "magnitude": "unstructured / N:M sparsity by |W| per output row (no data)",
+    "wanda": "unstructured / N:M sparsity by |W| x input norm per output row (Wanda)",
+    "sparsegpt": "unstructured / N:M sparsity with OBS weight reconstruction (SparseGPT)",
+}
+for _name, _summary in _SUMMARIES.items():
+    register(Method(name=_name, summary=_summary, needs_data=_name != "magnitude", check=check(_name),
+                    run=_run(_name)))
