@@ -197,9 +197,12 @@ def zx_rows(H: int, P: int) -> torch.Tensor:
     return torch.arange(2 * H * P).view(2, H, P)
 
 
-def state_scores(method: str, model, family: Family, windows, options: MethodOptions, batch_size: int,
-                 progress: bool) -> dict[int, torch.Tensor]:
-    """Block index -> [N] score of every SSM state (higher = keep), for one of `STATE_SCORES`."""
+def state_scores(method: str, model, family: Family, windows, options: MethodOptions, batch_size: int = 8,
+                 progress: bool = True, taylor: dict | None = None) -> dict[int, torch.Tensor]:
+    """Block index -> [N] score of every SSM state (higher = keep), for one of `STATE_SCORES`.
+
+    ``taylor``: the `in_proj_taylor` statistics when already computed (they serve every Taylor score).
+    """
     H, P, G, N = _sizes(family, model.config)
     rows = bc_rows(H, P, G, N)
     mixers = mamba_mixers(model, family)
@@ -209,18 +212,19 @@ def state_scores(method: str, model, family: Family, windows, options: MethodOpt
     if method == "state-magnitude":
         return {i: mixer.in_proj.weight.detach().double()[rows].pow(2).sum(dim=(0, 1, 3)).sqrt().cpu()
                 for i, _, mixer in mixers}
-    taylor = in_proj_taylor(model, family, windows, batch_size, progress)
+    taylor = taylor or in_proj_taylor(model, family, windows, batch_size, progress)
     hidden = model.config.hidden_size
     if method == "state-taylor1":
         return {i: t["first"][rows].sum(dim=(0, 1)).abs() for i, t in taylor.items()}
     return {i: t["second"][rows].sum(dim=(0, 1)) / hidden for i, t in taylor.items()}
 
 
-def headdim_scores(model, family: Family, windows, batch_size: int, progress: bool) -> dict[int, torch.Tensor]:
+def headdim_scores(model, family: Family, windows, batch_size: int = 8, progress: bool = True,
+                   taylor: dict | None = None) -> dict[int, torch.Tensor]:
     """Block index -> [P] second-order Taylor saliency of each head channel (z and x rows, all heads)."""
     H, P, _, _ = _sizes(family, model.config)
     rows = zx_rows(H, P)
-    taylor = in_proj_taylor(model, family, windows, batch_size, progress)
+    taylor = taylor or in_proj_taylor(model, family, windows, batch_size, progress)
     return {i: t["second"][rows].sum(dim=(0, 1)) / model.config.hidden_size for i, t in taylor.items()}
 
 
@@ -274,13 +278,18 @@ def _check_state(name):
     return check
 
 
+def prune_states(model, family: Family, name: str, scores: dict[int, torch.Tensor], ratio: float) -> MethodResult:
+    """Keep the best ``1 - ratio`` of the SSM states of every Mamba layer by ``scores`` (from `state_scores`)."""
+    keep = kept_count(family.sizes(model.config)["ssm_state"], ratio, "SSM states")
+    plan, report = _axis_plan(model, family, name, "ssm_state", "state", scores, keep)
+    report = {"ratio": ratio, "score": STATE_SCORES[name], **report}
+    return MethodResult(model=apply_plan(model, plan, family), report=report, plan=plan)
+
+
 def _run_state(name):
     def run(model, family, windows, options, *, batch_size=8, progress=True) -> MethodResult:
-        keep = kept_count(family.sizes(model.config)["ssm_state"], options.ratio, "SSM states")
         scores = state_scores(name, model, family, windows, options, batch_size, progress)
-        plan, report = _axis_plan(model, family, name, "ssm_state", "state", scores, keep)
-        report = {"ratio": options.ratio, "score": STATE_SCORES[name], **report}
-        return MethodResult(model=apply_plan(model, plan, family), report=report, plan=plan)
+        return prune_states(model, family, name, scores, options.ratio)
 
     return run
 
@@ -292,13 +301,18 @@ def _check_headdim(family: Family, config, options: MethodOptions) -> None:
     kept_count(family.sizes(config)["mamba_head_dim"], ratio, f"head channels ({family.fields['mamba_head_dim']})")
 
 
-def _run_headdim(model, family, windows, options, *, batch_size=8, progress=True) -> MethodResult:
-    keep = kept_count(family.sizes(model.config)["mamba_head_dim"], options.ratio, "head channels")
-    scores = headdim_scores(model, family, windows, batch_size, progress)
+def prune_head_channels(model, family: Family, scores: dict[int, torch.Tensor], ratio: float) -> MethodResult:
+    """Keep the best ``1 - ratio`` of the head channels (the same in every head) by ``scores`` (`headdim_scores`)."""
+    keep = kept_count(family.sizes(model.config)["mamba_head_dim"], ratio, "head channels")
     plan, report = _axis_plan(model, family, "headdim-taylor", "mamba_head_dim", "head_dim", scores, keep)
-    report = {"ratio": options.ratio, "score": "second-order Taylor (W^2 E[g^2]) over the z and x rows, all heads",
+    report = {"ratio": ratio, "score": "second-order Taylor (W^2 E[g^2]) over the z and x rows, all heads",
               **report}
     return MethodResult(model=apply_plan(model, plan, family), report=report, plan=plan)
+
+
+def _run_headdim(model, family, windows, options, *, batch_size=8, progress=True) -> MethodResult:
+    return prune_head_channels(model, family, headdim_scores(model, family, windows, batch_size, progress),
+                               options.ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +322,7 @@ def merged_group_count(groups: int, ratio: float) -> int:
     """Groups left after merging: ``groups * (1 - ratio)``, which must divide ``groups`` (equal clusters)."""
     keep = kept_count(groups, ratio, "B/C groups")
     if groups % keep:
-        valid = [f"{1 - d / groups:.3g} ({d} groups)" for d in range(1, groups) if groups % d == 0]
+        valid = [f"{1 - d / groups:.3g} ({d} left)" for d in range(1, groups) if groups % d == 0]
         raise HypruneError(
             f"--ratio {ratio} merges {groups} B/C groups into {keep}, but head-merge pools equal runs of consecutive "
             f"groups, so the count left must divide {groups}. Valid ratios: {', '.join(valid)}."
@@ -342,9 +356,10 @@ def _check_merge(family: Family, config, options: MethodOptions) -> None:
     merged_group_count(family.sizes(config)["mamba_groups"], ratio)
 
 
-def _run_merge(model, family, windows, options, *, batch_size=8, progress=True) -> MethodResult:
+def merge_groups(model, family: Family, ratio: float) -> MethodResult:
+    """head-merge: pool runs of consecutive B/C groups (``model`` is changed in place) and cut the model."""
     G = family.sizes(model.config)["mamba_groups"]
-    groups_left = merged_group_count(G, options.ratio)
+    groups_left = merged_group_count(G, ratio)
     representatives = pool_groups_(model, family, groups_left)
     plan = identity_plan(family, model.config)
     plan.method = "head-merge"
@@ -353,10 +368,14 @@ def _run_merge(model, family, windows, options, *, batch_size=8, progress=True) 
     for i, _, _ in mamba_mixers(model, family):
         plan.layers[i].groups = representatives
     run = G // groups_left
-    report = {"ratio": options.ratio, "axis": family.fields["mamba_groups"], "kept": groups_left, "of": G,
+    report = {"ratio": ratio, "axis": family.fields["mamba_groups"], "kept": groups_left, "of": G,
               "merged": [list(range(c * run, (c + 1) * run)) for c in range(groups_left)],
               "note": "B/C in_proj rows, conv filters and biases mean-pooled over each run of consecutive groups"}
     return MethodResult(model=apply_plan(model, plan, family), report=report, plan=plan)
+
+
+def _run_merge(model, family, windows, options, *, batch_size=8, progress=True) -> MethodResult:
+    return merge_groups(model, family, options.ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,16 +398,21 @@ def flap_compensation(weight: torch.Tensor, mean: torch.Tensor, removed_channels
 
 
 def _run_flap(model, family, windows, options, *, batch_size=8, progress=True) -> MethodResult:
+    return prune_heads_flap(model, family, out_proj_input_moments(model, family, windows, batch_size, progress),
+                            options.ratio)
+
+
+def prune_heads_flap(model, family: Family, moments: dict[int, dict[str, torch.Tensor]], ratio: float) -> MethodResult:
+    """SSM-FLAP from the out_proj input ``moments`` (`out_proj_input_moments`): cut heads, compensate the bias."""
     H, P, G, _ = _sizes(family, model.config)
     per_group = H // G
-    keep = kept_count(per_group, options.ratio, "Mamba heads per group")
-    moments = out_proj_input_moments(model, family, windows, batch_size, progress)
+    keep = kept_count(per_group, ratio, "Mamba heads per group")
     scores = flap_head_scores(model, family, moments)
     # FLAP's one global threshold: the lowest ratio of all heads, all layers together. An HF config
     # holds one head count, and every group must keep the same number, so the heads actually removed
     # are the lowest (per_group - keep) of every group; the global choice is reported next to it.
     everything = torch.cat(list(scores.values()))
-    n_remove = round(options.ratio * len(everything))
+    n_remove = max(1, round(ratio * len(everything)))
     threshold = everything.sort().values[n_remove - 1].item()
     plan = identity_plan(family, model.config)
     plan.method = "ssm-flap"
@@ -404,7 +428,7 @@ def _run_flap(model, family, windows, options, *, batch_size=8, progress=True) -
                        "global_threshold_would_remove": int((scores[i] <= threshold).sum()),
                        "compensation_norm": float(compensation[i].norm())})
     pruned = apply_plan(model, plan, family)
-    report = {"ratio": options.ratio, "axis": family.fields["mamba_heads"], "kept": keep * G, "of": H,
+    report = {"ratio": ratio, "axis": family.fields["mamba_heads"], "kept": keep * G, "of": H,
               "score": "standardised fluctuation (var(x_j) * ||W_out[:, j]||^2), mean per head",
               "global_threshold": threshold, "layers": layers,
               "reconciled": "HF configs need equal head counts per layer and per group: each group drops its "
