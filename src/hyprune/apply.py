@@ -182,8 +182,17 @@ def apply_plan(model, plan: Plan, family: Family | None = None):
     validate_plan(plan, family, model.config)
     new_config = pruned_config(family, model.config, plan)
     state = slice_state_dict(family, model.config, plan, model.state_dict())
+    return model_from_state_dict(new_config, state, model)
+
+
+def model_from_state_dict(config, state: dict[str, torch.Tensor], like):
+    """A model of ``config`` holding exactly the tensors of ``state`` (dtype and generation config of ``like``).
+
+    Built on the meta device and handed the tensors by assignment, so nothing is initialised or copied;
+    any tensor the config expects but ``state`` lacks (or the reverse) is an error.
+    """
     with _parameters_on_meta():
-        new_model = AutoModelForCausalLM.from_config(new_config, dtype=model.dtype)
+        new_model = AutoModelForCausalLM.from_config(config, dtype=like.dtype)
     # Tied weights (if the config ties them) share one tensor in state_dict; load all keys present.
     missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
     leftover = [k for k in missing if not _is_tied(new_model, k)]
@@ -194,7 +203,7 @@ def apply_plan(model, plan: Plan, family: Family | None = None):
     for name, param in new_model.named_parameters():
         if param.is_meta:
             raise HypruneError(f"Parameter {name} of the pruned model received no weights.")
-    new_model.generation_config = model.generation_config
+    new_model.generation_config = like.generation_config
     new_model.eval()
     return new_model
 

@@ -25,7 +25,7 @@ from hyprune.errors import HypruneError
 
 PLAN_METHODS = {"activation": "group-aware activation importance (Minitron-SSM)",
                 "group-blind": "activation importance, Mamba heads ranked ignoring their B/C groups"}
-_MODULES: tuple[str, ...] = ("sparsity",)  # modules under hyprune.methods that register methods
+_MODULES: tuple[str, ...] = ("sparsity", "ssm")  # modules under hyprune.methods that register methods
 _REGISTRY: dict[str, "Method"] = {}
 
 
