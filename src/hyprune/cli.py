@@ -392,6 +392,29 @@ def bench(
     out_console.print(format_bench_table(result))
 
 
+@app.command("report")
+def report_command(
+    paths: list[str] = typer.Argument(..., help="Run outputs: prune folders, distill run folders, eval RESULTS.json, "
+                                      "or (with --out) report.json files / folders holding them."),
+    out: Optional[str] = typer.Option(None, "--out", help="Compare the runs: a table and a Pareto plot in this "
+                                      "folder (report.md, report.json, pareto.png)."),
+):
+    """(Re)write the report of each run, or compare several runs' reports (--out DIR)."""
+    from hyprune import report
+
+    if out is None:
+        for path in paths:
+            written = _run(report.write_run_report, path)
+            out_console.print(f"report: {written['markdown']}")
+        return
+    comparison = _run(report.compare_reports, paths)
+    written = comparison.write(out)
+    out_console.print(report.markdown_table(["run", "model", "parameters", "perplexity", "decode tokens/s"],
+                                            [[p["run"], p["label"], p.get("parameters"), p.get("perplexity"),
+                                              p.get("tokens_per_s")] for p in comparison.points]))
+    out_console.print(f"report: {written['markdown']}")
+
+
 @app.command()
 def demo(
     out: str = typer.Option("hyprune-demo", "--out", help="Folder for the demo's models and results."),
