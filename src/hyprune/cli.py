@@ -392,6 +392,26 @@ def bench(
     out_console.print(format_bench_table(result))
 
 
+@app.command("run")
+def run_command(
+    recipe: str = typer.Argument(..., help="A recipe YAML file (see recipes/)."),
+    restart: bool = typer.Option(False, "--restart", help="If the recipe changed, rerun the changed stage and the "
+                                 "stages after it (finished earlier stages are kept)."),
+    check: bool = typer.Option(False, "--check", help="Only validate the recipe and the files it names."),
+    quiet: bool = Quiet,
+):
+    """Run a recipe: prune -> distill -> eval -> report, resumable at stage boundaries."""
+    from hyprune import recipe as recipes
+
+    parsed = _run(recipes.load_recipe, recipe)
+    if check:
+        _run(recipes.check_inputs, parsed)
+        out_console.print(f"{recipe}: valid; stages {' -> '.join(parsed.stages())}; output {parsed.output}")
+        return
+    with _hf_progress(not quiet):
+        _run(recipes.run_recipe, parsed, restart=restart, progress=not quiet, console=console)
+
+
 @app.command("report")
 def report_command(
     paths: list[str] = typer.Argument(..., help="Run outputs: prune folders, distill run folders, eval RESULTS.json, "
