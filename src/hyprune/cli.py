@@ -439,12 +439,16 @@ def report_command(
 def demo(
     out: str = typer.Option("hyprune-demo", "--out", help="Folder for the demo's models and results."),
     train_minutes: float = typer.Option(3.0, "--train-minutes", help="Training time for the small teacher."),
-    overwrite: bool = Overwrite,
+    distill_tokens: int = typer.Option(400_000, "--distill-tokens", help="Distillation budget in tokens."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start from scratch (a new teacher, a new run)."),
+    quiet: bool = Quiet,
 ):
-    """Offline end-to-end demo: train a small NemotronH on the stdlib source, prune it to ~50%."""
+    """Offline end-to-end demo: train a small NemotronH on the stdlib source, prune it to ~50%, distill, evaluate."""
     from hyprune.demo import run_demo
 
-    _run(run_demo, out, train_minutes=train_minutes, overwrite=overwrite)
+    with _hf_progress(not quiet):
+        _run(run_demo, out, train_minutes=train_minutes, overwrite=overwrite, distill_tokens=distill_tokens,
+             progress=not quiet)
 
 
 def _fail(message: str):

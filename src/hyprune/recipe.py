@@ -332,8 +332,9 @@ def _reconcile(record: RunRecord, recipe: Recipe, prints: dict[str, str], restar
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
-def run_recipe(recipe: Recipe | str | Path, restart: bool = False, progress: bool = True, console=None) -> dict:
-    """Run (or continue) a recipe; returns the run record's data. See the module docstring."""
+def run_recipe(recipe: Recipe | str | Path, restart: bool = False, progress: bool = True,
+               console=None) -> "RunRecord":
+    """Run (or continue) a recipe; returns the run record (also in ``output/hyprune_run.json``)."""
     from rich.console import Console
 
     if not isinstance(recipe, Recipe):
@@ -364,7 +365,7 @@ def run_recipe(recipe: Recipe | str | Path, restart: bool = False, progress: boo
                                 "seconds": round(time.perf_counter() - start, 1), "result": result}
         record.save()
     console.print(f"report: {out / 'report.md'}")
-    return record.data
+    return record
 
 
 def _load_kwargs(recipe: Recipe, device_map: bool = True) -> dict:
