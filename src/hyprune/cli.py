@@ -425,14 +425,14 @@ def report_command(
     if out is None:
         for path in paths:
             written = _run(report.write_run_report, path)
-            out_console.print(f"report: {written['markdown']}")
+            out_console.print(f"report: {written['markdown']}", soft_wrap=True)
         return
     comparison = _run(report.compare_reports, paths)
     written = comparison.write(out)
     out_console.print(report.markdown_table(["run", "model", "parameters", "perplexity", "decode tokens/s"],
                                             [[p["run"], p["label"], p.get("parameters"), p.get("perplexity"),
                                               p.get("tokens_per_s")] for p in comparison.points]))
-    out_console.print(f"report: {written['markdown']}")
+    out_console.print(f"report: {written['markdown']}", soft_wrap=True)
 
 
 @app.command()
