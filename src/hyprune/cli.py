@@ -438,8 +438,8 @@ def report_command(
 @app.command()
 def demo(
     out: str = typer.Option("hyprune-demo", "--out", help="Folder for the demo's models and results."),
-    train_minutes: float = typer.Option(3.0, "--train-minutes", help="Training time for the small teacher."),
-    distill_tokens: int = typer.Option(400_000, "--distill-tokens", help="Distillation budget in tokens."),
+    train_minutes: float = typer.Option(4.0, "--train-minutes", help="Training time for the small teacher."),
+    distill_tokens: int = typer.Option(600_000, "--distill-tokens", help="Distillation budget in tokens."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start from scratch (a new teacher, a new run)."),
     quiet: bool = Quiet,
 ):
