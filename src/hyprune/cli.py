@@ -165,6 +165,7 @@ def prune(
     if summary.get("blocks_after") != summary.get("blocks_before"):
         out_console.print(f"blocks: {summary['blocks_before']} -> {summary['blocks_after']} "
                           f"(dropped {summary['drop_blocks']})")
+    out_console.print(f"report: {Path(out) / 'report.md'}", soft_wrap=True)
 
 
 @app.command()
@@ -238,7 +239,7 @@ def _print_training_summary(summary: dict, out: str) -> None:
     keys = ("steps", "tokens", "loss", "student_perplexity", "teacher_perplexity")
     out_console.print(", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary[k]}"
                                 for k in keys if summary.get(k) is not None))
-    out_console.print(f"final model: {out}/final   log: {out}/log.jsonl")
+    out_console.print(f"final model: {out}/final   log: {out}/log.jsonl   report: {out}/report.md", soft_wrap=True)
 
 
 @app.command()
@@ -349,8 +350,9 @@ def eval_command(
     trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile, overwrite: bool = Overwrite,
     quiet: bool = Quiet,
 ):
-    """Perplexity on local text and/or lm-evaluation-harness tasks, as JSON."""
+    """Perplexity on local text and/or lm-evaluation-harness tasks, as JSON (and a report next to it)."""
     from hyprune.evaluate import evaluate
+    from hyprune.report import eval_report_paths
 
     if limit is not None and limit >= 1:
         limit = int(limit)
@@ -364,7 +366,8 @@ def eval_command(
     for name, task in (result.get("tasks") or {}).items():
         scores = ", ".join(f"{k}={task[k]:.4f}" for k in ("acc", "acc_norm") if task.get(k) is not None)
         out_console.print(f"{name} ({task.get('shots')}-shot): {scores}")
-    out_console.print(f"results written to {out}")
+    folder, stem = eval_report_paths(out)
+    out_console.print(f"results written to {out}   report: {folder / stem}.md", soft_wrap=True)
 
 
 @app.command()
