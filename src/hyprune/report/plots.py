@@ -136,7 +136,7 @@ def pareto_plot(points: Sequence[dict], metric: str, path: str | Path) -> Path:
     """Quality against parameters, colour = decode speed where measured; the Pareto front joined up.
 
     ``points`` are report points (``label``, ``parameters``, ``metric``, optional ``tokens_per_s``).
-    Perplexity is drawn on a log axis (lower is better); accuracy on a linear one (higher is better).
+    Lower perplexity is better (a log axis when the values span more than 3x); higher accuracy is better.
     """
     lower = metric == "perplexity"
     points = [p for p in points if p.get(metric) is not None and p.get("parameters")]
@@ -156,7 +156,8 @@ def pareto_plot(points: Sequence[dict], metric: str, path: str | Path) -> Path:
         ax.legend(fontsize=7)
     for p in points:
         ax.annotate(p["label"], (p["parameters"], p[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if lower:
+    values = [p[metric] for p in points]
+    if lower and values and min(values) > 0 and max(values) / min(values) > 3:  # perplexities spanning a wide range
         ax.set_yscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
