@@ -370,8 +370,8 @@ def demo_recipe(out: str | Path = "hyprune-demo", *, seq_len: int = 128, calib_w
     data = {
         "name": "demo",
         "description": "The offline demo: a small NemotronH trained on the Python standard library's source, "
-                       "pruned to about half its parameters, distilled briefly from itself (forward KL), evaluated "
-                       "on held-out stdlib files. Run `hyprune demo` once to make the teacher and the data.",
+                       "pruned to about half its parameters, distilled briefly from the teacher (forward KL), "
+                       "evaluated on held-out stdlib files. Run `hyprune demo` once to make the teacher and the data.",
         "model": str(out / "teacher"),
         "output": str(out / "run"),
         "prune": {"data": str(out / "data" / "train.txt"), "target": dict(TARGET), "seq_len": seq_len,
