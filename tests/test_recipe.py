@@ -91,7 +91,8 @@ def test_unreadable_recipes_are_clear_errors(tmp_path):
 
 
 def test_missing_files_and_bad_targets_name_the_key(tmp_path, nemotron_dir, calib_txt):
-    recipe = parse_recipe(_tiny(nemotron_dir, calib_txt, tmp_path / "out", **{"distill.data": str(tmp_path / "no.txt")}))
+    missing = {"distill.data": str(tmp_path / "no.txt")}
+    recipe = parse_recipe(_tiny(nemotron_dir, calib_txt, tmp_path / "out", **missing))
     with pytest.raises(HypruneError, match=r"distill\.data: .*no\.txt"):
         check_inputs(recipe)
     recipe = parse_recipe(_tiny(nemotron_dir, calib_txt, tmp_path / "out", **{"prune.target": {"hidden_size": 64}}))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -511,7 +510,7 @@ def pipeline_report(recipe: Recipe, out: Path, record: RunRecord) -> Report:
                     caption="Held-out perplexity against parameters; colour = decode tokens/s")
     for r in rows:
         report.point(**r)
-    report.data = {"recipe": recipe.model_dump(mode="json"), "stages": {s: {k: v for k, v in entry.items() if k != "result"}
-                                                            for s, entry in record.stages.items()},
+    stages = {s: {k: v for k, v in entry.items() if k != "result"} for s, entry in record.stages.items()}
+    report.data = {"recipe": recipe.model_dump(mode="json"), "stages": stages,
                    "eval": record.stages.get("eval", {}).get("result")}
     return report

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The axes a Minitron importance sweep scores, in the order a reader expects them.
 IMPORTANCE_AXES = ("hidden", "mamba_heads", "mamba_head_dim", "ssm_state", "attention_heads", "ffn")
@@ -20,6 +20,10 @@ BEFORE, AFTER = "#9DB7D5", "#2E5A88"
 
 
 def _figure(width: float, height: float) -> Figure:
+    # imported here, not at module level: every command imports the report package, few draw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig

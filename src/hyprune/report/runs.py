@@ -182,7 +182,8 @@ def eval_report(results_path: str | Path) -> Report:
         report.table(["task", "shots", "acc", "acc_norm"],
                      [[name, t.get("shots"), t.get("acc"), t.get("acc_norm")] for name, t in results["tasks"].items()])
     report.data = results
-    report.point(Path(results_path).stem, results.get("model"), results.get("parameters"), perplexity=results.get("perplexity"),
+    report.point(Path(results_path).stem, results.get("model"), results.get("parameters"),
+                 perplexity=results.get("perplexity"),
                  accuracy=_mean_accuracy(results.get("tasks")),
                  evaluation={k: results.get(k) for k in ("data", "seq_len", "windows", "stride")})
     return report
