@@ -71,6 +71,7 @@ def test_eval_reports_and_comparison_from_cli(nemotron_dir, llama_dir, calib_txt
     best = min(results, key=lambda name: results[name]["perplexity"])  # the best quality is always on the front
     smallest = min(results, key=lambda name: results[name]["parameters"])  # and so is the smallest model
     assert f"eval/{best}" in cmp["data"]["pareto_front"] and f"eval/{smallest}" in cmp["data"]["pareto_front"]
+    assert "Careful" not in (tmp_path / "cmp" / "report.md").read_text()  # same data, same windows
 
     # regenerating one run's report in place
     result = CliRunner().invoke(app, ["report", str(tmp_path / "eval" / "llama.json")])
@@ -94,6 +95,15 @@ def test_comparison_deduplicates_a_shared_teacher(tmp_path):
     cmp = compare_reports([tmp_path / "r1", tmp_path / "r2"])
     assert [(p["run"], p["label"]) for p in cmp.points] == [("r1", "student"), ("r2", "student"), ("r1", "teacher")]
     assert cmp.data["pareto_front"] == ["r2/student", "r1/teacher"]
+
+
+def test_comparison_warns_when_perplexities_were_measured_differently(tmp_path):
+    for run, seq_len in (("short", 128), ("long", 256)):
+        report = Report("eval", run)
+        report.point("model", run, 100, perplexity=5.0, evaluation={"data": "test.txt", "seq_len": seq_len})
+        report.write(tmp_path / run)
+    text = compare_reports([tmp_path / "short", tmp_path / "long"]).to_markdown()
+    assert "**Careful:**" in text and '"seq_len": 128' in text and '"seq_len": 256' in text
 
 
 def test_report_envelope_and_table():

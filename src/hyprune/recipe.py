@@ -427,8 +427,8 @@ def _eval(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming
                       context_lengths=b.context_lengths, decode_tokens=b.decode_tokens, repeats=b.repeats,
                       device=load.pop("device"), dtype=load.pop("dtype"), out=str(out / "eval" / "bench.json"),
                       overwrite=True, progress=progress, **load)
-    return {"models": {k: {key: v.get(key) for key in ("model", "parameters", "perplexity", "tokens", "tasks")}
-                       for k, v in results.items()},
+    keep = ("model", "parameters", "perplexity", "tokens", "windows", "tasks")
+    return {"models": {k: {key: v.get(key) for key in keep} for k, v in results.items()},
             "bench": None if speed is None else _speeds(speed)}
 
 
@@ -460,7 +460,9 @@ def model_rows(recipe: Recipe, out: Path, record: RunRecord) -> list[dict]:
         # the pruned and the distilled model share one architecture: the student's speed is theirs
         role_speed = (speed["teacher" if name == "teacher" else "student"] if speed else {})
         accs = [t["acc"] for t in (m.get("tasks") or {}).values() if t.get("acc") is not None]
-        rows.append({"label": name, "model": str(folders[name]), "parameters": params,
+        evaluation = ({"data": recipe.eval.data, "seq_len": recipe.eval.seq_len, "windows": m.get("windows"),
+                       "stride": recipe.eval.stride} if recipe.eval is not None and recipe.eval.data else None)
+        rows.append({"label": name, "model": str(folders[name]), "parameters": params, "evaluation": evaluation,
                      "perplexity": m.get("perplexity"), "accuracy": sum(accs) / len(accs) if accs else None,
                      "tokens_per_s": role_speed.get("decode_tokens_per_s"),
                      "prefill_tokens_per_s": role_speed.get("prefill_tokens_per_s")})

@@ -153,7 +153,9 @@ def distill_report(run_dir: str | Path) -> Report:
     report.data = {"summary": summary, "config": config, "last": last,
                    "evals": [{k: r.get(k) for k in ("step", "tokens", "eval_ppl")} for r in records if "eval_ppl" in r]}
     report.point("distilled", str(final), checkpoint_parameters(final) if final.is_dir() else None,
-                 perplexity=student_ppl, evaluation="held-out windows of the distillation run")
+                 perplexity=student_ppl,
+                 evaluation={"data": f"held-out windows of the distillation run {run}",
+                             "seq_len": config.get("seq_len"), "windows": config.get("eval_windows"), "stride": None})
     return report
 
 
@@ -234,6 +236,10 @@ def compare_reports(inputs: Sequence[str | Path]) -> Report:
     report.table(["run", "model", "parameters", "perplexity", "accuracy", "decode tokens/s"],
                  [[p["run"], p["label"], p.get("parameters"), p.get("perplexity"), p.get("accuracy"),
                    p.get("tokens_per_s")] for p in unique])
+    measured_on = {json.dumps(p.get("evaluation"), sort_keys=True) for p in unique if p.get("perplexity") is not None}
+    if len(measured_on) > 1:
+        report.paragraph("**Careful:** these perplexities were measured on different data or windows, so they "
+                         "do not compare across those groups:\n\n" + "\n".join(f"- `{m}`" for m in sorted(measured_on)))
     metric = ("perplexity" if sum(p.get("perplexity") is not None for p in unique) >= 2 else
               "accuracy" if sum(p.get("accuracy") is not None for p in unique) >= 2 else None)
     if metric is not None:
