@@ -112,7 +112,8 @@ def test_tiny_recipe_end_to_end_resume_and_change(tmp_path, nemotron_dir, calib_
     out = tmp_path / "run"
     path = _write(tmp_path / "tiny.yaml", _tiny(nemotron_dir, calib_txt, out))
     runner = CliRunner()
-    assert runner.invoke(app, ["run", str(path), "--check"]).exit_code == 0
+    result = runner.invoke(app, ["run", str(path), "--check"])
+    assert result.exit_code == 0 and "prune (run), distill (run), eval (run), report (run)" in result.output
     assert not out.exists()  # --check runs nothing
 
     result = runner.invoke(app, ["run", str(path), "--quiet"])
@@ -146,6 +147,8 @@ def test_tiny_recipe_end_to_end_resume_and_change(tmp_path, nemotron_dir, calib_
     _write(path, _tiny(nemotron_dir, calib_txt, out, **{"distill.tokens": 32 * 4 * 4}))
     result = runner.invoke(app, ["run", str(path), "--quiet"])
     assert result.exit_code == 2 and "distill.tokens" in result.output and "--restart" in result.output
+    result = runner.invoke(app, ["run", str(path), "--check"])
+    assert "prune (skip), distill (changed), eval (changed), report (changed)" in result.output
     result = runner.invoke(app, ["run", str(path), "--quiet", "--restart"])
     assert result.exit_code == 0, result.output
     assert weights.stat().st_mtime_ns == stamp[0]
@@ -154,7 +157,7 @@ def test_tiny_recipe_end_to_end_resume_and_change(tmp_path, nemotron_dir, calib_
 
 
 def test_an_interrupted_distillation_resumes_from_its_checkpoint(tmp_path, nemotron_dir, calib_txt):
-    from hyprune.recipe import RunRecord, fingerprints, run_recipe
+    from hyprune.recipe import RunRecord, fingerprints, run_recipe, run_status
 
     recipe = parse_recipe(_tiny(nemotron_dir, calib_txt, tmp_path / "run", eval=None))
     run_recipe(recipe, progress=False)
@@ -167,8 +170,10 @@ def test_an_interrupted_distillation_resumes_from_its_checkpoint(tmp_path, nemot
     record.save()
     shutil.rmtree(out / "distill" / "final")
     shutil.rmtree(out / "distill" / "checkpoints" / "step-00000003")
+    assert run_status(recipe) == {"prune": "skip", "distill": "resume", "report": "run"}
     run_recipe(recipe, progress=False)
     summary = json.loads((out / "distill" / "final" / "hyprune_distill.json").read_text())["summary"]
     assert summary["resumed_from"] and summary["resumed_from"].endswith("step-00000002")
+    assert run_status(recipe) == {"prune": "skip", "distill": "skip", "report": "skip"}
     assert RunRecord(out).stages["distill"]["fingerprint"] == fingerprints(recipe)["distill"]
     assert log[-1]["step"] == 3

@@ -400,7 +400,8 @@ def run_command(
     recipe: str = typer.Argument(..., help="A recipe YAML file (see recipes/)."),
     restart: bool = typer.Option(False, "--restart", help="If the recipe changed, rerun the changed stage and the "
                                  "stages after it (finished earlier stages are kept)."),
-    check: bool = typer.Option(False, "--check", help="Only validate the recipe and the files it names."),
+    check: bool = typer.Option(False, "--check", help="Only validate the recipe and the files it names, and say "
+                               "what a run would do with each stage (run, skip, resume, changed)."),
     quiet: bool = Quiet,
 ):
     """Run a recipe: prune -> distill -> eval -> report, resumable at stage boundaries."""
@@ -409,7 +410,9 @@ def run_command(
     parsed = _run(recipes.load_recipe, recipe)
     if check:
         _run(recipes.check_inputs, parsed)
-        out_console.print(f"{recipe}: valid; stages {' -> '.join(parsed.stages())}; output {parsed.output}")
+        status = _run(recipes.run_status, parsed)
+        out_console.print(f"{recipe}: valid; output {parsed.output}; stages: "
+                          + ", ".join(f"{stage} ({what})" for stage, what in status.items()), soft_wrap=True)
         return
     with _hf_progress(not quiet):
         _run(recipes.run_recipe, parsed, restart=restart, progress=not quiet, console=console)

@@ -307,6 +307,20 @@ class RunRecord:
         write_text_atomic(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
 
 
+def run_status(recipe: Recipe) -> dict[str, str]:
+    """Per stage, what a run of ``recipe`` would do now: ``skip`` (done and unchanged), ``resume``
+    (started, unchanged), ``changed`` (done or started with other settings or inputs) or ``run``."""
+    folder = Path(recipe.output).expanduser()
+    stages = RunRecord(folder).stages if (folder / RUN_FILE).is_file() else {}
+    prints, status, invalid = fingerprints(recipe), {}, False
+    for stage in recipe.stages():
+        entry = stages.get(stage)
+        invalid = invalid or (entry is not None and entry["fingerprint"] != prints[stage])
+        status[stage] = ("changed" if invalid and entry else "run" if entry is None or invalid else
+                         "skip" if entry["status"] == "done" else "resume")
+    return status
+
+
 def _reconcile(record: RunRecord, recipe: Recipe, prints: dict[str, str], restart: bool) -> list[str]:
     """Drop the records of stages whose fingerprint changed (with ``restart``), else refuse; return them."""
     stale = [s for s in STAGES if s in record.stages and record.stages[s]["fingerprint"] != prints.get(s)]
