@@ -176,6 +176,8 @@ def eval_report(results_path: str | Path) -> Report:
                      f"{results.get('dtype')}). Raw numbers: `{Path(results_path).name}`.")
     if results.get("perplexity") is not None:
         report.heading("Perplexity")
+        report.paragraph(f"exp(mean next-token loss) over {fmt(results.get('windows'))} windows of "
+                         f"{fmt(results.get('seq_len'))} tokens; lower is better.")
         report.table(["data", "perplexity", "mean loss", "tokens", "windows", "window length", "stride"],
                      [[results.get("data"), results["perplexity"], results.get("loss"), results.get("tokens"),
                        results.get("windows"), results.get("seq_len"), results.get("stride")]])
