@@ -21,6 +21,7 @@ from hyprune.importance import activation_scores, load_scores, save_scores, summ
 from hyprune.methods import Method, MethodOptions, get_method
 from hyprune.models import count_parameters, load_config, load_model, load_tokenizer
 from hyprune.plan import Plan, load_plan_for, make_plan, parse_target, resolve_target, summarize
+from hyprune.report import write_run_report
 
 
 def _source(load_kwargs: dict) -> dict:
@@ -153,8 +154,9 @@ def prune(
             the_plan = make_plan(family, loaded.config, saved, target_dict, method=method,
                                  group_aware=method != "group-blind")
         if drop_blocks:
-            the_plan, _ = depth.depth_plan(loaded, drop_blocks, depth_method, depth_mode, windows=windows,
-                                           plan=the_plan, batch_size=batch_size, progress=progress)
+            the_plan, block_scores = depth.depth_plan(loaded, drop_blocks, depth_method, depth_mode,
+                                                      windows=windows, plan=the_plan, batch_size=batch_size,
+                                                      progress=progress)
         elif drop_block_list:
             the_plan = depth.with_dropped_blocks(the_plan, drop_block_list, family, loaded.config)
     before = count_parameters(loaded, family)
@@ -162,8 +164,13 @@ def prune(
     after = count_parameters(pruned, family)
     summary = {"source": str(model), "method": {"name": method}, "parameters": {"before": before, "after": after},
                **summarize(the_plan)}
+    if target_dict:
+        summary["importance"] = summarize_scores(saved, family, loaded.config)
     save_pruned(pruned, tokenizer, out, {"plan.json": the_plan.model_dump(exclude_none=True),
                                          "hyprune_summary.json": summary}, overwrite=overwrite)
+    if drop_blocks:
+        depth.save_block_scores(block_scores, out)
+    write_run_report(out)
     return summary
 
 
@@ -192,6 +199,7 @@ def _prune_with_method(method: Method, model: str, out: str, data: str | None, o
         extra["plan.json"] = result.plan.model_dump(exclude_none=True)
         summary.update(summarize(result.plan))
     save_pruned(result.model, tokenizer, out, extra, overwrite=overwrite)
+    write_run_report(out)
     return summary
 
 

@@ -169,6 +169,7 @@ def prune(
     if summary.get("blocks_after") != summary.get("blocks_before"):
         out_console.print(f"blocks: {summary['blocks_before']} -> {summary['blocks_after']} "
                           f"(dropped {summary['drop_blocks']})")
+    out_console.print(f"report: {Path(out) / 'report.md'}", soft_wrap=True)
 
 
 def _sparsity_table(report: dict) -> Table:
@@ -256,7 +257,7 @@ def _print_training_summary(summary: dict, out: str) -> None:
     keys = ("steps", "tokens", "loss", "student_perplexity", "teacher_perplexity")
     out_console.print(", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary[k]}"
                                 for k in keys if summary.get(k) is not None))
-    out_console.print(f"final model: {out}/final   log: {out}/log.jsonl")
+    out_console.print(f"final model: {out}/final   log: {out}/log.jsonl   report: {out}/report.md", soft_wrap=True)
 
 
 @app.command()
@@ -367,8 +368,9 @@ def eval_command(
     trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile, overwrite: bool = Overwrite,
     quiet: bool = Quiet,
 ):
-    """Perplexity on local text and/or lm-evaluation-harness tasks, as JSON."""
+    """Perplexity on local text and/or lm-evaluation-harness tasks, as JSON (and a report next to it)."""
     from hyprune.evaluate import evaluate
+    from hyprune.report import eval_report_paths
 
     if limit is not None and limit >= 1:
         limit = int(limit)
@@ -382,7 +384,8 @@ def eval_command(
     for name, task in (result.get("tasks") or {}).items():
         scores = ", ".join(f"{k}={task[k]:.4f}" for k in ("acc", "acc_norm") if task.get(k) is not None)
         out_console.print(f"{name} ({task.get('shots')}-shot): {scores}")
-    out_console.print(f"results written to {out}")
+    folder, stem = eval_report_paths(out)
+    out_console.print(f"results written to {out}   report: {folder / stem}.md", soft_wrap=True)
 
 
 @app.command()
@@ -410,16 +413,66 @@ def bench(
     out_console.print(format_bench_table(result))
 
 
+@app.command("run")
+def run_command(
+    recipe: str = typer.Argument(..., help="A recipe YAML file (see recipes/)."),
+    restart: bool = typer.Option(False, "--restart", help="If the recipe changed, rerun the changed stage and the "
+                                 "stages after it (finished earlier stages are kept)."),
+    check: bool = typer.Option(False, "--check", help="Only validate the recipe and the files it names, and say "
+                               "what a run would do with each stage (run, skip, resume, changed)."),
+    quiet: bool = Quiet,
+):
+    """Run a recipe: prune -> distill -> eval -> report, resumable at stage boundaries."""
+    from hyprune import recipe as recipes
+
+    parsed = _run(recipes.load_recipe, recipe)
+    if check:
+        _run(recipes.check_inputs, parsed)
+        status = _run(recipes.run_status, parsed)
+        out_console.print(f"{recipe}: valid; output {parsed.output}; stages: "
+                          + ", ".join(f"{stage} ({what})" for stage, what in status.items()), soft_wrap=True)
+        return
+    with _hf_progress(not quiet):
+        _run(recipes.run_recipe, parsed, restart=restart, progress=not quiet, console=console)
+
+
+@app.command("report")
+def report_command(
+    paths: list[str] = typer.Argument(..., help="Run outputs: prune folders, distill run folders, eval RESULTS.json, "
+                                      "or (with --out) report.json files / folders holding them."),
+    out: Optional[str] = typer.Option(None, "--out", help="Compare the runs: a table and a Pareto plot in this "
+                                      "folder (report.md, report.json, pareto.png)."),
+):
+    """(Re)write the report of each run, or compare several runs' reports (--out DIR)."""
+    from hyprune import report
+
+    if out is None:
+        for path in paths:
+            written = _run(report.write_run_report, path)
+            out_console.print(f"report: {written['markdown']}", soft_wrap=True)
+        return
+    comparison = _run(report.compare_reports, paths)
+    written = comparison.write(out)
+    out_console.print(report.markdown_table(["run", "model", "parameters", "perplexity", "decode tokens/s"],
+                                            [[p["run"], p["label"], p.get("parameters"), p.get("perplexity"),
+                                              p.get("tokens_per_s")] for p in comparison.points]))
+    out_console.print(f"report: {written['markdown']}", soft_wrap=True)
+
+
 @app.command()
 def demo(
     out: str = typer.Option("hyprune-demo", "--out", help="Folder for the demo's models and results."),
-    train_minutes: float = typer.Option(3.0, "--train-minutes", help="Training time for the small teacher."),
-    overwrite: bool = Overwrite,
+    train_minutes: float = typer.Option(4.0, "--train-minutes", help="Training time for the small teacher."),
+    distill_tokens: int = typer.Option(600_000, "--distill-tokens", help="Distillation budget in tokens."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start from scratch (a new teacher, a new run)."),
+    quiet: bool = Quiet,
 ):
-    """Offline end-to-end demo: train a small NemotronH on the stdlib source, prune it to ~50%."""
+    """Offline end-to-end demo: train a small NemotronH on the stdlib source, prune it to ~50%, distill, evaluate."""
     from hyprune.demo import run_demo
 
-    _run(run_demo, out, train_minutes=train_minutes, overwrite=overwrite)
+    with _hf_progress(not quiet):
+        _run(run_demo, out, train_minutes=train_minutes, overwrite=overwrite, distill_tokens=distill_tokens,
+             progress=not quiet)
 
 
 def _fail(message: str):

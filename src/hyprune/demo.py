@@ -1,4 +1,4 @@
-"""`hyprune demo`: an offline, end-to-end run on a model small enough for a laptop CPU.
+"""`hyprune demo`: the whole pipeline, offline, on a model small enough for a laptop CPU.
 
 1. Corpus: the ``.py`` files of the running Python's standard library (no download). Files are
    split into train / held-out test by a hash of their relative path, so the split is the same on
@@ -7,13 +7,13 @@
 2. Teacher: a byte-level BPE tokenizer (2048 tokens) and a small NemotronH (pattern ``M-M*-M-``:
    Mamba-2, MLP and attention blocks) trained from scratch for a few minutes of wall time. It is
    cached in ``OUT/teacher`` and reused by later runs.
-3. Prune: activation importance on calibration windows, a group-aware Minitron-SSM plan for a
-   target of about half the parameters, the plan applied, the result saved to ``OUT/pruned``
-   (an ordinary HF checkpoint, with ``plan.json``).
-4. Report: parameters per component and held-out perplexity, before and after, as a table and in
-   ``OUT/demo_results.json``.
+3. The tiny recipe (`demo_recipe`, shipped as ``recipes/demo.yaml``) through `hyprune.recipe`, the
+   code path of ``hyprune run``, in ``OUT/run``: prune to about half the parameters (group-aware
+   Minitron-SSM), distill briefly from the teacher (forward KL), evaluate teacher, pruned and
+   distilled model on the held-out files, benchmark their speed, and write ``OUT/run/report.md``.
+4. A table of the three models and the path of the report.
 
-The pruned model is *not* retrained here; Minitron-SSM recovers its accuracy with distillation.
+A rerun reuses the corpus, the teacher and every finished stage; ``--overwrite`` starts from scratch.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from hyprune.checkpoint import atomic_dir, save_pruned
+from hyprune.checkpoint import atomic_dir
 from hyprune.errors import HypruneError
+from hyprune.recipe import Recipe, model_rows, parse_recipe, run_recipe
 
 EOS = "<|endoftext|>"
 # Block pattern M-M*-M-: Mamba-2, MLP, Mamba-2, attention, MLP, Mamba-2, MLP.
@@ -61,8 +62,11 @@ TARGET = dict(
 # Standard-library folders that are not ordinary library code (tests, generated tables, tools).
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "encodings",
              "pydoc_data", "__pycache__", "ensurepip", "venv"}
-DEMO_ENTRIES = {"data", "teacher", "pruned", "demo_results.json"}
+DEMO_ENTRIES = {"data", "teacher", "run"}
 TEST_SHARE = 10  # one file in TEST_SHARE goes to the held-out set
+# Budgets for a quiet 2-core CPU (see README): teacher training in wall time, distillation in tokens.
+TRAIN_MINUTES = 4.0
+DISTILL_TOKENS = 600_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +263,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 def run_demo(
     out: str,
-    train_minutes: float = 3.0,
+    train_minutes: float = TRAIN_MINUTES,
     overwrite: bool = False,
+    distill_tokens: int = DISTILL_TOKENS,
     *,
     max_train_bytes: int = 6_000_000,
     max_test_bytes: int = 600_000,
@@ -270,33 +275,29 @@ def run_demo(
     calib_windows: int = 64,
     eval_windows: int = 128,
     seed: int = 0,
+    bench: bool = True,
     progress: bool = True,
     console=None,
 ) -> dict:
-    """Train (or reuse) a small NemotronH teacher on the stdlib source, prune it to ~50%, report.
+    """Train (or reuse) a small NemotronH teacher on the stdlib source, then run the tiny recipe on it.
 
-    Returns the dict written to ``OUT/demo_results.json``. The keyword-only arguments exist for
-    tests and experiments (a smaller corpus, fewer windows); the defaults are the demo.
+    Returns the teacher's training record, a row per model (parameters, held-out perplexity, speed),
+    the sizes before and after pruning, the stage timings and the report path. The keyword-only
+    arguments exist for tests and experiments (a smaller corpus, fewer windows); the defaults are the demo.
     """
     from rich.console import Console
-    from rich.table import Table
     from transformers import AutoModelForCausalLM
-
-    from hyprune.apply import apply_plan
-    from hyprune.data import calibration_windows, heldout_windows
-    from hyprune.evaluate import perplexity
-    from hyprune.importance import activation_scores
-    from hyprune.models import count_parameters, load_model, load_tokenizer
-    from hyprune.plan import make_plan, summarize
 
     if train_minutes <= 0:
         raise HypruneError(f"--train-minutes must be positive, got {train_minutes}.")
+    if distill_tokens < 1:
+        raise HypruneError(f"--distill-tokens must be positive, got {distill_tokens}.")
     console = console or Console()
     status = Console(stderr=True)
     out = Path(out).expanduser()
     _prepare_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, teacher_dir, pruned_dir = out / "data", out / "teacher", out / "pruned"
+    data_dir, teacher_dir = out / "data", out / "teacher"
     train_txt, test_txt = data_dir / "train.txt", data_dir / "test.txt"
     wall = time.perf_counter()
     torch.manual_seed(seed)
@@ -344,61 +345,64 @@ def run_demo(
                           f"final train loss {training['final_loss']:.3f} -> {teacher_dir}")
             del model
 
-        # 3. prune ---------------------------------------------------------------------------
-        tokenizer = load_tokenizer(teacher_dir)
-        teacher, family = load_model(teacher_dir)
-        calib = calibration_windows(tokenizer, train_txt, seq_len, calib_windows, seed=seed)
-        scores = activation_scores(teacher, calib, family, batch_size=8, progress=progress)
-        plan = make_plan(family, teacher.config, scores, dict(TARGET))
-        pruned = apply_plan(teacher, plan, family)
-        before, after = count_parameters(teacher, family), count_parameters(pruned, family)
-        summary = {"source": str(teacher_dir), "parameters": {"before": before, "after": after}, **summarize(plan)}
-        save_pruned(pruned, tokenizer, pruned_dir, {"plan.json": plan.model_dump(exclude_none=True),
-                                                    "hyprune_summary.json": summary}, overwrite=True)
+        # 3. prune -> distill -> eval -> report: the tiny recipe --------------------------------
+        recipe = demo_recipe(out, seq_len=seq_len, calib_windows=calib_windows, eval_windows=eval_windows,
+                             distill_tokens=distill_tokens, batch_size=batch_size, bench=bench)
+        record = run_recipe(recipe, restart=True, progress=progress, console=status)
 
-        # 4. evaluate ------------------------------------------------------------------------
-        test = heldout_windows(tokenizer, test_txt, seq_len=seq_len, num_windows=eval_windows)
-        ppl_teacher = perplexity(teacher, test, batch_size=8, progress=progress)
-        ppl_pruned = perplexity(pruned, test, batch_size=8, progress=progress)
-        torch.manual_seed(seed)
-        untrained = AutoModelForCausalLM.from_config(teacher.config).eval()
-        ppl_untrained = perplexity(untrained, test, batch_size=8)
-
-    results = {
-        "teacher": {"path": str(teacher_dir), "reused": reused, "parameters": before, "heldout": ppl_teacher,
-                    "config": {k: getattr(teacher.config, k) for k in TEACHER},
-                    "pattern": teacher.config.hybrid_override_pattern, "training": training},
-        "pruned": {"path": str(pruned_dir), "parameters": after, "heldout": ppl_pruned,
-                   "config": {k: getattr(pruned.config, k) for k in TEACHER}},
-        "untrained_teacher_heldout": ppl_untrained,
-        "target": dict(TARGET),
-        "plan": summarize(plan),
-        "kept_share": after["total"] / before["total"],
-        "corpus": {"train": str(train_txt), "test": str(test_txt), **corpus},
-        "calibration": {"data": str(train_txt), "seq_len": seq_len, "windows": len(calib), "seed": seed},
-        "seconds": round(time.perf_counter() - wall, 1),
-    }
-    tmp = out / ".demo_results.json.tmp"  # write, then rename: never a half-written file
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, out / "demo_results.json")
-
-    table = Table(title="hyprune demo: NemotronH trained on the stdlib source, pruned to ~50%")
-    table.add_column("")
-    table.add_column("teacher", justify="right")
-    table.add_column("pruned", justify="right")
-    table.add_column("kept", justify="right")
-    for key in before:
-        share = f"{100 * after[key] / before[key]:.0f}%" if before[key] else ""
-        table.add_row(key, f"{before[key]:,}", f"{after[key]:,}", share, end_section=key == "total")
-    table.add_row("held-out perplexity", f"{ppl_teacher['perplexity']:.2f}", f"{ppl_pruned['perplexity']:.2f}", "")
-    console.print(table)
-    sizes_before, sizes_after = plan.source["sizes"], plan.result_sizes()
-    changed = [f"{family.fields[a]} {sizes_before[a]}->{sizes_after[a]}" for a in family.fields
-               if sizes_before[a] != sizes_after[a]]
-    console.print("pruned: " + ", ".join(changed))
-    console.print(f"held-out: {ppl_teacher['windows']} windows x {ppl_teacher['seq_len']} tokens of {test_txt}; "
-                  f"an untrained model of the teacher's shape scores {ppl_untrained['perplexity']:.0f}. "
-                  "The pruned model is not retrained (Minitron-SSM recovers accuracy with distillation).")
-    console.print(f"saved: teacher {teacher_dir}, pruned {pruned_dir} (with plan.json), "
-                  f"results {out / 'demo_results.json'}")
+    run_dir = Path(recipe.output)
+    rows = model_rows(recipe, run_dir, record)
+    summary = json.loads((run_dir / "pruned" / "hyprune_summary.json").read_text())
+    results = {"teacher": {"path": str(teacher_dir), "reused": reused, "training": training},
+               "corpus": {"train": str(train_txt), "test": str(test_txt), **corpus},
+               "models": rows, "sizes": {"before": summary["before"], "after": summary["after"]},
+               "stages": {k: {"status": v["status"], "seconds": v["seconds"]} for k, v in record.stages.items()},
+               "report": str(run_dir / "report.md"), "seconds": round(time.perf_counter() - wall, 1)}
+    _print_summary(console, rows, summary, recipe, results)
     return results
+
+
+def demo_recipe(out: str | Path = "hyprune-demo", *, seq_len: int = 128, calib_windows: int = 64,
+                eval_windows: int = 128, distill_tokens: int = DISTILL_TOKENS, batch_size: int = 16,
+                bench: bool = True) -> Recipe:
+    """The tiny recipe the demo runs on its teacher in ``out``; ``recipes/demo.yaml`` is this with the defaults."""
+    out = Path(out)
+    data = {
+        "name": "demo",
+        "description": "The offline demo: a small NemotronH trained on the Python standard library's source, "
+                       "pruned to about half its parameters, distilled briefly from the teacher (forward KL), "
+                       "evaluated on held-out stdlib files. Run `hyprune demo` once to make the teacher and the data.",
+        "model": str(out / "teacher"),
+        "output": str(out / "run"),
+        "prune": {"data": str(out / "data" / "train.txt"), "target": dict(TARGET), "seq_len": seq_len,
+                  "num_samples": calib_windows},
+        "distill": {"data": str(out / "data" / "train.txt"), "tokens": distill_tokens, "seq_len": seq_len,
+                    "batch": batch_size, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "eval_every": 50,
+                    "eval_windows": 32, "checkpoint_every": 100, "keep_last": 1},
+        "eval": {"data": str(out / "data" / "test.txt"), "seq_len": seq_len, "num_windows": eval_windows},
+    }
+    if bench:
+        data["eval"]["bench"] = {"context_lengths": [seq_len], "decode_tokens": 32, "repeats": 3}
+    return parse_recipe(data, "the demo recipe")
+
+
+def _print_summary(console, rows: list[dict], summary: dict, recipe: Recipe, results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="hyprune demo: NemotronH on the stdlib source, pruned to ~50%, distilled")
+    for name, justify in (("model", "left"), ("parameters", "right"), ("kept", "right"),
+                          ("held-out perplexity", "right"), ("decode tokens/s", "right")):
+        table.add_column(name, justify=justify)
+    teacher_params = rows[0]["parameters"]
+    for r in rows:
+        table.add_row(r["label"], f"{r['parameters']:,}", f"{100 * r['parameters'] / teacher_params:.0f}%",
+                      f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-",
+                      f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "-")
+    console.print(table)
+    changed = [f"{axis} {summary['before'][axis]}->{summary['after'][axis]}" for axis in summary["before"]
+               if summary["before"][axis] != summary["after"][axis]]
+    console.print("pruned: " + ", ".join(changed))
+    console.print(f"held-out perplexity: {recipe.eval.num_windows} windows x {recipe.eval.seq_len} tokens of "
+                  f"{recipe.eval.data}; distilled on {recipe.distill.tokens:,} tokens of {recipe.distill.data}. "
+                  f"Stages: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in results["stages"].items()) + ".")
+    console.print(f"report: {results['report']}")

@@ -100,7 +100,8 @@ def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_l
     tokenizer and packed into ``seq_len`` windows, or a teacher top-k cache folder (then ``teacher``
     may be None: it is not loaded). ``**config`` are further `DistillConfig` fields (``lr``,
     ``micro_batch``, ``loss``, ``checkpoint_every``, ``plan``, ...). Writes ``out/final`` (HF
-    checkpoint + tokenizer), ``out/checkpoints/step-XXXXXXXX/`` and ``out/log.jsonl``.
+    checkpoint + tokenizer), ``out/checkpoints/step-XXXXXXXX/``, ``out/log.jsonl`` and the run's report
+    (``out/report.md``, ``out/report.json``, ``out/training_curves.png``).
     """
     from hyprune.data import check_source
     from hyprune.models import load_config, load_tokenizer
@@ -137,8 +138,19 @@ def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_l
     load = dict(dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     teacher_model = _load(teacher, **load) if (teacher is not None and not from_cache and cfg.loss != "ce") else None
     student_model = _load(student, **load)
-    return distill(teacher_model, student_model, train_data, cfg, out_path, eval_windows=eval_windows, resume=resume,
-                   tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, overwrite=overwrite)
+    summary = distill(teacher_model, student_model, train_data, cfg, out_path, eval_windows=eval_windows,
+                      resume=resume, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, overwrite=overwrite)
+    _write_report(out_path)
+    return summary
+
+
+def _write_report(out: Path) -> None:
+    """report.md / report.json / curves in the run folder, written once (by rank 0 under torchrun)."""
+    from hyprune.distill.distributed import setup
+    from hyprune.report import write_run_report
+
+    if setup().is_main:
+        write_run_report(out)
 
 
 def _heldout(tokenizer, eval_data, cfg, text_field, split):

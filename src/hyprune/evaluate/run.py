@@ -38,13 +38,15 @@ def evaluate(
     ``stride`` at the top level. lm-eval ``tasks`` (``"piqa,arc_easy"``; ``shots``, ``limit``,
     ``task_paths`` for local task YAMLs) add ``tasks: {name: {acc, acc_norm, ..., shots}}``.
     ``load_kwargs`` go to `hyprune.models.load_model` (dtype, device, device_map, allow_pickle,
-    trust_remote_code, gguf_file).
+    trust_remote_code, gguf_file). With ``out`` a report is written next to it: ``<stem>.report.md``
+    and ``<stem>.report.json`` (`hyprune.report.eval_report`).
     """
     from hyprune.data import check_source
     from hyprune.evaluate import harness
     from hyprune.evaluate.output import check_out_file, write_json
     from hyprune.evaluate.perplexity import check_window_args, perplexity, perplexity_windows
     from hyprune.models import load_config, load_model, load_tokenizer, parse_dtype
+    from hyprune.report import eval_report, eval_report_paths
 
     # 1. arguments -------------------------------------------------------------------------------
     if data is None and tasks is None:
@@ -84,7 +86,8 @@ def evaluate(
 
     # 3. the model, once ------------------------------------------------------------------------------
     loaded, _ = load_model(model, **load_kwargs)
-    result: dict = {"model": str(model), "dtype": str(load_kwargs.get("dtype", "float32"))}
+    result: dict = {"model": str(model), "dtype": str(load_kwargs.get("dtype", "float32")),
+                    "parameters": sum(p.numel() for p in loaded.parameters())}
     if windows is not None:
         result["data"] = str(data)
         result.update(perplexity(loaded, windows, batch_size=batch_size, progress=progress, stride=stride))
@@ -93,4 +96,5 @@ def evaluate(
                                         batch_size=batch_size, manager=manager))
     if out is not None:
         write_json(out, result)
+        eval_report(out).write(*eval_report_paths(out))
     return result

@@ -1,0 +1,532 @@
+"""Recipes: ``hyprune run recipe.yaml`` runs prune -> distill -> eval -> report in one run folder.
+
+A recipe is YAML checked against the typed schema below (`Recipe`) before anything runs: unknown
+keys, wrong types and missing values are errors that name the key (``distill.lr: ...``), and the
+files it names are checked next (`check_inputs`). Relative paths are taken from the current
+directory, like paths on the command line.
+
+The run folder (``output``) holds one sub-folder per stage and ``hyprune_run.json``, the record of
+the run: the recipe, and per stage its fingerprint, status and result. The record is rewritten
+atomically at every stage boundary, so a rerun of the same recipe skips the finished stages (and a
+distillation that was cut short resumes from its last checkpoint). A stage's fingerprint hashes its
+own settings, the model and load settings, the size and modification time of every input file, and
+the fingerprint of the stage before it, so changing any of them invalidates that stage and every
+later one. A rerun with a changed recipe is refused, naming what changed, unless ``restart`` is
+given: then the changed stage and the stages after it run again and the earlier ones are kept.
+
+    output/
+      hyprune_run.json   the run record
+      pruned/            the pruned checkpoint (+ its report: parameters.png, importance.png)
+      distill/           the distillation run: final/ (the student), log.jsonl, report, curves
+      eval/              <model>.json per evaluated model (+ reports), bench.json
+      report.md/.json    the whole pipeline: a table of every model, links to the stage reports, pareto.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hyprune.distill.train import DistillConfig
+from hyprune.errors import HypruneError
+from hyprune.report import Report, checkpoint_parameters
+from hyprune.report import plots
+from hyprune.report.document import write_text_atomic
+
+RUN_FILE = "hyprune_run.json"
+RUN_FORMAT = "hyprune-run/1"
+STAGES = ("prune", "distill", "eval", "report")
+EVAL_MODELS = ("teacher", "pruned", "distilled")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoadSettings(_Section):
+    """How every model of the run is loaded (`hyprune.models.load_model`)."""
+
+    dtype: str = "float32"
+    device: str | None = None
+    device_map: str | None = Field(None, description="'auto' to spread a large model (prune and eval only)")
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+class PruneStage(_Section):
+    """``hyprune prune``: a width ``target`` and/or ``drop_blocks``, scored on ``data``."""
+
+    data: str | None = Field(None, description="calibration text (train split, never test)")
+    target: dict[str, int] = Field(default_factory=dict, description="the family's config field -> new size")
+    drop_blocks: int | None = Field(None, ge=1)
+    depth_method: Literal["block_influence", "angular", "kl", "lm_loss"] = "block_influence"
+    depth_mode: Literal["lowest", "contiguous"] = "lowest"
+    method: str = "activation"
+    options: dict[str, Any] = Field(default_factory=dict, description="settings of a registered --method")
+    seq_len: int = Field(256, ge=2)
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _something_to_cut(self):
+        if not self.target and not self.drop_blocks and self.method in ("activation", "group-blind"):
+            raise ValueError("nothing to prune: give a width `target` and/or `drop_blocks`")
+        return self
+
+
+class DistillStage(DistillConfig):
+    """``hyprune distill`` of the pruned student from the recipe's model: every `DistillConfig` field,
+    plus where the text comes from. ``plan`` defaults to the pruning plan when ``hidden_loss`` is set."""
+
+    data: str = Field(description="training text")
+    eval_data: str | None = Field(None, description="held-out text for perplexity during training")
+    text_field: str = "text"
+
+
+class BenchSettings(_Section):
+    """``hyprune bench`` of the teacher and the final student, measured in the same process."""
+
+    context_lengths: list[int] = Field(default_factory=lambda: [128], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    decode_tokens: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
+class EvalStage(_Section):
+    """``hyprune eval`` of the teacher, the pruned and the distilled model, on the same text and windows."""
+
+    data: str | None = Field(None, description="held-out text for perplexity")
+    seq_len: int = Field(256, ge=2)
+    num_windows: int | None = Field(128, ge=1)
+    stride: int | None = Field(None, ge=1)
+    tasks: list[str] | None = Field(None, description="lm-evaluation-harness tasks")
+    shots: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    models: list[Literal["teacher", "pruned", "distilled"]] = Field(default_factory=lambda: list(EVAL_MODELS),
+                                                                    min_length=1)
+    bench: BenchSettings | None = None
+
+    @model_validator(mode="after")
+    def _something_to_measure(self):
+        if self.data is None and not self.tasks:
+            raise ValueError("nothing to evaluate: give `data` (perplexity) and/or `tasks`")
+        return self
+
+
+class Recipe(_Section):
+    """A whole run: the model to compress, where the run goes, and the settings of each stage."""
+
+    name: str
+    description: str = ""
+    model: str = Field(description="the teacher: a local HF folder or a hub id")
+    output: str = Field(description="the run folder")
+    load: LoadSettings = Field(default_factory=LoadSettings)
+    prune: PruneStage
+    distill: DistillStage | None = None
+    eval: EvalStage | None = None
+
+    @model_validator(mode="after")
+    def _distilled_needs_distill(self):
+        if self.eval is not None and self.distill is None and "distilled" in self.eval.models:
+            self.eval.models = [m for m in self.eval.models if m != "distilled"]
+        return self
+
+    def stages(self) -> list[str]:
+        return [s for s in STAGES if s in ("prune", "report") or getattr(self, s) is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and checking
+# ---------------------------------------------------------------------------------------------
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the schema accepts at the section ``loc`` points into (for 'unknown key' messages)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        annotation = getattr(field, "annotation", None)
+        args = getattr(annotation, "__args__", (annotation,))
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"  {key}: unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else ""))
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: missing (required)")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {message} (got {item.get('input')!r})" if item["type"] != "value_error"
+                         else f"  {key}: {message}")
+    return f"Invalid recipe {source}:\n" + "\n".join(lines)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """A `Recipe` from already-parsed YAML/JSON; every schema problem becomes one `HypruneError`."""
+    if not isinstance(data, dict):
+        raise HypruneError(f"Invalid recipe {source}: the top level must be a mapping of keys "
+                           f"(name, model, output, prune, ...), got {type(data).__name__}.")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise HypruneError(_format_errors(source, e)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file (YAML or JSON). Does not look at the files it names."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HypruneError(f"No recipe at {path}.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise HypruneError(f"{path} is not valid YAML: {e}") from None
+    return parse_recipe(data, str(path))
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Check the model (its config loads, the target fits it) and every data file the recipe names."""
+    from hyprune.data import check_source
+    from hyprune.models import load_config
+    from hyprune.plan import resolve_target
+
+    def checked(key: str, call, *args):
+        try:
+            return call(*args)
+        except HypruneError as e:
+            raise HypruneError(f"Recipe {recipe.name}: {key}: {e}") from None
+
+    config, family = checked("model", load_config, recipe.model, recipe.load.trust_remote_code)
+    if recipe.prune.target:
+        checked("prune.target", resolve_target, family, config, dict(recipe.prune.target))
+    files = {"prune.data": recipe.prune.data}
+    if recipe.distill is not None:
+        files.update({"distill.data": recipe.distill.data, "distill.eval_data": recipe.distill.eval_data})
+    if recipe.eval is not None:
+        files["eval.data"] = recipe.eval.data
+    for key, value in files.items():
+        if value is not None:
+            checked(key, check_source, value)
+    if (recipe.prune.target or recipe.prune.drop_blocks) and recipe.prune.data is None:
+        raise HypruneError(f"Recipe {recipe.name}: prune.data: scoring needs calibration text; give a file.")
+    out = Path(recipe.output).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_FILE).is_file())):
+        raise HypruneError(f"Recipe {recipe.name}: output: {out} exists and is not a hyprune run folder; "
+                           "pick a new output folder.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and the run record
+# ---------------------------------------------------------------------------------------------
+def _file_signature(path: str | None) -> Any:
+    """Size and modification time of a local file, or of every file in a local folder; None otherwise."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p.stat().st_size, p.stat().st_mtime_ns]
+    if p.is_dir():
+        return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in p.iterdir() if f.is_file())
+    return None
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stage_settings(recipe: Recipe, stage: str) -> dict:
+    """What a stage's result depends on, apart from the stage before it."""
+    if stage == "prune":
+        return {"model": recipe.model, "model_files": _file_signature(recipe.model),
+                "load": recipe.load.model_dump(), "prune": recipe.prune.model_dump(),
+                "data_files": _file_signature(recipe.prune.data)}
+    if stage == "distill":
+        return {"distill": recipe.distill.model_dump(), "data_files": [_file_signature(recipe.distill.data),
+                                                                      _file_signature(recipe.distill.eval_data)]}
+    if stage == "eval":
+        return {"eval": recipe.eval.model_dump(), "data_files": _file_signature(recipe.eval.data)}
+    return {"name": recipe.name, "description": recipe.description}
+
+
+def fingerprints(recipe: Recipe) -> dict[str, str]:
+    """Per stage, a hash of its settings, its input files and the fingerprint of the stage before it."""
+    result, previous = {}, None
+    for stage in recipe.stages():
+        previous = result[stage] = _hash({"previous": previous, **_stage_settings(recipe, stage)})
+    return result
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+class RunRecord:
+    """``hyprune_run.json``: the recipe and, per stage, fingerprint, status, seconds and result."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / RUN_FILE
+        self.data = {"format": RUN_FORMAT, "recipe": None, "stages": {}}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as e:
+                raise HypruneError(f"{self.path} is damaged ({e}); delete the run folder to start over.") from None
+
+    @property
+    def stages(self) -> dict[str, dict]:
+        return self.data["stages"]
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+
+
+def run_status(recipe: Recipe) -> dict[str, str]:
+    """Per stage, what a run of ``recipe`` would do now: ``skip`` (done and unchanged), ``resume``
+    (started, unchanged), ``changed`` (done or started with other settings or inputs) or ``run``."""
+    folder = Path(recipe.output).expanduser()
+    stages = RunRecord(folder).stages if (folder / RUN_FILE).is_file() else {}
+    prints, status, invalid = fingerprints(recipe), {}, False
+    for stage in recipe.stages():
+        entry = stages.get(stage)
+        invalid = invalid or (entry is not None and entry["fingerprint"] != prints[stage])
+        status[stage] = ("changed" if invalid and entry else "run" if entry is None or invalid else
+                         "skip" if entry["status"] == "done" else "resume")
+    return status
+
+
+def _reconcile(record: RunRecord, recipe: Recipe, prints: dict[str, str], restart: bool) -> list[str]:
+    """Drop the records of stages whose fingerprint changed (with ``restart``), else refuse; return them."""
+    stale = [s for s in STAGES if s in record.stages and record.stages[s]["fingerprint"] != prints.get(s)]
+    if not stale:
+        return []
+    first = stale[0]
+    invalid = [s for s in STAGES if STAGES.index(s) >= STAGES.index(first) and s in record.stages]
+    if not restart:
+        old = record.data.get("recipe") or {}
+        changed = _changed_keys(old, recipe.model_dump(mode="json"))
+        what = (f"these settings changed: {', '.join(changed)}" if changed
+                else "an input file or model changed on disk (size or modification time)")
+        raise HypruneError(
+            f"The run folder {record.path.parent} was made by a different recipe: {what}. Stage '{first}' and "
+            f"the stages after it ({', '.join(invalid)}) no longer match. Pass --restart to run them again "
+            "(finished earlier stages are kept), or pick a new output folder.")
+    for stage in invalid:
+        del record.stages[stage]
+    return invalid
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+def run_recipe(recipe: Recipe | str | Path, restart: bool = False, progress: bool = True,
+               console=None) -> "RunRecord":
+    """Run (or continue) a recipe; returns the run record (also in ``output/hyprune_run.json``)."""
+    from rich.console import Console
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    console = console or Console(stderr=True)
+    check_inputs(recipe)
+    out = Path(recipe.output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(out)
+    prints = fingerprints(recipe)
+    for stage in _reconcile(record, recipe, prints, restart):
+        console.print(f"recipe changed: stage {stage} runs again")
+    record.data["recipe"] = recipe.model_dump(mode="json")
+    record.save()
+    runners = {"prune": _prune, "distill": _distill, "eval": _eval, "report": _report}
+    for stage in recipe.stages():
+        entry = record.stages.get(stage)
+        if entry and entry["status"] == "done":
+            console.print(f"stage {stage}: already done ({entry['seconds']:.0f} s): skipped")
+            continue
+        resuming = bool(entry) and entry["status"] == "running"
+        console.print(f"stage {stage}: {'resuming' if resuming else 'running'}")
+        record.stages[stage] = {"fingerprint": prints[stage], "status": "running", "seconds": 0.0}
+        record.save()
+        start = time.perf_counter()
+        result = runners[stage](recipe, out, record, progress=progress, resuming=resuming)
+        record.stages[stage] = {"fingerprint": prints[stage], "status": "done",
+                                "seconds": round(time.perf_counter() - start, 1), "result": result}
+        record.save()
+    console.print(f"report: {out / 'report.md'}")
+    return record
+
+
+def _load_kwargs(recipe: Recipe, device_map: bool = True) -> dict:
+    kwargs = recipe.load.model_dump()
+    if not device_map:
+        kwargs.pop("device_map")
+    return kwargs
+
+
+def _student(out: Path, recipe: Recipe) -> Path:
+    """The final student: the distilled model, or the pruned one when the recipe does not distill."""
+    return out / "distill" / "final" if recipe.distill is not None else out / "pruned"
+
+
+def _prune(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
+    from hyprune import api
+    from hyprune.methods import MethodOptions
+
+    p = recipe.prune
+    try:
+        options = MethodOptions(**p.options)
+    except TypeError as e:
+        raise HypruneError(f"Recipe {recipe.name}: prune.options: {e}") from None
+    return api.prune(recipe.model, str(out / "pruned"), data=p.data, target=dict(p.target) or None,
+                     drop_blocks=p.drop_blocks, depth_method=p.depth_method, depth_mode=p.depth_mode, method=p.method,
+                     options=options, seq_len=p.seq_len, num_samples=p.num_samples, batch_size=p.batch_size,
+                     seed=p.seed, text_field=p.text_field, overwrite=True, progress=progress, **_load_kwargs(recipe))
+
+
+def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
+    from hyprune.distill import distill_cli
+
+    d = recipe.distill
+    settings = d.model_dump(exclude={"data", "eval_data", "text_field", "tokens", "seq_len", "batch", "progress"})
+    if d.hidden_loss and d.plan is None and d.block_map is None:
+        settings["plan"] = str(out / "pruned" / "plan.json")
+    resume = resuming and (out / "distill" / "checkpoints").is_dir()
+    return distill_cli(recipe.model, str(out / "pruned"), d.data, d.tokens, d.seq_len, d.batch, str(out / "distill"),
+                       resume=resume, eval_data=d.eval_data, text_field=d.text_field, overwrite=not resume,
+                       progress=progress, **_load_kwargs(recipe, device_map=False), **settings)
+
+
+def _eval(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
+    from hyprune.evaluate import bench, evaluate
+
+    e = recipe.eval
+    paths = {"teacher": recipe.model, "pruned": str(out / "pruned"), "distilled": str(out / "distill" / "final")}
+    results = {}
+    for name in e.models:
+        limit = int(e.limit) if e.limit is not None and e.limit >= 1 else e.limit
+        results[name] = evaluate(paths[name], data=e.data, seq_len=e.seq_len if e.data else None, stride=e.stride,
+                                 num_windows=e.num_windows if e.data else None, tasks=e.tasks, shots=e.shots,
+                                 limit=limit, batch_size=e.batch_size, out=str(out / "eval" / f"{name}.json"),
+                                 overwrite=True, progress=progress, **_load_kwargs(recipe))
+    speed = None
+    if e.bench is not None:
+        b = e.bench
+        load = _load_kwargs(recipe, device_map=False)
+        speed = bench([recipe.model, str(_student(out, recipe))], batch_sizes=b.batch_sizes,
+                      context_lengths=b.context_lengths, decode_tokens=b.decode_tokens, repeats=b.repeats,
+                      device=load.pop("device"), dtype=load.pop("dtype"), out=str(out / "eval" / "bench.json"),
+                      overwrite=True, progress=progress, **load)
+    keep = ("model", "parameters", "perplexity", "tokens", "windows", "tasks")
+    return {"models": {k: {key: v.get(key) for key in keep} for k, v in results.items()},
+            "bench": None if speed is None else _speeds(speed)}
+
+
+def _speeds(result: dict) -> dict:
+    """Decode and prefill tokens/s of the teacher and the student at the first (batch, context) measured."""
+    teacher, student = (m["runs"][0] for m in result["models"])
+    return {"batch_size": teacher["batch_size"], "context": teacher["context"], "device": result["device_name"],
+            "threads": result["threads"],
+            "teacher": {k: teacher[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s")},
+            "student": {k: student[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}}
+
+
+def _report(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
+    report = pipeline_report(recipe, out, record)
+    report.write(out)
+    return {"report": str(out / "report.md"), "points": report.points}
+
+
+def model_rows(recipe: Recipe, out: Path, record: RunRecord) -> list[dict]:
+    """One row per model of the run: parameters, held-out perplexity, task accuracy, speed."""
+    evals = (record.stages.get("eval", {}).get("result") or {})
+    measured, speed = evals.get("models", {}), evals.get("bench")
+    folders = {"teacher": Path(recipe.model), "pruned": out / "pruned", "distilled": out / "distill" / "final"}
+    names = ["teacher", "pruned"] + (["distilled"] if recipe.distill is not None else [])
+    rows = []
+    for name in names:
+        m = measured.get(name, {})
+        params = m.get("parameters") or (checkpoint_parameters(folders[name]) if folders[name].is_dir() else None)
+        # the pruned and the distilled model share one architecture: the student's speed is theirs
+        role_speed = (speed["teacher" if name == "teacher" else "student"] if speed else {})
+        accs = [t["acc"] for t in (m.get("tasks") or {}).values() if t.get("acc") is not None]
+        evaluation = ({"data": recipe.eval.data, "seq_len": recipe.eval.seq_len, "windows": m.get("windows"),
+                       "stride": recipe.eval.stride} if recipe.eval is not None and recipe.eval.data else None)
+        rows.append({"label": name, "model": str(folders[name]), "parameters": params, "evaluation": evaluation,
+                     "perplexity": m.get("perplexity"), "accuracy": sum(accs) / len(accs) if accs else None,
+                     "tokens_per_s": role_speed.get("decode_tokens_per_s"),
+                     "prefill_tokens_per_s": role_speed.get("prefill_tokens_per_s")})
+    return rows
+
+
+def pipeline_report(recipe: Recipe, out: Path, record: RunRecord) -> Report:
+    """The run's front page: every model in one table, the stages, links to their reports, Pareto plot."""
+    rows = model_rows(recipe, out, record)
+    teacher_params = rows[0]["parameters"]
+    report = Report("pipeline", f"Recipe {recipe.name}: prune -> distill -> eval")
+    if recipe.description:
+        report.paragraph(recipe.description.strip())
+    report.paragraph(f"Teacher `{recipe.model}`; run folder `{out}`; the run record is `{RUN_FILE}`.")
+    report.heading("Models")
+    e = recipe.eval
+    speed = (record.stages.get("eval", {}).get("result") or {}).get("bench")
+    report.table(["model", "parameters", "share of teacher", "held-out perplexity", "mean task accuracy",
+                  "decode tokens/s", "prefill tokens/s"],
+                 [[r["label"], r["parameters"],
+                   f"{100 * r['parameters'] / teacher_params:.1f}%" if r["parameters"] and teacher_params else None,
+                   r["perplexity"], r["accuracy"], r["tokens_per_s"], r["prefill_tokens_per_s"]] for r in rows])
+    notes = []
+    if e is not None and e.data:
+        notes.append(f"Perplexity: {e.num_windows or 'all'} windows of {e.seq_len} tokens of `{e.data}`"
+                     + (f", stride {e.stride}" if e.stride else "") + ".")
+    if speed:
+        notes.append(f"Speed: one process, batch {speed['batch_size']}, context {speed['context']}, "
+                     f"{speed['device']} with {speed['threads']} threads; pruned and distilled models share one "
+                     "architecture, so one student measurement stands for both (`eval/bench.json`).")
+    if notes:
+        report.paragraph(" ".join(notes))
+    report.heading("Stages")
+    links = {"prune": "pruned/report.md", "distill": "distill/report.md", "eval": "eval/"}
+    report.table(["stage", "status", "seconds", "details"],
+                 [[s, record.stages.get(s, {}).get("status", "pending"), record.stages.get(s, {}).get("seconds"),
+                   f"[{links[s]}]({links[s]})"] for s in recipe.stages() if s != "report"])
+    for png, caption in (("pruned/parameters.png", "Parameters per component, before and after pruning"),
+                         ("pruned/importance.png", "Importance per layer and axis"),
+                         ("pruned/block_scores.png", "Depth ranking of the blocks"),
+                         ("distill/training_curves.png", "Distillation: loss and held-out perplexity")):
+        if (out / png).is_file():
+            report.link_image(png, caption)
+    if sum(r["perplexity"] is not None for r in rows) >= 2:
+        report.heading("Quality against size")
+        report.plot("pareto", "pareto.png", plots.pareto_plot, rows, "perplexity",
+                    caption="Held-out perplexity against parameters; colour = decode tokens/s")
+    for r in rows:
+        report.point(**r)
+    stages = {s: {k: v for k, v in entry.items() if k != "result"} for s, entry in record.stages.items()}
+    report.data = {"recipe": recipe.model_dump(mode="json"), "stages": stages,
+                   "eval": record.stages.get("eval", {}).get("result")}
+    return report
