@@ -7,6 +7,9 @@ built from that config (on the meta device, no allocation) and handed the sliced
 ``from_pretrained`` builds from the saved folder, and any tensor we do not know how to slice is an
 error instead of a silent mismatch.
 
+A rule is a list of steps: ``(dim, kept index)`` for an ``index_select``, or a function of the tensor
+(routed experts keep a different set of neurons each, which one index cannot say).
+
 Mamba-2 mixer layout (H heads, P head_dim, G groups, N state, I = H*P), see
 shared/reference/hf-hybrid-layouts.md:
     in_proj rows  = [z: I | x: I | B: G*N | C: G*N | dt: H]      (inner index h*P+p, B/C index g*N+n)
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hyprune.arch.family import ATTENTION, MAMBA, Family, attention_head_dim
+from hyprune.arch.family import ATTENTION, MAMBA, MOE, Family, attention_head_dim
 from hyprune.errors import HypruneError
 from hyprune.plan import LayerPlan, Plan, validate_plan
 
@@ -57,8 +60,62 @@ def attention_indices(lp: LayerPlan, head_dim: int) -> dict[str, Index]:
     return {"q": rows(lp.query_heads), "kv": rows(lp.kv_heads)}
 
 
-def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn_head_dim: int):
-    """Parameter name inside one mixer -> list of (dim, kept index) to slice along."""
+def per_expert(experts: Index, neurons: Index, dim: int):
+    """A step that keeps ``experts`` (dim 0) and, inside kept expert j, the rows ``neurons[j]`` along ``dim``.
+
+    For 3-D expert tensors [experts, out, in]; ``neurons`` is [kept experts, kept neurons].
+    """
+
+    def select(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.index_select(0, experts.to(tensor.device))
+        view = [len(neurons)] + [1] * (tensor.ndim - 1)  # neurons along `dim`, broadcast over the rest
+        view[dim] = neurons.shape[1]
+        size = list(tensor.shape)
+        size[dim] = neurons.shape[1]
+        return tensor.gather(dim, neurons.to(tensor.device).view(view).expand(size))
+
+    return select
+
+
+def moe_rules(lp: LayerPlan, sizes: dict[str, int], h: Index, expert_input_is_hidden: bool):
+    """Rules for an MoE block: router rows, routed experts (each with its own neurons), shared expert.
+
+    Names cover NemotronH (``gate``, ``experts.up_proj``/``down_proj``, ``shared_experts``, optional latent
+    projections) and Granite/Jamba (``router``, ``experts.gate_up_proj`` = [gate; up] per expert).
+    ``expert_input_is_hidden`` is False when the experts work in a latent space (NemotronH
+    ``moe_latent_size``): then only the latent projections meet the hidden channels.
+    """
+    experts = _idx(lp.experts)
+    neurons = torch.tensor(lp.expert_ffn, dtype=torch.long)  # [kept experts, kept neurons]
+    fused = torch.cat([neurons, sizes["expert_ffn"] + neurons], dim=1)  # [gate; up] rows of each expert
+    into = [(2, h)] if expert_input_is_hidden else []
+    out_of = [(1, h)] if expert_input_is_hidden else []
+    rules = {
+        "gate.weight": [(0, experts), (1, h)],
+        "gate.e_score_correction_bias": [(0, experts)],
+        "router.weight": [(0, experts), (1, h)],
+        "experts.up_proj": into + [per_expert(experts, neurons, 1)],
+        "experts.gate_up_proj": into + [per_expert(experts, fused, 1)],
+        "experts.down_proj": out_of + [per_expert(experts, neurons, 2)],
+        "fc1_latent_proj.weight": [(1, h)],
+        "fc1_latent_proj.bias": [],
+        "fc2_latent_proj.weight": [(0, h)],
+        "fc2_latent_proj.bias": [(0, h)],
+    }
+    if lp.shared_ffn is not None:
+        shared = _idx(lp.shared_ffn)
+        rules.update({
+            "shared_experts.up_proj.weight": [(0, shared), (1, h)],
+            "shared_experts.up_proj.bias": [(0, shared)],
+            "shared_experts.down_proj.weight": [(0, h), (1, shared)],
+            "shared_experts.down_proj.bias": [(0, h)],
+        })
+    return rules
+
+
+def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn_head_dim: int,
+                 expert_input_is_hidden: bool = True):
+    """Parameter name inside one mixer -> list of steps to slice with (see the module docstring)."""
     if kind == MAMBA:
         ix = mamba_indices(lp, sizes)
         return {
@@ -87,6 +144,8 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
             "q_norm.weight": [],  # Qwen3: per head_dim, shared by all heads
             "k_norm.weight": [],
         }
+    if kind == MOE:
+        return moe_rules(lp, sizes, h, expert_input_is_hidden)
     ffn = _idx(lp.ffn)
     gate_up = torch.cat([ffn, sizes["ffn"] + ffn])  # fused [gate; up] rows (Granite's input_linear)
     return {
@@ -101,12 +160,13 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
     }
 
 
-def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, attn_head_dim: int):
-    """Parameter name inside ``layers.i`` -> list of (dim, kept index), for every part of the block."""
+def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, attn_head_dim: int,
+                expert_input_is_hidden: bool = True):
+    """Parameter name inside ``layers.i`` -> list of slicing steps, for every part of the block."""
     rules = {}
     for part in family.parts(lp.kind):
         rules[f"{part.norm}.weight"] = [(0, hidden)]
-        for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, attn_head_dim).items():
+        for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, attn_head_dim, expert_input_is_hidden).items():
             rules[f"{part.mixer}.{name}"] = rule
     return rules
 
@@ -135,6 +195,7 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
     sizes = family.sizes(config)
     hidden = _idx(plan.hidden)
     attn_head_dim = attention_head_dim(config) if "attention_heads" in family.fields else 0
+    expert_input_is_hidden = getattr(config, "moe_latent_size", None) is None
     base = family.base
     top_rules = {
         f"{base}.{family.embeddings}.weight": [(1, hidden)],
@@ -153,7 +214,7 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
                 continue  # a dropped block
             if i not in cache:
                 lp = plan.layers[i]
-                cache[i] = layer_rules(family, lp, sizes, hidden, attn_head_dim)
+                cache[i] = layer_rules(family, lp, sizes, hidden, attn_head_dim, expert_input_is_hidden)
             rules = cache[i].get(rest)
             new_name = f"{base}.layers.{new_index[i]}.{rest}"
         else:
@@ -164,8 +225,8 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
                 f"Don't know how to prune tensor '{name}' of {family.name}; hyprune supports the dense "
                 "Mamba/attention/MLP layout. Please report the model so its layout can be added."
             )
-        for dim, index in rules:
-            tensor = tensor.index_select(dim, index.to(tensor.device))
+        for step in rules:
+            tensor = step(tensor) if callable(step) else tensor.index_select(step[0], step[1].to(tensor.device))
         out[new_name] = tensor.contiguous()
     return out
 

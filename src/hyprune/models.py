@@ -124,14 +124,14 @@ def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False,
 
 
 def count_parameters(model, family: Family) -> dict[str, int]:
-    """Parameters per component: embeddings, mamba, attention, mlp, norms, lm_head, total.
+    """Parameters per component: embeddings, mamba, attention, mlp, moe, norms, lm_head, total.
 
     The lm_head is counted once even when tied to the embeddings.
     """
-    from hyprune.arch.family import ATTENTION, MAMBA, MLP
+    from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE
 
     kinds = family.block_kinds(model.config)
-    out = {"embeddings": 0, MAMBA: 0, ATTENTION: 0, MLP: 0, "norms": 0, "lm_head": 0}
+    out = {"embeddings": 0, MAMBA: 0, ATTENTION: 0, MLP: 0, MOE: 0, "norms": 0, "lm_head": 0}
     seen = set()
 
     def add(key, params):

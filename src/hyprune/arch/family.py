@@ -17,7 +17,11 @@ AXES = (
     "mamba_head_dim",
     "ssm_state",
     "mamba_groups",  # B/C groups (n_groups)
+    "experts",  # routed experts of an MoE block
+    "expert_ffn",  # FFN neurons of every routed expert (one size for all experts)
+    "shared_expert_ffn",  # FFN neurons of the shared expert inside an MoE block (NemotronH)
 )
+MOE_AXES = ("experts", "expert_ffn", "shared_expert_ffn")
 
 # Block kinds, in the words of the papers. A ``transformer`` block is a dense decoder layer: attention
 # then MLP, each behind its own pre-norm (Llama, Qwen, Mistral); depth pruning drops it as one unit.
@@ -28,7 +32,7 @@ MAMBA, ATTENTION, MLP, MOE, TRANSFORMER = "mamba", "attention", "mlp", "moe", "t
 class Part:
     """One pre-norm + mixer pair inside a block, by attribute name."""
 
-    kind: str  # mamba, attention or mlp
+    kind: str  # mamba, attention, mlp or moe
     norm: str
     mixer: str
 
@@ -105,13 +109,14 @@ class Family:
         """Every part kind present in the model (``mamba``, ``attention``, ``mlp``)."""
         return sorted({part.kind for kind in self.block_kinds(config) for part in self.parts(kind)})
 
-    def check_supported(self, config) -> None:
-        kinds = self.block_kinds(config)
-        if MOE in kinds:
-            raise HypruneError(
-                f"{self.name} checkpoints with MoE blocks ('E' in the pattern) are not supported yet: "
-                "hyprune prunes Mamba, attention and dense MLP blocks. Use a dense-MLP checkpoint."
-            )
+
+def expert_groups(config) -> int:
+    """Groups of routed experts a router picks from first (NemotronH ``n_group``; 1 elsewhere).
+
+    Experts are removed evenly from every group, since the router reshapes its scores to
+    ``[n_group, experts // n_group]``.
+    """
+    return int(getattr(config, "n_group", None) or 1)
 
 
 def attention_head_dim(config) -> int:
@@ -140,5 +145,5 @@ def family_for_config(config) -> Family:
             f"Unsupported architecture '{model_type}'. hyprune supports: {supported}. "
             "Check the model's config.json (model_type)."
         )
-    family.check_supported(config)
+    family.block_kinds(config)  # a family refuses configs it cannot prune here, before any weights load
     return family
