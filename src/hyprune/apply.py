@@ -149,6 +149,10 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
     ffn = _idx(lp.ffn)
     gate_up = torch.cat([ffn, sizes["ffn"] + ffn])  # fused [gate; up] rows (Granite's input_linear)
     return {
+        "gate_up_proj.weight": [(0, gate_up), (1, h)],  # Zamba2's fused [gate; up]
+        "gate_up_proj.bias": [(0, gate_up)],
+        "gate_up_proj_adapter_list.*.0.weight": [(1, h)],  # Zamba2's per-use LoRA: hidden -> rank -> [gate; up]
+        "gate_up_proj_adapter_list.*.1.weight": [(0, gate_up)],
         "input_linear.weight": [(0, gate_up), (1, h)],
         "output_linear.weight": [(0, h), (1, ffn)],
         "gate_proj.weight": [(0, ffn), (1, h)],
@@ -163,7 +167,7 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
 def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, attn_head_dim: int,
                 expert_input_is_hidden: bool = True):
     """Parameter name inside ``layers.i`` -> list of slicing steps, for every part of the block."""
-    rules = {}
+    rules = {prefix: [] for prefix in family.unsliced}
     for part in family.parts(lp.kind):
         rules[f"{part.norm}.weight"] = [(0, hidden)]
         for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, attn_head_dim, expert_input_is_hidden).items():
@@ -215,7 +219,7 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
             if i not in cache:
                 lp = plan.layers[i]
                 cache[i] = layer_rules(family, lp, sizes, hidden, attn_head_dim, expert_input_is_hidden)
-            rules = cache[i].get(rest)
+            rules = _find_rule(cache[i], rest)
             new_name = f"{base}.layers.{new_index[i]}.{rest}"
         else:
             rules = top_rules.get(name)
@@ -229,6 +233,19 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
             tensor = step(tensor) if callable(step) else tensor.index_select(step[0], step[1].to(tensor.device))
         out[new_name] = tensor.contiguous()
     return out
+
+
+_ADAPTER_SLOT = re.compile(r"(_adapter_list)\.\d+\.")
+
+
+def _find_rule(rules: dict, name: str):
+    """The rule for a parameter name inside a block: exact, per-use adapter slot (``*``), or unsliced prefix."""
+    if name in rules:
+        return rules[name]
+    slot = _ADAPTER_SLOT.sub(r"\1.*.", name)
+    if slot in rules:
+        return rules[slot]
+    return next((rule for prefix, rule in rules.items() if prefix.endswith(".") and name.startswith(prefix)), None)
 
 
 @torch.no_grad()

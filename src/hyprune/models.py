@@ -124,7 +124,7 @@ def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False,
 
 
 def count_parameters(model, family: Family) -> dict[str, int]:
-    """Parameters per component: embeddings, mamba, attention, mlp, moe, norms, lm_head, total.
+    """Parameters per component: embeddings, mamba, attention, mlp, moe, norms, lm_head, (other,) total.
 
     The lm_head is counted once even when tied to the embeddings.
     """
@@ -148,5 +148,9 @@ def count_parameters(model, family: Family) -> dict[str, int]:
             add(part.kind, mixer.parameters())
     add("norms", getattr(backbone, family.final_norm).parameters())
     add("lm_head", model.lm_head.parameters())
+    other = [p for p in model.parameters() if id(p) not in seen]  # outside every part (Zamba2's shared attention)
+    if other:
+        out["other"] = 0
+        add("other", other)
     out["total"] = sum(v for k, v in out.items())
     return out

@@ -39,8 +39,9 @@ class LayerPlan(BaseModel):
     # transformer = attention + MLP (dense); "mamba+mlp" / "attention+mlp" = one hybrid decoder layer (Bamba);
     # parallel = attention and Mamba side by side, then MLP (FalconH1); moe = routed experts (+ a shared expert);
     # "mamba+moe" / "attention+moe" = a Granite layer whose shared MLP runs beside routed experts
+    # hybrid = a Mamba layer that first runs a shared transformer block (Zamba2)
     kind: Literal["mamba", "attention", "mlp", "moe", "transformer", "mamba+mlp", "attention+mlp", "mamba+moe",
-                  "attention+moe", "parallel"]
+                  "attention+moe", "parallel", "hybrid"]
     heads: list[int] | None = None  # Mamba heads
     head_dim: list[int] | None = None  # Mamba head channels, shared by every kept head
     state: list[int] | None = None  # SSM state channels, shared by every kept group
@@ -160,6 +161,9 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
     if moe_fields and MOE not in kinds:
         raise HypruneError(f"Target {', '.join(moe_fields)}: this {family.name} model has no MoE blocks, so "
                            "there are no experts to prune.")
+    for axis, reason in family.fixed_axes.items():
+        if sizes[axis] != source[axis]:
+            raise HypruneError(f"{family.fields[axis]} cannot be pruned in {family.name}: {reason}")
     for axis, value in sizes.items():
         if value > source[axis]:
             raise HypruneError(
@@ -193,6 +197,8 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
     if MOE in kinds:
         check_router(family, config, sizes["experts"])
         check_expert_alignment(family, config, sizes)
+    if family.check_sizes is not None:
+        family.check_sizes(config, sizes)
     if ATTENTION in kinds:
         _check_hidden_multiple_of_heads(family, sizes)
         q, kv = sizes["attention_heads"], sizes["kv_heads"]
@@ -362,6 +368,7 @@ def make_plan(
     """Turn activation scores and a target (config field -> size) into a validated plan."""
     sizes = resolve_target(family, config, target)
     source = family.sizes(config)
+    uses = {i: group for group in (family.tied_mlps(config) if family.tied_mlps else []) for i in group}
     layers = []
     for i, kind in enumerate(family.block_kinds(config)):
         fields = {}
@@ -374,8 +381,9 @@ def make_plan(
                 fields.update(part_plan.model_dump(exclude={"kind"}, exclude_none=True))
             elif part.kind == MOE:
                 fields.update(plan_moe_layer(scores, i, sizes, expert_groups(config), "shared_expert_ffn" in family.fields))
-            else:
-                fields["ffn"] = top_k(scores[f"layers.{i}.ffn"], sizes["ffn"])
+            else:  # an MLP shared by several blocks is ranked once, over all of its uses
+                ffn_score = sum(scores[f"layers.{j}.ffn"] for j in uses.get(i, [i]))
+                fields["ffn"] = top_k(ffn_score, sizes["ffn"])
         layers.append(LayerPlan(kind=kind, **fields))
     plan = Plan(
         family=family.name,
@@ -483,6 +491,10 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
     for b in plan.drop_blocks:
         if not 0 <= b < len(kinds):
             raise HypruneError(f"Plan drop_blocks: block {b} does not exist (the model has {len(kinds)}).")
+    for b in plan.drop_blocks:
+        if kinds[b] in family.undroppable_kinds:
+            raise HypruneError(f"Plan drop_blocks: block {b} is a {kinds[b]} block, which {family.name} cannot drop: "
+                               f"{family.undroppable_kinds[kinds[b]]}")
     if len(set(plan.drop_blocks)) == len(kinds):
         raise HypruneError("Plan drop_blocks removes every block; keep at least one.")
     seen: dict[str, tuple] = {}
@@ -521,6 +533,16 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
         _check_hidden_multiple_of_heads(family, plan.result_sizes())
     if MOE in family.part_kinds(config):
         check_expert_alignment(family, config, plan.result_sizes())
+    result = plan.result_sizes()
+    for axis, reason in family.fixed_axes.items():
+        if result[axis] != s[axis]:
+            raise HypruneError(f"Plan: {family.fields[axis]} cannot be pruned in {family.name}: {reason}")
+    if family.check_sizes is not None:
+        family.check_sizes(config, result)
+    for group in family.tied_mlps(config) if family.tied_mlps else []:
+        kept = [i for i in group if i not in plan.drop_blocks]
+        if any(plan.layers[i].ffn != plan.layers[kept[0]].ffn for i in kept):
+            raise HypruneError(f"Plan: blocks {kept} share one MLP, so they must keep the same FFN neurons.")
     if family.mamba_width_coupled_to_hidden and MAMBA in family.part_kinds(config):
         result = plan.result_sizes()
         width = result["mamba_heads"] * result["mamba_head_dim"]

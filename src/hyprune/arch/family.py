@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable
 
 from hyprune.errors import HypruneError
@@ -30,7 +31,7 @@ MAMBA, ATTENTION, MLP, MOE, TRANSFORMER = "mamba", "attention", "mlp", "moe", "t
 
 @dataclass(frozen=True)
 class Part:
-    """One pre-norm + mixer pair inside a block, by attribute name."""
+    """One pre-norm + mixer pair inside a block, by attribute path (dotted for nested modules)."""
 
     kind: str  # mamba, attention, mlp or moe
     norm: str
@@ -60,6 +61,15 @@ class Family:
             (Llama), even with an explicit head_dim.
         mamba_width_coupled_to_hidden: the Mamba inner width is ``expand * hidden_size`` in this
             family's config, so heads * head_dim must equal expand * hidden after pruning.
+        fixed_axes: axis -> why the config cannot express a pruned size (Zamba2's hidden size); plans keep
+            these axes whole and targets on them are refused with the reason.
+        check_sizes: (config, result sizes by axis) -> None; raises `HypruneError` for sizes the family's
+            config cannot express beyond the shared checks.
+        tied_mlps: config -> groups of block indices whose MLP parts share one set of weights (Zamba2's
+            shared transformer); a plan ranks their neurons once, from the summed scores of every use.
+        unsliced: prefixes of parameter names inside a block that are copied whole (they touch only fixed
+            axes, like Zamba2's shared attention).
+        undroppable_kinds: block kind -> why depth pruning cannot drop such a block.
     """
 
     name: str
@@ -74,6 +84,11 @@ class Family:
     hidden_multiple_of_heads: bool = False  # the config refuses hidden_size % num_attention_heads != 0
     expand_field: str = "expand"  # config field of the Mamba expansion factor (coupled families)
     finish_config: Callable[[dict], None] | None = None  # derive dependent fields of a pruned config dict
+    fixed_axes: dict[str, str] = field(default_factory=dict)
+    check_sizes: Callable[[Any, dict[str, int]], None] | None = None
+    tied_mlps: Callable[[Any], list[list[int]]] | None = None
+    unsliced: tuple[str, ...] = ()
+    undroppable_kinds: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default=())
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -103,7 +118,7 @@ class Family:
 
     def block_parts(self, block, kind: str):
         """(part, norm module, mixer module) for each norm + mixer pair of a loaded block."""
-        return [(part, getattr(block, part.norm), getattr(block, part.mixer)) for part in self.parts(kind)]
+        return [(part, attrgetter(part.norm)(block), attrgetter(part.mixer)(block)) for part in self.parts(kind)]
 
     def part_kinds(self, config) -> list[str]:
         """Every part kind present in the model (``mamba``, ``attention``, ``mlp``)."""
