@@ -97,11 +97,11 @@ def rel_err(a, b) -> float:
 
 
 def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None, head_dim=None, state=None,
-                ffn=None, attn_per_kv=None, experts=None, expert_ffn=None, shared_ffn=None, drop=()):
+                ffn=None, attn_per_kv=None, experts=None, expert_ffn=None, shared_ffn=None, inner=None, drop=()):
     """A random valid plan for any family; ``None`` keeps an axis whole. Each layer's fields say which
     parts it holds (Mamba: ``groups``; attention: ``kv_heads``; MLP: ``ffn``; MoE: ``experts``).
     ``experts`` is the total kept, taken evenly from every router group; each kept expert draws its own
-    ``expert_ffn`` neurons."""
+    ``expert_ffn`` neurons. ``inner`` is the count of Mamba-1 channels kept (Jamba)."""
     from hyprune.arch import family_for_config
     from hyprune.arch.family import expert_groups
     from hyprune.plan import identity_plan
@@ -122,6 +122,11 @@ def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None,
             lp.heads = [g * per + i for g in lp.groups for i in sorted(rng.sample(range(per), k))]
             if head_dim:
                 lp.head_dim = sorted(rng.sample(range(s["mamba_head_dim"]), head_dim))
+            if state:
+                lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
+        if lp.inner is not None:
+            if inner:
+                lp.inner = sorted(rng.sample(lp.inner, inner))
             if state:
                 lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
         if attn_per_kv and lp.kv_heads is not None:
@@ -153,8 +158,9 @@ def mask_moe(moe, lp, sizes: dict, gone: torch.Tensor):
 
     Removed experts never get chosen: NemotronH's sigmoid router takes each expert's own score (plus
     ``e_score_correction_bias``) for the choice, so a -inf bias keeps it out of every group ranking and
-    top-k while the kept experts' weights stay the same; Granite's router softmaxes the top-k *logits*, so
-    its removed experts get a -inf logit before the top-k (the router's forward, restated from the HF code).
+    top-k while the kept experts' weights stay the same. Granite's router softmaxes the top-k *logits* and
+    Jamba's softmaxes all logits before its top-k, so their removed experts get a -inf logit (the routers'
+    forwards, restated from the HF code).
     Removed expert neurons and removed hidden channels are zeroed in the output projections.
     """
     removed = [e for e in range(sizes["experts"]) if e not in lp.experts]
@@ -163,11 +169,15 @@ def mask_moe(moe, lp, sizes: dict, gone: torch.Tensor):
             moe.gate.e_score_correction_bias[removed] = float("-inf")
         else:
             router = moe.router
+            softmax_first = type(router).__name__.startswith("Jamba")
 
             def route(hidden_states):
                 logits = F.linear(hidden_states, router.weight).float()
                 logits[:, removed] = float("-inf")
-                top_logits, top_index = logits.topk(router.top_k, dim=-1)
+                if softmax_first:  # Jamba: top-k of the softmax over every expert, not renormalised
+                    weights, top_index = torch.softmax(logits, dim=-1).topk(router.top_k, dim=-1)
+                    return logits, weights.to(hidden_states.dtype), top_index
+                top_logits, top_index = logits.topk(router.top_k, dim=-1)  # Granite: softmax of the top-k logits
                 return logits, torch.softmax(top_logits, dim=-1).type_as(hidden_states), top_index
 
             router.forward = route

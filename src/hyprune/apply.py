@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hyprune.arch.family import ATTENTION, MAMBA, MOE, Family, attention_head_dim
+from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MOE, Family, attention_head_dim
 from hyprune.errors import HypruneError
 from hyprune.plan import LayerPlan, Plan, validate_plan
 
@@ -50,6 +50,37 @@ def mamba_indices(lp: LayerPlan, sizes: dict[str, int]) -> dict[str, Index]:
         "conv": torch.cat([inner, inner_size + bc, inner_size + G * N + bc]),
         "heads": heads,
         "inner": inner,
+    }
+
+
+def mamba1_rules(lp: LayerPlan, sizes: dict[str, int], h: Index, dt_rank: int):
+    """Rules for a Mamba-1 mixer (Jamba), I inner channels, N states, R = dt_rank:
+
+        in_proj rows = [x: I | z: I];  conv channels, dt_proj rows, A_log rows, D = I
+        x_proj rows = [dt: R | B: N | C: N], columns I;  A_log columns and b/c_layernorm = N
+
+    An inner channel's recurrence is its own; it meets the others only through x_proj's columns (its
+    share of dt, B and C) and out_proj's columns. dt_rank stays.
+    """
+    I, N = sizes["mamba_expand"] * sizes["hidden"], sizes["ssm_state"]
+    inner, state = _idx(lp.inner), _idx(lp.state)
+    both = torch.cat([inner, I + inner])
+    x_rows = torch.cat([torch.arange(dt_rank), dt_rank + state, dt_rank + N + state])
+    return {
+        "in_proj.weight": [(0, both), (1, h)],
+        "in_proj.bias": [(0, both)],
+        "conv1d.weight": [(0, inner)],
+        "conv1d.bias": [(0, inner)],
+        "x_proj.weight": [(0, x_rows), (1, inner)],
+        "dt_proj.weight": [(0, inner)],
+        "dt_proj.bias": [(0, inner)],
+        "A_log": [(0, inner), (1, state)],
+        "D": [(0, inner)],
+        "out_proj.weight": [(0, h), (1, inner)],
+        "out_proj.bias": [(0, h)],
+        "dt_layernorm.weight": [],
+        "b_layernorm.weight": [(0, state)],
+        "c_layernorm.weight": [(0, state)],
     }
 
 
@@ -113,9 +144,10 @@ def moe_rules(lp: LayerPlan, sizes: dict[str, int], h: Index, expert_input_is_hi
     return rules
 
 
-def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn_head_dim: int,
-                 expert_input_is_hidden: bool = True):
+def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, config):
     """Parameter name inside one mixer -> list of steps to slice with (see the module docstring)."""
+    if kind == MAMBA1:
+        return mamba1_rules(lp, sizes, h, int(config.mamba_dt_rank))
     if kind == MAMBA:
         ix = mamba_indices(lp, sizes)
         return {
@@ -131,7 +163,7 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
             "out_proj.bias": [(0, h)],
         }
     if kind == ATTENTION:
-        ix = attention_indices(lp, attn_head_dim)
+        ix = attention_indices(lp, attention_head_dim(config))
         return {
             "q_proj.weight": [(0, ix["q"]), (1, h)],
             "k_proj.weight": [(0, ix["kv"]), (1, h)],
@@ -145,7 +177,8 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
             "k_norm.weight": [],
         }
     if kind == MOE:
-        return moe_rules(lp, sizes, h, expert_input_is_hidden)
+        # with NemotronH's moe_latent_size the experts see the latent width, not the hidden one
+        return moe_rules(lp, sizes, h, expert_input_is_hidden=getattr(config, "moe_latent_size", None) is None)
     ffn = _idx(lp.ffn)
     gate_up = torch.cat([ffn, sizes["ffn"] + ffn])  # fused [gate; up] rows (Granite's input_linear)
     return {
@@ -164,13 +197,12 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
     }
 
 
-def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, attn_head_dim: int,
-                expert_input_is_hidden: bool = True):
+def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, config):
     """Parameter name inside ``layers.i`` -> list of slicing steps, for every part of the block."""
     rules = {prefix: [] for prefix in family.unsliced}
     for part in family.parts(lp.kind):
         rules[f"{part.norm}.weight"] = [(0, hidden)]
-        for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, attn_head_dim, expert_input_is_hidden).items():
+        for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, config).items():
             rules[f"{part.mixer}.{name}"] = rule
     return rules
 
@@ -198,8 +230,6 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
     """Cut every tensor of ``state`` to the plan and renumber kept blocks. Inputs are not modified."""
     sizes = family.sizes(config)
     hidden = _idx(plan.hidden)
-    attn_head_dim = attention_head_dim(config) if "attention_heads" in family.fields else 0
-    expert_input_is_hidden = getattr(config, "moe_latent_size", None) is None
     base = family.base
     top_rules = {
         f"{base}.{family.embeddings}.weight": [(1, hidden)],
@@ -218,7 +248,7 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
                 continue  # a dropped block
             if i not in cache:
                 lp = plan.layers[i]
-                cache[i] = layer_rules(family, lp, sizes, hidden, attn_head_dim, expert_input_is_hidden)
+                cache[i] = layer_rules(family, lp, sizes, hidden, config)
             rules = _find_rule(cache[i], rest)
             new_name = f"{base}.layers.{new_index[i]}.{rest}"
         else:

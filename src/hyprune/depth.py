@@ -636,6 +636,15 @@ def check_depth_request(family: Family, config, drop_blocks: int, method: str = 
             f"{family.name} can drop only its {', '.join(sorted(set(kinds) - set(never)))} blocks ({free} here), not "
             f"{drop_blocks}. {reasons}"
         )
+    if family.depth_period is not None and family.depth_period(config) > 1:
+        period = family.depth_period(config)
+        if mode != "contiguous" or drop_blocks % period:
+            raise HypruneError(
+                f"{family.name} writes its layer pattern as a period of {period} layers, so only whole periods of "
+                f"{period} consecutive layers can be dropped (every later layer must keep its kind). Use "
+                f"--depth-mode contiguous with --drop-blocks a multiple of {period} (got {drop_blocks}, mode {mode}), "
+                "or --drop-block-list with such runs."
+            )
     if mode == "contiguous":
         ok = any(_keeps_protected(kinds, set(range(l, l + drop_blocks)), keep)
                  and not any(kinds[b] in never for b in range(l, l + drop_blocks))

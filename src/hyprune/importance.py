@@ -10,6 +10,8 @@ What each hook reads (shared/reference/methods.md, section 1):
     attention heads   input of o_proj, [heads, head_dim]          -> ``layers.i.attention``
     Mamba heads/dims  x slice of in_proj output, [heads, head_dim] -> ``layers.i.mamba_x``
     SSM states        B and C slices of in_proj output            -> ``layers.i.mamba_bc`` [2, groups, state]
+    Mamba-1 channels  input of out_proj (gated scan output)       -> ``layers.i.mamba1_inner`` [inner]
+    Mamba-1 states    outputs of b_layernorm and c_layernorm      -> ``layers.i.mamba1_bc`` [2, state]
     expert neurons    input of each routed expert's down projection,
                       times the token's routing weight            -> ``layers.i.expert_ffn`` [experts, ffn]
     whole experts     L2 norm of each routed expert's output,
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family, attention_head_dim
+from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, attention_head_dim
 from hyprune.errors import HypruneError
 
 SCORES_FILE = "scores.safetensors"
@@ -168,6 +170,10 @@ def activation_scores(
                     record(f"layers.{i}.mamba_x", lambda out, a=inner: out[..., a : 2 * a])))
                 handles.append(mixer.in_proj.register_forward_hook(
                     record(f"layers.{i}.mamba_bc", lambda out, a=inner, b=G * N: out[..., 2 * a : 2 * a + 2 * b])))
+            elif part.kind == MAMBA1:
+                handles.append(mixer.out_proj.register_forward_pre_hook(record_input(f"layers.{i}.mamba1_inner")))
+                handles.append(mixer.b_layernorm.register_forward_hook(record(f"layers.{i}.mamba1_b")))
+                handles.append(mixer.c_layernorm.register_forward_hook(record(f"layers.{i}.mamba1_c")))
             elif part.kind == ATTENTION:
                 handles.append(mixer.o_proj.register_forward_pre_hook(record_input(f"layers.{i}.attention")))
             elif part.kind == MLP:
@@ -201,6 +207,9 @@ def activation_scores(
                 H, P, G, N = _mamba_dims(mixer)
                 scores[f"layers.{i}.mamba_x"] = stats[f"layers.{i}.mamba_x"].score().view(H, P)
                 scores[f"layers.{i}.mamba_bc"] = stats[f"layers.{i}.mamba_bc"].score().view(2, G, N)
+            elif part.kind == MAMBA1:
+                scores[f"layers.{i}.mamba1_inner"] = stats[f"layers.{i}.mamba1_inner"].score()
+                scores[f"layers.{i}.mamba1_bc"] = torch.stack([stats[f"layers.{i}.mamba1_{x}"].score() for x in "bc"])
             elif part.kind == ATTENTION:
                 heads = model.config.num_attention_heads
                 scores[f"layers.{i}.attention"] = stats[f"layers.{i}.attention"].score().view(heads, -1)
@@ -235,6 +244,9 @@ def summarize_scores(scores: dict[str, torch.Tensor], family: Family, config) ->
                 entry["mamba_heads"] = stats(x.norm(dim=1))
                 entry["mamba_head_dim"] = stats(x.norm(dim=0))
                 entry["ssm_state"] = stats(scores[f"layers.{i}.mamba_bc"].pow(2).sum(dim=(0, 1)).sqrt())
+            elif part.kind == MAMBA1:
+                entry["mamba_inner"] = stats(scores[f"layers.{i}.mamba1_inner"])
+                entry["ssm_state"] = stats(scores[f"layers.{i}.mamba1_bc"].norm(dim=0))
             elif part.kind == ATTENTION:
                 entry["attention_heads"] = stats(scores[f"layers.{i}.attention"].norm(dim=1))
             elif part.kind == MLP:
@@ -270,6 +282,9 @@ def load_scores(path: str | Path, family: Family, config) -> dict[str, torch.Ten
             if part.kind == MAMBA:
                 expected[f"layers.{i}.mamba_x"] = (sizes["mamba_heads"], sizes["mamba_head_dim"])
                 expected[f"layers.{i}.mamba_bc"] = (2, sizes["mamba_groups"], sizes["ssm_state"])
+            elif part.kind == MAMBA1:
+                expected[f"layers.{i}.mamba1_inner"] = (sizes["mamba_expand"] * sizes["hidden"],)
+                expected[f"layers.{i}.mamba1_bc"] = (2, sizes["ssm_state"])
             elif part.kind == ATTENTION:
                 expected[f"layers.{i}.attention"] = (sizes["attention_heads"], attention_head_dim(config))
             elif part.kind == MLP:

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, MOE_AXES, Family, expert_groups
+from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, MOE_AXES, Family, expert_groups
 from hyprune.errors import HypruneError
 
 PLAN_FORMAT = "hyprune-plan/1"
@@ -52,6 +52,7 @@ class LayerPlan(BaseModel):
     experts: list[int] | None = None  # routed experts of an MoE block
     expert_ffn: list[list[int]] | None = None  # FFN neurons of each kept expert, in the order of ``experts``
     shared_ffn: list[int] | None = None  # FFN neurons of the MoE block's shared expert (NemotronH)
+    inner: list[int] | None = None  # Mamba-1 inner channels (Jamba); ``state`` holds its SSM states
 
 
 class Plan(BaseModel):
@@ -93,6 +94,9 @@ class Plan(BaseModel):
         attention = next((lp for lp in kept if lp.kv_heads is not None), None)
         mlp = next((lp for lp in kept if lp.ffn is not None), None)
         moe = next((lp for lp in kept if lp.experts is not None), None)
+        mamba1 = next((lp for lp in kept if lp.inner is not None), None)
+        if mamba1 is not None:  # inner = mamba_expand * hidden (validation checked the multiple)
+            sizes.update(mamba_expand=len(mamba1.inner) // len(self.hidden), ssm_state=len(mamba1.state))
         if mamba is not None:
             sizes.update(mamba_heads=len(mamba.heads), mamba_head_dim=len(mamba.head_dim),
                          ssm_state=len(mamba.state), mamba_groups=len(mamba.groups))
@@ -155,7 +159,8 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
     source = family.sizes(config)
     sizes = dict(source)
     for field_name, value in target.items():
-        sizes[family.field_to_axis(field_name)] = value
+        for axis in family.field_to_axes(field_name):
+            sizes[axis] = value
     kinds = set(family.part_kinds(config))
     moe_fields = [family.fields[a] for a in MOE_AXES if a in family.fields and family.fields[a] in target]
     if moe_fields and MOE not in kinds:
@@ -213,6 +218,34 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
                 f"group, more than the source has ({source['attention_heads'] // source['kv_heads']})."
             )
     return sizes
+
+
+def check_depth_period(family: Family, config, drop_blocks: list[int]) -> None:
+    """Can the config's periodic layer pattern express the kept blocks? Raises `HypruneError` if not."""
+    if family.depth_period is None or not drop_blocks:
+        return
+    period = family.depth_period(config)
+    dropped = set(drop_blocks)
+    for i in range(len(family.block_kinds(config))):
+        before = sum(1 for b in drop_blocks if b < i)
+        if i not in dropped and before % period:
+            raise HypruneError(
+                f"{family.name} writes its layer pattern as a period of {period} layers (attention and expert "
+                f"layer period/offset), so a kept layer must move by whole periods: layer {i} would move by {before}. "
+                f"Drop whole runs of {period} consecutive layers (--depth-mode contiguous with --drop-blocks a "
+                f"multiple of {period}), or the last layers."
+            )
+
+
+def _check_shared_fields(family: Family, sizes: dict[str, int]) -> None:
+    """Axes that one config field sizes (Jamba's MLP and expert widths) must keep the same size."""
+    for name in set(family.fields.values()):
+        axes = family.field_to_axes(name)
+        if len({sizes[a] for a in axes}) > 1:
+            raise HypruneError(
+                f"{family.name} sizes {' and '.join(axes)} with one config field, {name}, so they must keep the same "
+                f"size; got {', '.join(f'{a}={sizes[a]}' for a in axes)}."
+            )
 
 
 def check_router(family: Family, config, experts: int) -> None:
@@ -340,6 +373,15 @@ def plan_attention_layer(head_channel_score: torch.Tensor, num_kv: int, sizes: d
     return LayerPlan(kind=ATTENTION, query_heads=kept, kv_heads=kept_kv)
 
 
+def plan_mamba1_layer(scores: dict[str, torch.Tensor], i: int, sizes: dict[str, int]) -> dict:
+    """Mamba-1 inner channels by their score (``mamba_expand * hidden`` kept); states by the L2 of B and C.
+
+    Scores: ``layers.i.mamba1_inner`` [inner], ``layers.i.mamba1_bc`` [2, state].
+    """
+    inner = top_k(scores[f"layers.{i}.mamba1_inner"], sizes["mamba_expand"] * sizes["hidden"])
+    return {"inner": inner, "state": top_k(scores[f"layers.{i}.mamba1_bc"].norm(dim=0), sizes["ssm_state"])}
+
+
 def plan_moe_layer(scores: dict[str, torch.Tensor], i: int, sizes: dict[str, int], groups: int,
                    shared: bool) -> dict:
     """Experts of MoE block i by their routing-weighted output score, evenly inside each router group;
@@ -379,6 +421,8 @@ def make_plan(
             elif part.kind == ATTENTION:
                 part_plan = plan_attention_layer(scores[f"layers.{i}.attention"], source["kv_heads"], sizes)
                 fields.update(part_plan.model_dump(exclude={"kind"}, exclude_none=True))
+            elif part.kind == MAMBA1:
+                fields.update(plan_mamba1_layer(scores, i, sizes))
             elif part.kind == MOE:
                 fields.update(plan_moe_layer(scores, i, sizes, expert_groups(config), "shared_expert_ffn" in family.fields))
             else:  # an MLP shared by several blocks is ranked once, over all of its uses
@@ -411,6 +455,8 @@ def identity_plan(family: Family, config) -> Plan:
                               state=full(s["ssm_state"]), groups=full(s["mamba_groups"]))
             elif part.kind == ATTENTION:
                 fields.update(query_heads=full(s["attention_heads"]), kv_heads=full(s["kv_heads"]))
+            elif part.kind == MAMBA1:
+                fields.update(inner=full(s["mamba_expand"] * s["hidden"]), state=full(s["ssm_state"]))
             elif part.kind == MOE:
                 fields.update(experts=full(s["experts"]), expert_ffn=[full(s["expert_ffn"])] * s["experts"])
                 if "shared_expert_ffn" in family.fields:
@@ -495,6 +541,7 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
         if kinds[b] in family.undroppable_kinds:
             raise HypruneError(f"Plan drop_blocks: block {b} is a {kinds[b]} block, which {family.name} cannot drop: "
                                f"{family.undroppable_kinds[kinds[b]]}")
+    check_depth_period(family, config, plan.drop_blocks)
     if len(set(plan.drop_blocks)) == len(kinds):
         raise HypruneError("Plan drop_blocks removes every block; keep at least one.")
     seen: dict[str, tuple] = {}
@@ -517,6 +564,15 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
                 query = _check_indices(f"{where} query_heads", lp.query_heads, s["attention_heads"])
                 _check_grouped(where, query, kv, s["attention_heads"] // s["kv_heads"], "query head")
                 shape += (len(lp.query_heads), len(lp.kv_heads))
+            elif part.kind == MAMBA1:
+                inner = _check_indices(f"{where} inner", lp.inner, s["mamba_expand"] * s["hidden"])
+                if len(inner) % len(plan.hidden):
+                    raise HypruneError(
+                        f"Plan {where}: {family.name} ties the Mamba inner width to mamba_expand * hidden_size with a "
+                        f"whole-number mamba_expand; {len(inner)} inner channels is not a multiple of the "
+                        f"{len(plan.hidden)} kept hidden channels."
+                    )
+                shape += (len(inner), len(_check_indices(f"{where} state", lp.state, s["ssm_state"])))
             elif part.kind == MOE:
                 shape += _check_moe(where, lp, s, family, config)
             else:
@@ -534,6 +590,7 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
     if MOE in family.part_kinds(config):
         check_expert_alignment(family, config, plan.result_sizes())
     result = plan.result_sizes()
+    _check_shared_fields(family, result)
     for axis, reason in family.fixed_axes.items():
         if result[axis] != s[axis]:
             raise HypruneError(f"Plan: {family.fields[axis]} cannot be pruned in {family.name}: {reason}")

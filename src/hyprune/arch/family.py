@@ -21,12 +21,14 @@ AXES = (
     "experts",  # routed experts of an MoE block
     "expert_ffn",  # FFN neurons of every routed expert (one size for all experts)
     "shared_expert_ffn",  # FFN neurons of the shared expert inside an MoE block (NemotronH)
+    "mamba_expand",  # Mamba-1 inner width in units of hidden_size (Jamba: inner = mamba_expand * hidden_size)
 )
 MOE_AXES = ("experts", "expert_ffn", "shared_expert_ffn")
 
 # Block kinds, in the words of the papers. A ``transformer`` block is a dense decoder layer: attention
 # then MLP, each behind its own pre-norm (Llama, Qwen, Mistral); depth pruning drops it as one unit.
 MAMBA, ATTENTION, MLP, MOE, TRANSFORMER = "mamba", "attention", "mlp", "moe", "transformer"
+MAMBA1 = "mamba1"  # a Mamba-1 mixer (Jamba): per-channel SSM, no heads or groups
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class Family:
         unsliced: prefixes of parameter names inside a block that are copied whole (they touch only fixed
             axes, like Zamba2's shared attention).
         undroppable_kinds: block kind -> why depth pruning cannot drop such a block.
+        depth_period: config -> P when the config writes the layer pattern as a period of P layers (Jamba);
+            then only whole periods can go: every kept block must have a multiple of P dropped blocks
+            before it (None: any blocks can go).
     """
 
     name: str
@@ -89,6 +94,7 @@ class Family:
     tied_mlps: Callable[[Any], list[list[int]]] | None = None
     unsliced: tuple[str, ...] = ()
     undroppable_kinds: dict[str, str] = field(default_factory=dict)
+    depth_period: Callable[[Any], int] | None = None
     notes: tuple[str, ...] = field(default=())
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -97,14 +103,15 @@ class Family:
         out = {axis: int(getattr(config, name)) for axis, name in self.fields.items()}
         return out
 
-    def field_to_axis(self, field_name: str) -> str:
-        for axis, name in self.fields.items():
-            if name == field_name:
-                return axis
-        known = ", ".join(self.fields.values())
-        raise HypruneError(
-            f"'{field_name}' is not a prunable config field of {self.name}. Use one of: {known}."
-        )
+    def field_to_axes(self, field_name: str) -> list[str]:
+        """The axes a config field sizes (Jamba's ``intermediate_size`` sizes the MLPs and the experts)."""
+        axes = [axis for axis, name in self.fields.items() if name == field_name]
+        if not axes:
+            known = ", ".join(dict.fromkeys(self.fields.values()))
+            raise HypruneError(
+                f"'{field_name}' is not a prunable config field of {self.name}. Use one of: {known}."
+            )
+        return axes
 
     def expand(self, config) -> int:
         return int(getattr(config, self.expand_field, 2))
