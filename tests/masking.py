@@ -136,7 +136,8 @@ def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None,
             groups = expert_groups(model.config)
             per = s["experts"] // groups
             if experts:
-                lp.experts = [g * per + i for g in range(groups) for i in sorted(rng.sample(range(per), experts // groups))]
+                lp.experts = [g * per + i for g in range(groups)
+                              for i in sorted(rng.sample(range(per), experts // groups))]
             width = expert_ffn or s["expert_ffn"]
             lp.expert_ffn = [sorted(rng.sample(range(s["expert_ffn"]), width)) for _ in lp.experts]
             if shared_ffn and lp.shared_ffn is not None:

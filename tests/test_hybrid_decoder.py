@@ -24,8 +24,8 @@ from hyprune.arch import family_for_config
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
 
-from masking import (inner_mask, mask_moe, masked_gated_norm, masked_rmsnorm, random_plan, randomized, rel_err, skip_block,
-                     zero_removed_bc, zero_removed_query_heads)
+from masking import (inner_mask, mask_moe, masked_gated_norm, masked_rmsnorm, random_plan, randomized, rel_err,
+                     skip_block, zero_removed_bc, zero_removed_query_heads)
 
 
 MAMBA = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -708,7 +708,8 @@ def depth_plan(
         scores = load_block_scores(scores, family, model.config)
     elif scores.kinds != family.block_kinds(model.config):
         raise HypruneError(f"The block scores were made for another layer pattern ({scores.kinds}).")
-    blocks = choose_blocks_to_drop(scores, drop_blocks, mode, keep_kinds=keep, never_kinds=tuple(family.undroppable_kinds))
+    blocks = choose_blocks_to_drop(scores, drop_blocks, mode, keep_kinds=keep,
+                                   never_kinds=tuple(family.undroppable_kinds))
     result = with_dropped_blocks(plan, blocks, family, model.config)
     base_method = "identity" if plan is None else plan.method
     depth = f"depth:{scores.method}/{mode}"

@@ -424,7 +424,8 @@ def make_plan(
             elif part.kind == MAMBA1:
                 fields.update(plan_mamba1_layer(scores, i, sizes))
             elif part.kind == MOE:
-                fields.update(plan_moe_layer(scores, i, sizes, expert_groups(config), "shared_expert_ffn" in family.fields))
+                fields.update(plan_moe_layer(scores, i, sizes, expert_groups(config),
+                                             shared="shared_expert_ffn" in family.fields))
             else:  # an MLP shared by several blocks is ranked once, over all of its uses
                 ffn_score = sum(scores[f"layers.{j}.ffn"] for j in uses.get(i, [i]))
                 fields["ffn"] = top_k(ffn_score, sizes["ffn"])
@@ -597,9 +598,9 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
     if family.check_sizes is not None:
         family.check_sizes(config, result)
     for group in family.tied_mlps(config) if family.tied_mlps else []:
-        kept = [i for i in group if i not in plan.drop_blocks]
-        if any(plan.layers[i].ffn != plan.layers[kept[0]].ffn for i in kept):
-            raise HypruneError(f"Plan: blocks {kept} share one MLP, so they must keep the same FFN neurons.")
+        uses = [i for i in group if i in kept]
+        if any(plan.layers[i].ffn != plan.layers[uses[0]].ffn for i in uses):
+            raise HypruneError(f"Plan: blocks {uses} share one MLP, so they must keep the same FFN neurons.")
     if family.mamba_width_coupled_to_hidden and MAMBA in family.part_kinds(config):
         result = plan.result_sizes()
         width = result["mamba_heads"] * result["mamba_head_dim"]

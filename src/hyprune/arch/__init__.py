@@ -1,10 +1,11 @@
 """Model families: a data description of how each Hugging Face family names its parts.
 
-Every family we support so far shares the same skeleton: ``<base>.embeddings``, a list of
-``<base>.layers.{i}`` blocks each holding ``norm`` (the pre-norm) and ``mixer`` (a Mamba-2 mixer, an
-attention module or an MLP), ``<base>.norm_f`` and ``lm_head``. What differs between families is
-the base name, the config field names and how the layer pattern is written, so a family is data
-(`Family`), not a subclass.
+Every family we support shares one skeleton: embeddings, a list of ``<base>.layers.{i}`` blocks each
+holding one or more pre-norm + mixer pairs (`Part`: a Mamba-2 or Mamba-1 mixer, attention, an MLP or an
+MoE block, at an attribute path such as ``norm``/``mixer`` or ``mamba_decoder.mamba``), a final norm and
+``lm_head``. What differs between families is the names, the config fields, how the layer pattern is
+written and what the config cannot express (fixed axes, blocks that cannot be dropped, periodic
+patterns), so a family is data (`Family`), not a subclass.
 """
 
 from __future__ import annotations

@@ -42,7 +42,10 @@ def _set_block_kinds(config_dict: dict, kept: list[int], kinds: list[str]) -> No
 
 def _parts(kind: str) -> list[Part]:
     mixer, ffn = kind.split("+")
-    first = Part(MAMBA1, "input_layernorm", "mamba") if mixer == MAMBA else Part(ATTENTION, "input_layernorm", "self_attn")
+    if mixer == MAMBA:
+        first = Part(MAMBA1, "input_layernorm", "mamba")
+    else:
+        first = Part(ATTENTION, "input_layernorm", "self_attn")
     return [first, Part(ffn, "pre_ff_layernorm", "feed_forward")]
 
 
