@@ -173,3 +173,35 @@ def test_mlp_and_expert_widths_share_one_field():
     plan = random_plan(model, random.Random(0), ffn=8)  # the experts keep 16
     with pytest.raises(HypruneError, match="one config field, intermediate_size"):
         validate_plan(plan, family, model.config)
+
+
+def test_inspect_counts_every_parameter(tmp_path):
+    from hyprune.api import inspect_model
+
+    model = jamba()
+    model.save_pretrained(tmp_path)
+    info = inspect_model(str(tmp_path))
+    assert info["family"] == "jamba" and info["pattern"] == "MM*MMM*M"
+    params = dict(info["parameters"])
+    assert params["mamba"] > 0 and params["moe"] > 0 and "other" not in params
+    assert params.pop("total") == sum(p.numel() for p in model.parameters()) == sum(params.values())
+
+
+def test_cli_depth_by_whole_periods(tmp_path, tiny_tokenizer, calib_txt):
+    from typer.testing import CliRunner
+
+    from conftest import TOKENIZER_VOCAB
+    from hyprune.cli import app
+
+    jamba(vocab_size=TOKENIZER_VOCAB).save_pretrained(tmp_path / "j")
+    tiny_tokenizer.save_pretrained(tmp_path / "j")
+    runner = CliRunner()
+    common = ["--data", str(calib_txt), "--seq-len", "16", "--num-samples", "4", "--quiet"]
+    refused = runner.invoke(app, ["prune", str(tmp_path / "j"), "--drop-blocks", "4", *common,
+                                  "--out", str(tmp_path / "bad")])
+    assert refused.exit_code == 2 and "--depth-mode contiguous" in " ".join(refused.stderr.split())
+    result = runner.invoke(app, ["prune", str(tmp_path / "j"), "--drop-blocks", "4", "--depth-mode", "contiguous",
+                                 "--target", "mamba_d_state=2,num_experts=2", *common, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (pruned.config.num_hidden_layers, pruned.config.num_experts, pruned.config.mamba_d_state) == (4, 2, 2)
