@@ -143,7 +143,7 @@ def test_inexpressible_targets_are_rejected(target, message):
         resolve_target(family_for_config(model.config), model.config, target)
 
 
-def test_hybrid_layers_are_not_dropped():
+def test_hybrid_layers_are_not_dropped_with_two_shared_blocks():
     from hyprune.depth import BlockScores, check_depth_request, choose_blocks_to_drop
 
     model = zamba2()
@@ -156,8 +156,28 @@ def test_hybrid_layers_are_not_dropped():
         check_depth_request(family, model.config, 3)
     # scored choice skips hybrid layers even when they score lowest
     scores = BlockScores("block_influence", [5.0, 0.0, 4.0, 0.1, 0.2], family.block_kinds(model.config))
-    assert choose_blocks_to_drop(scores, 1, never_kinds=tuple(family.undroppable_kinds)) == [2]
-    assert choose_blocks_to_drop(scores, 1, mode="contiguous", never_kinds=tuple(family.undroppable_kinds)) == [2]
+    never = tuple(family.undroppable(model.config))
+    assert choose_blocks_to_drop(scores, 1, never_kinds=never) == [2]
+    assert choose_blocks_to_drop(scores, 1, mode="contiguous", never_kinds=never) == [2]
+
+
+@pytest.mark.parametrize("drop", [[1], [3, 4], [0, 3]])
+def test_one_shared_block_drops_hybrid_layers_and_renumbers_adapter_slots(drop, ids, tmp_path):
+    """With num_mem_blocks=1 a dropped hybrid layer equals skipping it: later layers keep their adapters."""
+    model = zamba2(num_mem_blocks=1)
+    plan = zamba2_plan(model, random.Random(str(drop)), ffn=12, state=3, drop=drop)
+    pruned = apply_plan(model, plan)
+    assert rel_err(pruned(ids).logits, masked_reference(model, plan)(ids).logits) < 1e-5
+    hybrids = sum(1 for i, t in enumerate(PATTERN) if t == "hybrid" and i not in drop)
+    adapters = pruned.model.layers[pruned.config.hybrid_layer_ids[0]].shared_transformer.feed_forward
+    assert len(adapters.gate_up_proj_adapter_list) == hybrids
+    pruned.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded(ids).logits, pruned(ids).logits)
+    prompt = ids[:1, :5]
+    a = loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    b = loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
 
 
 def test_inspect_states_the_free_axes(tmp_path):
@@ -192,3 +212,16 @@ def test_cli_prunes_mamba_width_and_depth(tmp_path, tiny_tokenizer, calib_txt):
                                   "--out", str(tmp_path / "bad")])
     assert refused.exit_code == 2 and "cannot be pruned" in " ".join(refused.stderr.split())
     assert not (tmp_path / "bad").exists()
+
+
+def test_depth_by_count_keeps_one_hybrid_layer():
+    """Without a hybrid layer (its attention) transformers cannot generate with a cache."""
+    from hyprune.depth import BlockScores, choose_blocks_to_drop, protected_kinds, with_dropped_blocks
+
+    model = zamba2(num_mem_blocks=1)
+    family = family_for_config(model.config)
+    assert protected_kinds(family, model.config) == ("hybrid",)
+    scores = BlockScores("block_influence", [5.0, 0.0, 4.0, 0.1, 0.2], family.block_kinds(model.config))
+    assert choose_blocks_to_drop(scores, 3, keep_kinds=("hybrid",)) == [1, 2, 3]
+    with pytest.warns(UserWarning, match="Keep one hybrid block"):
+        with_dropped_blocks(None, [1, 3, 4], family, model.config)

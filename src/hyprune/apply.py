@@ -236,7 +236,8 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
         f"{base}.{family.final_norm}.weight": [(0, hidden)],
         "lm_head.weight": [(1, hidden)],
     }
-    new_index = {old: new for new, old in enumerate(plan.kept_blocks())}
+    kept = plan.kept_blocks()
+    new_index = {old: new for new, old in enumerate(kept)}
     layer_re = re.compile(rf"^{re.escape(base)}\.layers\.(\d+)\.(.+)$")
     cache: dict[int, dict] = {}
     out = {}
@@ -250,6 +251,10 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
                 lp = plan.layers[i]
                 cache[i] = layer_rules(family, lp, sizes, hidden, config)
             rules = _find_rule(cache[i], rest)
+            if family.renumber is not None:
+                rest = family.renumber(rest, config, kept)
+                if rest is None:
+                    continue  # part of a dropped block that a kept block also holds (a per-use adapter slot)
             new_name = f"{base}.layers.{new_index[i]}.{rest}"
         else:
             rules = top_rules.get(name)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hyprune.arch.family import ATTENTION, Family
+from hyprune.arch.family import Family
 from hyprune.errors import HypruneError
 from hyprune.plan import Plan, identity_plan, validate_plan
 
@@ -363,12 +363,13 @@ def block_importance(model, windows: torch.Tensor, method: str = "block_influenc
 def protected_kinds(family: Family, config) -> tuple[str, ...]:
     """Kinds of which a depth plan chosen by count keeps at least one block, so the result still works.
 
-    NemotronH with no attention block cannot generate with a cache in transformers 5.x
-    (``DynamicCache.get_seq_length`` raises for a cache with only Mamba layers, and so does a plain
-    forward with the config's default ``use_cache=True``): keep one attention block if the source has one.
+    A NemotronH with no attention block (a Zamba2 with no hybrid layer) cannot generate with a cache in
+    transformers 5.x (``DynamicCache.get_seq_length`` raises for a cache with only Mamba layers, and so
+    does a plain forward with the config's default ``use_cache=True``): the family's ``keep_one`` kinds
+    keep one block each, where the source has one.
     """
     kinds = family.block_kinds(config)
-    return (ATTENTION,) if family.name == "nemotron_h" and ATTENTION in kinds else ()
+    return tuple(k for k in family.keep_one if k in kinds)
 
 
 def _as_block_scores(scores) -> BlockScores:
@@ -413,7 +414,7 @@ def choose_blocks_to_drop(scores, n: int, mode: str = "lowest", keep_kinds: Sequ
             for scores over windows of exactly n blocks (angular with ``window == n``), the window with
             the lowest score. Ties go to the earlier window.
         keep_kinds: kinds of which at least one block must survive (see `protected_kinds`).
-        never_kinds: kinds that are never dropped (a family's ``undroppable_kinds``).
+        never_kinds: kinds that are never dropped (a family's ``undroppable(config)``).
     """
     result = _as_block_scores(scores)
     L = result.num_blocks
@@ -519,7 +520,7 @@ def with_dropped_blocks(plan: Plan | None, blocks: str | Iterable[int], family: 
         warnings.warn(
             f"The plan drops every {'/'.join(lost)} block. The pruned {family.name} model works with "
             "use_cache=False, but transformers cannot generate with a cache (or run with the config's "
-            "use_cache=True) without an attention block. Keep one attention block to avoid this.",
+            f"use_cache=True) without an attention block. Keep one {'/'.join(lost)} block to avoid this.",
             stacklevel=2,
         )
     return result
@@ -628,7 +629,7 @@ def check_depth_request(family: Family, config, drop_blocks: int, method: str = 
     kinds = family.block_kinds(config)
     drop_blocks = _check_count(drop_blocks, len(kinds))
     keep = protected_kinds(family, config) if keep_kinds is None else tuple(keep_kinds)
-    never = family.undroppable_kinds
+    never = family.undroppable(config)
     free = sum(1 for k in kinds if k not in never)
     if free < drop_blocks:
         reasons = " ".join(f"{kind}: {why}" for kind, why in never.items())
@@ -709,7 +710,7 @@ def depth_plan(
     elif scores.kinds != family.block_kinds(model.config):
         raise HypruneError(f"The block scores were made for another layer pattern ({scores.kinds}).")
     blocks = choose_blocks_to_drop(scores, drop_blocks, mode, keep_kinds=keep,
-                                   never_kinds=tuple(family.undroppable_kinds))
+                                   never_kinds=tuple(family.undroppable(model.config)))
     result = with_dropped_blocks(plan, blocks, family, model.config)
     base_method = "identity" if plan is None else plan.method
     depth = f"depth:{scores.method}/{mode}"

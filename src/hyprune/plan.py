@@ -538,10 +538,11 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
     for b in plan.drop_blocks:
         if not 0 <= b < len(kinds):
             raise HypruneError(f"Plan drop_blocks: block {b} does not exist (the model has {len(kinds)}).")
+    never = family.undroppable(config)
     for b in plan.drop_blocks:
-        if kinds[b] in family.undroppable_kinds:
+        if kinds[b] in never:
             raise HypruneError(f"Plan drop_blocks: block {b} is a {kinds[b]} block, which {family.name} cannot drop: "
-                               f"{family.undroppable_kinds[kinds[b]]}")
+                               f"{never[kinds[b]]}")
     check_depth_period(family, config, plan.drop_blocks)
     if len(set(plan.drop_blocks)) == len(kinds):
         raise HypruneError("Plan drop_blocks removes every block; keep at least one.")

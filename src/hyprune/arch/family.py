@@ -71,7 +71,11 @@ class Family:
             shared transformer); a plan ranks their neurons once, from the summed scores of every use.
         unsliced: prefixes of parameter names inside a block that are copied whole (they touch only fixed
             axes, like Zamba2's shared attention).
-        undroppable_kinds: block kind -> why depth pruning cannot drop such a block.
+        undroppable_kinds: config -> {block kind: why depth pruning cannot drop such a block}.
+        renumber: (parameter name inside a kept block, config, kept block indices) -> its name in the pruned
+            model, or None when the tensor belongs to something dropped (Zamba2's per-use adapter slots).
+        keep_one: block kinds of which depth pruning by count keeps one block (the model's only attention:
+            without it transformers cannot generate with a cache).
         depth_period: config -> P when the config writes the layer pattern as a period of P layers (Jamba);
             then only whole periods can go: every kept block must have a multiple of P dropped blocks
             before it (None: any blocks can go).
@@ -93,8 +97,10 @@ class Family:
     check_sizes: Callable[[Any, dict[str, int]], None] | None = None
     tied_mlps: Callable[[Any], list[list[int]]] | None = None
     unsliced: tuple[str, ...] = ()
-    undroppable_kinds: dict[str, str] = field(default_factory=dict)
+    undroppable_kinds: Callable[[Any], dict[str, str]] | None = None
+    renumber: Callable[[str, Any, list[int]], str | None] | None = None
     depth_period: Callable[[Any], int] | None = None
+    keep_one: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -126,6 +132,10 @@ class Family:
     def block_parts(self, block, kind: str):
         """(part, norm module, mixer module) for each norm + mixer pair of a loaded block."""
         return [(part, attrgetter(part.norm)(block), attrgetter(part.mixer)(block)) for part in self.parts(kind)]
+
+    def undroppable(self, config) -> dict[str, str]:
+        """Block kind -> why depth pruning cannot drop it, for this config."""
+        return self.undroppable_kinds(config) if self.undroppable_kinds else {}
 
     def part_kinds(self, config) -> list[str]:
         """Every part kind present in the model (``mamba``, ``attention``, ``mlp``)."""

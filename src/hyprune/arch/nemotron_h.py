@@ -48,6 +48,7 @@ NEMOTRON_H = register(
         },
         block_kinds=_block_kinds,
         set_block_kinds=_set_block_kinds,
+        keep_one=(ATTENTION,),
         notes=("MoE blocks: experts are removed evenly from each of the n_group router groups; every group keeps "
                "at least 2 (the router ranks groups by their two best experts) and topk_group groups must hold "
                "num_experts_per_tok experts.",),

@@ -20,16 +20,21 @@ What the config can express, and so what hyprune prunes:
 - ``hidden_size``: no. It also sets the attention width (``2 * hidden_size = heads * head_dim``, derived in
   the config, with the adapters adding into it), so cutting it would need attention head-channel pruning.
 - Attention heads: no, for the same reason (the head size is derived from ``hidden_size`` and the heads).
-- Depth: Mamba layers, yes. Hybrid layers, no: a later hybrid layer would move onto another block's
-  weights and adapter slot.
+- Depth: Mamba layers, yes. Hybrid layers only with one shared block (``num_mem_blocks=1``, as in
+  Zamba2-1.2B): the later hybrid layers move up one adapter slot, so the slots are renumbered and the
+  dropped layer's slot goes. With more shared blocks a later hybrid layer would move onto another block's
+  weights, so hybrid layers stay.
 """
 
 from __future__ import annotations
+
+import re
 
 from hyprune.arch.family import MAMBA, MLP, Family, Part, register
 from hyprune.errors import HypruneError
 
 HYBRID = "hybrid"
+_SLOT = re.compile(r"(_adapter_list)\.(\d+)\.")
 
 
 def _block_kinds(config) -> list[str]:
@@ -65,6 +70,28 @@ def _finish_config(config_dict: dict) -> None:
     config_dict["mamba_expand"] = width // config_dict["hidden_size"]  # the config derives mamba_headdim again
 
 
+def _undroppable(config) -> dict[str, str]:
+    if int(config.num_mem_blocks) == 1:
+        return {}
+    return {HYBRID: f"with num_mem_blocks={config.num_mem_blocks} shared blocks, hybrid layer j uses block "
+                    f"j % {config.num_mem_blocks}, so dropping one moves every later hybrid layer onto another "
+                    "block's weights. Drop Mamba layers instead."}
+
+
+def _renumber(name: str, config, kept: list[int]) -> str | None:
+    """Adapter slot j of the shared block (the j-th hybrid layer's) -> its slot among the kept hybrid layers."""
+    match = _SLOT.search(name)
+    if match is None:
+        return name
+    hybrid = [i for i, t in enumerate(config.layers_block_type) if t == HYBRID]
+    kept_set = set(kept)
+    new_slot = {j: n for n, j in enumerate(j for j, i in enumerate(hybrid) if i in kept_set)}
+    slot = int(match.group(2))
+    if slot not in new_slot:
+        return None
+    return name[:match.start()] + f"{match.group(1)}.{new_slot[slot]}." + name[match.end():]
+
+
 def _tied_mlps(config) -> list[list[int]]:
     """Hybrid layers grouped by the shared block they use (hybrid layer j uses block j % num_mem_blocks)."""
     hybrid = [i for i, t in enumerate(config.layers_block_type) if t == HYBRID]
@@ -82,13 +109,12 @@ register(Family(
     fixed_axes={"hidden": "it also sets the shared transformer's attention width (2 * hidden_size = heads x head "
                           "size, derived by the config, with the LoRA adapters adding into it), which would need "
                           "attention head-channel pruning."},
-    undroppable_kinds={HYBRID: "a hybrid layer is one use of a shared transformer block; hybrid layer j uses block "
-                               "j % num_mem_blocks and adapter slot j, so dropping one moves every later use onto "
-                               "other weights. Drop Mamba layers instead."},
+    undroppable_kinds=_undroppable, renumber=_renumber, keep_one=(HYBRID,),
     notes=("Free: n_mamba_heads, mamba_headdim, mamba_d_state, mamba_ngroups (n_mamba_heads * mamba_headdim must be "
            "a multiple of hidden_size: mamba_expand is a whole number and is rewritten), intermediate_size (the "
            "shared MLP, one ranking per shared block over its uses).",
            "Fixed: hidden_size (it sets the shared attention width 2 * hidden_size with its LoRA adapters) and the "
            "attention heads (head size derived from hidden_size).",
-           "Depth: Mamba layers only; hybrid layers (shared-block uses) stay."),
+           "Depth: Mamba layers; hybrid layers (shared-block uses) only when num_mem_blocks = 1 (their adapter "
+           "slots are renumbered)."),
 ))
