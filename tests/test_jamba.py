@@ -205,3 +205,13 @@ def test_cli_depth_by_whole_periods(tmp_path, tiny_tokenizer, calib_txt):
     assert result.exit_code == 0, result.output
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert (pruned.config.num_hidden_layers, pruned.config.num_experts, pruned.config.mamba_d_state) == (4, 2, 2)
+
+
+def test_analytic_cache_bytes_match_a_real_cache():
+    from hyprune.evaluate import cache_bytes, measured_cache_bytes
+
+    model = jamba()
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    cache = model(ids, use_cache=True).past_key_values
+    analytic = cache_bytes(model.config, family_for_config(model.config), 7)
+    assert analytic["mamba_ssm"] > 0 and analytic["total"] == measured_cache_bytes(cache)
