@@ -226,3 +226,28 @@ def test_cli_prunes_experts_and_depth(tmp_path, tiny_tokenizer, calib_txt):
                                   "n_routed_experts=1", "--out", str(tmp_path / "bad")])
     assert refused.exit_code == 2 and "num_experts_per_tok" in " ".join(refused.stderr.split())
     assert not (tmp_path / "bad").exists()
+
+
+def test_expert_scores_equal_a_dense_reference():
+    """Routing-weighted expert scores against a dense [tokens, experts] computation from the router's choices."""
+    model = nemotron_moe()
+    family = family_for_config(model.config)
+    windows = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(5))
+    moe = model.model.layers[1].mixer
+    seen = []
+    handle = moe.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    scores = activation_scores(model, windows, family, batch_size=2, progress=False)
+    handle.remove()
+    x = torch.cat(seen)  # [samples, seq, hidden]: the MoE block's input in every batch
+    with torch.no_grad():
+        _, weight, index = moe.gate(x)  # [tokens, top_k]
+        routed = torch.zeros(x.shape[0] * x.shape[1], 8, dtype=torch.float64)
+        routed.scatter_(1, index, weight.double())  # [tokens, experts]; 0 where not routed
+        up = torch.einsum("th,efh->tef", x.reshape(-1, 24).double(), moe.experts.up_proj.double())
+        inner = torch.relu(up).pow(2)  # relu2, [tokens, experts, ffn]
+        out = torch.einsum("tef,ehf->teh", inner, moe.experts.down_proj.double())
+    per_sample = lambda t: t.view(x.shape[0], x.shape[1], *t.shape[1:]).mean(1)  # noqa: E731
+    ffn_ref = per_sample(inner * routed[..., None]).pow(2).sum(0).sqrt()  # [experts, ffn]
+    expert_ref = per_sample(out.norm(dim=-1) * routed).pow(2).sum(0).sqrt()  # [experts]
+    assert torch.allclose(scores["layers.1.expert_ffn"].double(), ffn_ref, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(scores["layers.1.experts"].double(), expert_ref, rtol=1e-4, atol=1e-7)
