@@ -215,3 +215,21 @@ def test_analytic_cache_bytes_match_a_real_cache():
     cache = model(ids, use_cache=True).past_key_values
     analytic = cache_bytes(model.config, family_for_config(model.config), 7)
     assert analytic["mamba_ssm"] > 0 and analytic["total"] == measured_cache_bytes(cache)
+
+
+def test_one_expert_means_dense_layers(ids):
+    """With num_experts=1 Jamba builds a dense MLP in every layer: no expert axes, one period of attention."""
+    model = jamba(num_experts=1, num_experts_per_tok=1)
+    family = family_for_config(model.config)
+    assert all(kind.endswith("+mlp") for kind in family.block_kinds(model.config))
+    assert "experts" not in family.sizes(model.config) and family.depth_period(model.config) == 4
+    with pytest.raises(HypruneError, match="no MoE blocks"):
+        resolve_target(family, model.config, {"num_experts": 1})
+    plan = random_plan(model, random.Random(1), ffn=8, drop=[4, 5, 6, 7])
+    assert rel_err(apply_plan(model, plan)(ids).logits, masked_reference(model, plan)(ids).logits) < 1e-5
+
+
+def test_experts_cannot_shrink_to_one():
+    model = jamba(num_experts_per_tok=1)
+    with pytest.raises(HypruneError, match="at least 2 experts"):
+        resolve_target(family_for_config(model.config), model.config, {"num_experts": 1})

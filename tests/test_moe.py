@@ -251,3 +251,11 @@ def test_expert_scores_equal_a_dense_reference():
     expert_ref = per_sample(out.norm(dim=-1) * routed).pow(2).sum(0).sqrt()  # [experts]
     assert torch.allclose(scores["layers.1.expert_ffn"].double(), ffn_ref, rtol=1e-4, atol=1e-7)
     assert torch.allclose(scores["layers.1.experts"].double(), expert_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_dense_fingerprint_ignores_expert_fields(nemotron_config):
+    """Plans made for dense NemotronH models before MoE support still match: no expert axes in the sizes."""
+    from hyprune.plan import fingerprint
+
+    config = nemotron_config()
+    assert not {"experts", "expert_ffn", "shared_expert_ffn"} & set(fingerprint(family_for_config(config), config)["sizes"])

@@ -211,8 +211,8 @@ def pruned_config(family: Family, config, plan: Plan):
     """A new config of the same class with the plan's sizes and layer pattern."""
     sizes = plan.result_sizes()
     data = config.to_dict()
-    for axis, field in family.fields.items():
-        data[field] = sizes[axis]
+    for axis, value in sizes.items():
+        data[family.fields[axis]] = value
     kept = plan.kept_blocks()
     family.set_block_kinds(data, kept, [plan.layers[i].kind for i in kept])
     if "attention_heads" in family.fields:

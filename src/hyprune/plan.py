@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, MOE_AXES, Family, expert_groups
+from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, expert_groups
 from hyprune.errors import HypruneError
 
 PLAN_FORMAT = "hyprune-plan/1"
@@ -159,13 +159,13 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
     source = family.sizes(config)
     sizes = dict(source)
     for field_name, value in target.items():
-        for axis in family.field_to_axes(field_name):
+        axes = [axis for axis in family.field_to_axes(field_name) if axis in source]
+        if not axes:  # only the expert axes can be missing
+            raise HypruneError(f"Target {field_name}: this {family.name} model has no MoE blocks, so there are no "
+                               "experts to prune.")
+        for axis in axes:
             sizes[axis] = value
     kinds = set(family.part_kinds(config))
-    moe_fields = [family.fields[a] for a in MOE_AXES if a in family.fields and family.fields[a] in target]
-    if moe_fields and MOE not in kinds:
-        raise HypruneError(f"Target {', '.join(moe_fields)}: this {family.name} model has no MoE blocks, so "
-                           "there are no experts to prune.")
     for axis, reason in family.fixed_axes.items():
         if sizes[axis] != source[axis]:
             raise HypruneError(f"{family.fields[axis]} cannot be pruned in {family.name}: {reason}")
@@ -240,7 +240,7 @@ def check_depth_period(family: Family, config, drop_blocks: list[int]) -> None:
 def _check_shared_fields(family: Family, sizes: dict[str, int]) -> None:
     """Axes that one config field sizes (Jamba's MLP and expert widths) must keep the same size."""
     for name in set(family.fields.values()):
-        axes = family.field_to_axes(name)
+        axes = [a for a in family.field_to_axes(name) if a in sizes]
         if len({sizes[a] for a in axes}) > 1:
             raise HypruneError(
                 f"{family.name} sizes {' and '.join(axes)} with one config field, {name}, so they must keep the same "

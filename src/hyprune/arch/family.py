@@ -105,9 +105,13 @@ class Family:
 
     # ---- sizes -------------------------------------------------------------------------------
     def sizes(self, config) -> dict[str, int]:
-        """Source sizes of every axis, keyed by canonical axis name."""
-        out = {axis: int(getattr(config, name)) for axis, name in self.fields.items()}
-        return out
+        """Source sizes of every axis the model has, keyed by canonical axis name.
+
+        The expert axes count only in a model with MoE blocks (a dense NemotronH's config still carries
+        ``n_routed_experts``), so a dense model's sizes, and the plans made for it, ignore them.
+        """
+        moe = MOE in self.part_kinds(config)
+        return {axis: int(getattr(config, name)) for axis, name in self.fields.items() if moe or axis not in MOE_AXES}
 
     def field_to_axes(self, field_name: str) -> list[str]:
         """The axes a config field sizes (Jamba's ``intermediate_size`` sizes the MLPs and the experts)."""

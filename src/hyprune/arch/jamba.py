@@ -23,10 +23,14 @@ from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, Part
 from hyprune.errors import HypruneError
 
 
+def _has_experts(config) -> bool:
+    return int(config.num_experts) > 1  # with one expert every layer holds a dense MLP
+
+
 def _kind(config, i: int) -> str:
     mixer = ATTENTION if i % config.attn_layer_period == config.attn_layer_offset else MAMBA
-    ffn = MOE if i % config.expert_layer_period == config.expert_layer_offset else MLP
-    return f"{mixer}+{ffn}"
+    moe = _has_experts(config) and i % config.expert_layer_period == config.expert_layer_offset
+    return f"{mixer}+{MOE if moe else MLP}"
 
 
 def _block_kinds(config) -> list[str]:
@@ -50,7 +54,16 @@ def _parts(kind: str) -> list[Part]:
 
 
 def _period(config) -> int:
-    return lcm(int(config.attn_layer_period), int(config.expert_layer_period))
+    expert_period = int(config.expert_layer_period) if _has_experts(config) else 1
+    return lcm(int(config.attn_layer_period), expert_period)
+
+
+def _check_sizes(config, sizes: dict[str, int]) -> None:
+    if "experts" in sizes and sizes["experts"] < 2:
+        raise HypruneError(
+            f"num_experts={sizes['experts']}: Jamba builds dense MLPs instead of experts when num_experts is 1, so the "
+            "expert layers' weights would not fit. Keep at least 2 experts."
+        )
 
 
 register(Family(
@@ -59,7 +72,7 @@ register(Family(
             "experts": "num_experts", "attention_heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
             "ssm_state": "mamba_d_state", "mamba_expand": "mamba_expand"},
     block_kinds=_block_kinds, set_block_kinds=_set_block_kinds, parts=_parts, embeddings="embed_tokens",
-    final_norm="final_layernorm", depth_period=_period,
+    final_norm="final_layernorm", depth_period=_period, check_sizes=_check_sizes,
     notes=("Mamba-1 inner width = mamba_expand * hidden_size with a whole-number mamba_expand: prune it with "
            "mamba_expand (and hidden_size); mamba_d_state free; mamba_dt_rank stays.",
            "intermediate_size is the width of the dense MLPs and of every expert alike; num_experts >= "
