@@ -393,7 +393,7 @@ def run_demo(
     table.add_row("held-out perplexity", f"{ppl_teacher['perplexity']:.2f}", f"{ppl_pruned['perplexity']:.2f}", "")
     console.print(table)
     sizes_before, sizes_after = plan.source["sizes"], plan.result_sizes()
-    changed = [f"{family.fields[a]} {sizes_before[a]}->{sizes_after[a]}" for a in family.fields
+    changed = [f"{family.fields[a]} {sizes_before[a]}->{sizes_after[a]}" for a in sizes_before
                if sizes_before[a] != sizes_after[a]]
     console.print("pruned: " + ", ".join(changed))
     console.print(f"held-out: {ppl_teacher['windows']} windows x {ppl_teacher['seq_len']} tokens of {test_txt}; "

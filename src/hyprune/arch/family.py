@@ -54,10 +54,12 @@ class Family:
         base: attribute/state-dict prefix of the backbone (``model`` or ``backbone``).
         fields: canonical axis -> config field name, for the axes the family has.
         block_kinds: config -> one block kind per layer (``mamba``, ``attention``, ``mlp``, ``moe``,
-            ``transformer``).
+            ``transformer``, or a family's compound kinds such as ``mamba+moe`` and ``hybrid``); a family
+            raises `HypruneError` here for configs it cannot prune.
         set_block_kinds: (config dict, kept block indices, their kinds) -> None, rewrites the layer
             count/pattern in a config dict after blocks were dropped.
-        parts: block kind -> its norm + mixer pairs (`Part`), in forward order.
+        parts: block kind -> its norm + mixer pairs (`Part`: ``mamba``, ``mamba1``, ``attention``, ``mlp`` or
+            ``moe``), in forward order.
         embeddings / final_norm: attribute names under ``base``.
         hidden_multiple_of_heads: the config validator demands hidden_size % num_attention_heads == 0
             (Llama), even with an explicit head_dim.
