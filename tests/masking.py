@@ -97,10 +97,13 @@ def rel_err(a, b) -> float:
 
 
 def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None, head_dim=None, state=None,
-                ffn=None, attn_per_kv=None, drop=()):
+                ffn=None, attn_per_kv=None, experts=None, expert_ffn=None, shared_ffn=None, inner=None, drop=()):
     """A random valid plan for any family; ``None`` keeps an axis whole. Each layer's fields say which
-    parts it holds (Mamba: ``groups``; attention: ``kv_heads``; MLP: ``ffn``)."""
+    parts it holds (Mamba: ``groups``; attention: ``kv_heads``; MLP: ``ffn``; MoE: ``experts``).
+    ``experts`` is the total kept, taken evenly from every router group; each kept expert draws its own
+    ``expert_ffn`` neurons. ``inner`` is the count of Mamba-1 channels kept (Jamba)."""
     from hyprune.arch import family_for_config
+    from hyprune.arch.family import expert_groups
     from hyprune.plan import identity_plan
 
     family = family_for_config(model.config)
@@ -121,9 +124,24 @@ def random_plan(model, rng, hidden=None, heads_per_group=None, keep_groups=None,
                 lp.head_dim = sorted(rng.sample(range(s["mamba_head_dim"]), head_dim))
             if state:
                 lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
+        if lp.inner is not None:
+            if inner:
+                lp.inner = sorted(rng.sample(lp.inner, inner))
+            if state:
+                lp.state = sorted(rng.sample(range(s["ssm_state"]), state))
         if attn_per_kv and lp.kv_heads is not None:
             per_kv = s["attention_heads"] // s["kv_heads"]
             lp.query_heads = [g * per_kv + i for g in lp.kv_heads for i in sorted(rng.sample(range(per_kv), attn_per_kv))]
+        if lp.experts is not None:
+            groups = expert_groups(model.config)
+            per = s["experts"] // groups
+            if experts:
+                lp.experts = [g * per + i for g in range(groups)
+                              for i in sorted(rng.sample(range(per), experts // groups))]
+            width = expert_ffn or s["expert_ffn"]
+            lp.expert_ffn = [sorted(rng.sample(range(s["expert_ffn"]), width)) for _ in lp.experts]
+            if shared_ffn and lp.shared_ffn is not None:
+                lp.shared_ffn = sorted(rng.sample(range(s["shared_expert_ffn"]), shared_ffn))
     plan.drop_blocks = list(drop)
     return plan
 
@@ -134,3 +152,44 @@ def zero_removed_query_heads(attn, kept, num_heads: int, head_dim: int):
         for h in range(num_heads):
             if h not in kept:
                 attn.o_proj.weight[:, h * head_dim : (h + 1) * head_dim] = 0
+
+
+def mask_moe(moe, lp, sizes: dict, gone: torch.Tensor):
+    """Mask what a plan removes from an MoE block of the original model.
+
+    Removed experts never get chosen: NemotronH's sigmoid router takes each expert's own score (plus
+    ``e_score_correction_bias``) for the choice, so a -inf bias keeps it out of every group ranking and
+    top-k while the kept experts' weights stay the same. Granite's router softmaxes the top-k *logits* and
+    Jamba's softmaxes all logits before its top-k, so their removed experts get a -inf logit (the routers'
+    forwards, restated from the HF code).
+    Removed expert neurons and removed hidden channels are zeroed in the output projections.
+    """
+    removed = [e for e in range(sizes["experts"]) if e not in lp.experts]
+    with torch.no_grad():
+        if hasattr(moe, "gate"):
+            moe.gate.e_score_correction_bias[removed] = float("-inf")
+        else:
+            router = moe.router
+            softmax_first = type(router).__name__.startswith("Jamba")
+
+            def route(hidden_states):
+                logits = F.linear(hidden_states, router.weight).float()
+                logits[:, removed] = float("-inf")
+                if softmax_first:  # Jamba: top-k of the softmax over every expert, not renormalised
+                    weights, top_index = torch.softmax(logits, dim=-1).topk(router.top_k, dim=-1)
+                    return logits, weights.to(hidden_states.dtype), top_index
+                top_logits, top_index = logits.topk(router.top_k, dim=-1)  # Granite: softmax of the top-k logits
+                return logits, torch.softmax(top_logits, dim=-1).type_as(hidden_states), top_index
+
+            router.forward = route
+        down = moe.experts.down_proj  # [experts, hidden (or latent), ffn]
+        for e, kept in zip(lp.experts, lp.expert_ffn):
+            down[e][:, [f for f in range(sizes["expert_ffn"]) if f not in kept]] = 0
+        if getattr(moe, "fc2_latent_proj", None) is not None and hasattr(moe.fc2_latent_proj, "weight"):
+            moe.fc2_latent_proj.weight[gone] = 0
+        else:
+            down[:, gone] = 0
+        if lp.shared_ffn is not None:
+            shared = moe.shared_experts.down_proj.weight
+            shared[:, [f for f in range(sizes["shared_expert_ffn"]) if f not in lp.shared_ffn]] = 0
+            shared[gone] = 0

@@ -220,7 +220,8 @@ def inspect_model(model: str, scores: str | None = None, trust_remote_code: bool
         skeleton = AutoModelForCausalLM.from_config(config)
     kinds = family.block_kinds(config)
     letters = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E", "transformer": "T", "mamba+mlp": "M",
-               "attention+mlp": "*", "parallel": "P"}
+               "attention+mlp": "*", "mamba+moe": "M", "attention+moe": "*", "parallel": "P",
+               "hybrid": "H"}
     info = {
         "family": family.name,
         "pattern": "".join(letters[k] for k in kinds),

@@ -7,6 +7,9 @@ built from that config (on the meta device, no allocation) and handed the sliced
 ``from_pretrained`` builds from the saved folder, and any tensor we do not know how to slice is an
 error instead of a silent mismatch.
 
+A rule is a list of steps: ``(dim, kept index)`` for an ``index_select``, or a function of the tensor
+(routed experts keep a different set of neurons each, which one index cannot say).
+
 Mamba-2 mixer layout (H heads, P head_dim, G groups, N state, I = H*P), see
 shared/reference/hf-hybrid-layouts.md:
     in_proj rows  = [z: I | x: I | B: G*N | C: G*N | dt: H]      (inner index h*P+p, B/C index g*N+n)
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hyprune.arch.family import ATTENTION, MAMBA, Family, attention_head_dim
+from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MOE, Family, attention_head_dim
 from hyprune.errors import HypruneError
 from hyprune.plan import LayerPlan, Plan, validate_plan
 
@@ -50,6 +53,37 @@ def mamba_indices(lp: LayerPlan, sizes: dict[str, int]) -> dict[str, Index]:
     }
 
 
+def mamba1_rules(lp: LayerPlan, sizes: dict[str, int], h: Index, dt_rank: int):
+    """Rules for a Mamba-1 mixer (Jamba), I inner channels, N states, R = dt_rank:
+
+        in_proj rows = [x: I | z: I];  conv channels, dt_proj rows, A_log rows, D = I
+        x_proj rows = [dt: R | B: N | C: N], columns I;  A_log columns and b/c_layernorm = N
+
+    An inner channel's recurrence is its own; it meets the others only through x_proj's columns (its
+    share of dt, B and C) and out_proj's columns. dt_rank stays.
+    """
+    I, N = sizes["mamba_expand"] * sizes["hidden"], sizes["ssm_state"]
+    inner, state = _idx(lp.inner), _idx(lp.state)
+    both = torch.cat([inner, I + inner])
+    x_rows = torch.cat([torch.arange(dt_rank), dt_rank + state, dt_rank + N + state])
+    return {
+        "in_proj.weight": [(0, both), (1, h)],
+        "in_proj.bias": [(0, both)],
+        "conv1d.weight": [(0, inner)],
+        "conv1d.bias": [(0, inner)],
+        "x_proj.weight": [(0, x_rows), (1, inner)],
+        "dt_proj.weight": [(0, inner)],
+        "dt_proj.bias": [(0, inner)],
+        "A_log": [(0, inner), (1, state)],
+        "D": [(0, inner)],
+        "out_proj.weight": [(0, h), (1, inner)],
+        "out_proj.bias": [(0, h)],
+        "dt_layernorm.weight": [],
+        "b_layernorm.weight": [(0, state)],
+        "c_layernorm.weight": [(0, state)],
+    }
+
+
 def attention_indices(lp: LayerPlan, head_dim: int) -> dict[str, Index]:
     def rows(heads):
         return _idx(h * head_dim + d for h in heads for d in range(head_dim))
@@ -57,8 +91,63 @@ def attention_indices(lp: LayerPlan, head_dim: int) -> dict[str, Index]:
     return {"q": rows(lp.query_heads), "kv": rows(lp.kv_heads)}
 
 
-def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn_head_dim: int):
-    """Parameter name inside one mixer -> list of (dim, kept index) to slice along."""
+def per_expert(experts: Index, neurons: Index, dim: int):
+    """A step that keeps ``experts`` (dim 0) and, inside kept expert j, the rows ``neurons[j]`` along ``dim``.
+
+    For 3-D expert tensors [experts, out, in]; ``neurons`` is [kept experts, kept neurons].
+    """
+
+    def select(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.index_select(0, experts.to(tensor.device))
+        view = [len(neurons)] + [1] * (tensor.ndim - 1)  # neurons along `dim`, broadcast over the rest
+        view[dim] = neurons.shape[1]
+        size = list(tensor.shape)
+        size[dim] = neurons.shape[1]
+        return tensor.gather(dim, neurons.to(tensor.device).view(view).expand(size))
+
+    return select
+
+
+def moe_rules(lp: LayerPlan, sizes: dict[str, int], h: Index, expert_input_is_hidden: bool):
+    """Rules for an MoE block: router rows, routed experts (each with its own neurons), shared expert.
+
+    Names cover NemotronH (``gate``, ``experts.up_proj``/``down_proj``, ``shared_experts``, optional latent
+    projections) and Granite/Jamba (``router``, ``experts.gate_up_proj`` = [gate; up] per expert).
+    ``expert_input_is_hidden`` is False when the experts work in a latent space (NemotronH
+    ``moe_latent_size``): then only the latent projections meet the hidden channels.
+    """
+    experts = _idx(lp.experts)
+    neurons = torch.tensor(lp.expert_ffn, dtype=torch.long)  # [kept experts, kept neurons]
+    fused = torch.cat([neurons, sizes["expert_ffn"] + neurons], dim=1)  # [gate; up] rows of each expert
+    into = [(2, h)] if expert_input_is_hidden else []
+    out_of = [(1, h)] if expert_input_is_hidden else []
+    rules = {
+        "gate.weight": [(0, experts), (1, h)],
+        "gate.e_score_correction_bias": [(0, experts)],
+        "router.weight": [(0, experts), (1, h)],
+        "experts.up_proj": into + [per_expert(experts, neurons, 1)],
+        "experts.gate_up_proj": into + [per_expert(experts, fused, 1)],
+        "experts.down_proj": out_of + [per_expert(experts, neurons, 2)],
+        "fc1_latent_proj.weight": [(1, h)],
+        "fc1_latent_proj.bias": [],
+        "fc2_latent_proj.weight": [(0, h)],
+        "fc2_latent_proj.bias": [(0, h)],
+    }
+    if lp.shared_ffn is not None:
+        shared = _idx(lp.shared_ffn)
+        rules.update({
+            "shared_experts.up_proj.weight": [(0, shared), (1, h)],
+            "shared_experts.up_proj.bias": [(0, shared)],
+            "shared_experts.down_proj.weight": [(0, h), (1, shared)],
+            "shared_experts.down_proj.bias": [(0, h)],
+        })
+    return rules
+
+
+def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, config):
+    """Parameter name inside one mixer -> list of steps to slice with (see the module docstring)."""
+    if kind == MAMBA1:
+        return mamba1_rules(lp, sizes, h, int(config.mamba_dt_rank))
     if kind == MAMBA:
         ix = mamba_indices(lp, sizes)
         return {
@@ -74,7 +163,7 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
             "out_proj.bias": [(0, h)],
         }
     if kind == ATTENTION:
-        ix = attention_indices(lp, attn_head_dim)
+        ix = attention_indices(lp, attention_head_dim(config))
         return {
             "q_proj.weight": [(0, ix["q"]), (1, h)],
             "k_proj.weight": [(0, ix["kv"]), (1, h)],
@@ -87,9 +176,16 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
             "q_norm.weight": [],  # Qwen3: per head_dim, shared by all heads
             "k_norm.weight": [],
         }
+    if kind == MOE:
+        # with NemotronH's moe_latent_size the experts see the latent width, not the hidden one
+        return moe_rules(lp, sizes, h, expert_input_is_hidden=getattr(config, "moe_latent_size", None) is None)
     ffn = _idx(lp.ffn)
     gate_up = torch.cat([ffn, sizes["ffn"] + ffn])  # fused [gate; up] rows (Granite's input_linear)
     return {
+        "gate_up_proj.weight": [(0, gate_up), (1, h)],  # Zamba2's fused [gate; up]
+        "gate_up_proj.bias": [(0, gate_up)],
+        "gate_up_proj_adapter_list.*.0.weight": [(1, h)],  # Zamba2's per-use LoRA: hidden -> rank -> [gate; up]
+        "gate_up_proj_adapter_list.*.1.weight": [(0, gate_up)],
         "input_linear.weight": [(0, gate_up), (1, h)],
         "output_linear.weight": [(0, h), (1, ffn)],
         "gate_proj.weight": [(0, ffn), (1, h)],
@@ -101,12 +197,12 @@ def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, attn
     }
 
 
-def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, attn_head_dim: int):
-    """Parameter name inside ``layers.i`` -> list of (dim, kept index), for every part of the block."""
-    rules = {}
+def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, config):
+    """Parameter name inside ``layers.i`` -> list of slicing steps, for every part of the block."""
+    rules = {prefix: [] for prefix in family.unsliced}
     for part in family.parts(lp.kind):
         rules[f"{part.norm}.weight"] = [(0, hidden)]
-        for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, attn_head_dim).items():
+        for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, config).items():
             rules[f"{part.mixer}.{name}"] = rule
     return rules
 
@@ -115,8 +211,8 @@ def pruned_config(family: Family, config, plan: Plan):
     """A new config of the same class with the plan's sizes and layer pattern."""
     sizes = plan.result_sizes()
     data = config.to_dict()
-    for axis, field in family.fields.items():
-        data[field] = sizes[axis]
+    for axis, value in sizes.items():
+        data[family.fields[axis]] = value
     kept = plan.kept_blocks()
     family.set_block_kinds(data, kept, [plan.layers[i].kind for i in kept])
     if "attention_heads" in family.fields:
@@ -134,14 +230,14 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
     """Cut every tensor of ``state`` to the plan and renumber kept blocks. Inputs are not modified."""
     sizes = family.sizes(config)
     hidden = _idx(plan.hidden)
-    attn_head_dim = attention_head_dim(config) if "attention_heads" in family.fields else 0
     base = family.base
     top_rules = {
         f"{base}.{family.embeddings}.weight": [(1, hidden)],
         f"{base}.{family.final_norm}.weight": [(0, hidden)],
         "lm_head.weight": [(1, hidden)],
     }
-    new_index = {old: new for new, old in enumerate(plan.kept_blocks())}
+    kept = plan.kept_blocks()
+    new_index = {old: new for new, old in enumerate(kept)}
     layer_re = re.compile(rf"^{re.escape(base)}\.layers\.(\d+)\.(.+)$")
     cache: dict[int, dict] = {}
     out = {}
@@ -153,8 +249,12 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
                 continue  # a dropped block
             if i not in cache:
                 lp = plan.layers[i]
-                cache[i] = layer_rules(family, lp, sizes, hidden, attn_head_dim)
-            rules = cache[i].get(rest)
+                cache[i] = layer_rules(family, lp, sizes, hidden, config)
+            rules = _find_rule(cache[i], rest)
+            if family.renumber is not None:
+                rest = family.renumber(rest, config, kept)
+                if rest is None:
+                    continue  # part of a dropped block that a kept block also holds (a per-use adapter slot)
             new_name = f"{base}.layers.{new_index[i]}.{rest}"
         else:
             rules = top_rules.get(name)
@@ -164,10 +264,23 @@ def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.
                 f"Don't know how to prune tensor '{name}' of {family.name}; hyprune supports the dense "
                 "Mamba/attention/MLP layout. Please report the model so its layout can be added."
             )
-        for dim, index in rules:
-            tensor = tensor.index_select(dim, index.to(tensor.device))
+        for step in rules:
+            tensor = step(tensor) if callable(step) else tensor.index_select(step[0], step[1].to(tensor.device))
         out[new_name] = tensor.contiguous()
     return out
+
+
+_ADAPTER_SLOT = re.compile(r"(_adapter_list)\.\d+\.")
+
+
+def _find_rule(rules: dict, name: str):
+    """The rule for a parameter name inside a block: exact, per-use adapter slot (``*``), or unsliced prefix."""
+    if name in rules:
+        return rules[name]
+    slot = _ADAPTER_SLOT.sub(r"\1.*.", name)
+    if slot in rules:
+        return rules[slot]
+    return next((rule for prefix, rule in rules.items() if prefix.endswith(".") and name.startswith(prefix)), None)
 
 
 @torch.no_grad()

@@ -221,7 +221,8 @@ def inspect(
         imp = Table(title="importance (median score per layer and axis)")
         imp.add_column("layer")
         imp.add_column("kind")
-        axes = ["hidden", "mamba_heads", "mamba_head_dim", "ssm_state", "attention_heads", "ffn"]
+        axes = ["hidden", "mamba_heads", "mamba_head_dim", "mamba_inner", "ssm_state", "attention_heads", "ffn",
+                "experts", "expert_ffn"]
         for a in axes:
             imp.add_column(a, justify="right")
         for entry in info["importance"]["layers"]:

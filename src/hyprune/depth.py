@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hyprune.arch.family import ATTENTION, Family
+from hyprune.arch.family import Family
 from hyprune.errors import HypruneError
 from hyprune.plan import Plan, identity_plan, validate_plan
 
@@ -363,12 +363,13 @@ def block_importance(model, windows: torch.Tensor, method: str = "block_influenc
 def protected_kinds(family: Family, config) -> tuple[str, ...]:
     """Kinds of which a depth plan chosen by count keeps at least one block, so the result still works.
 
-    NemotronH with no attention block cannot generate with a cache in transformers 5.x
-    (``DynamicCache.get_seq_length`` raises for a cache with only Mamba layers, and so does a plain
-    forward with the config's default ``use_cache=True``): keep one attention block if the source has one.
+    A NemotronH with no attention block (a Zamba2 with no hybrid layer) cannot generate with a cache in
+    transformers 5.x (``DynamicCache.get_seq_length`` raises for a cache with only Mamba layers, and so
+    does a plain forward with the config's default ``use_cache=True``): the family's ``keep_one`` kinds
+    keep one block each, where the source has one.
     """
     kinds = family.block_kinds(config)
-    return (ATTENTION,) if family.name == "nemotron_h" and ATTENTION in kinds else ()
+    return tuple(k for k in family.keep_one if k in kinds)
 
 
 def _as_block_scores(scores) -> BlockScores:
@@ -401,7 +402,8 @@ def _keeps_protected(kinds: list[str], dropped: set[int], keep_kinds: Sequence[s
     return all(k in kept for k in keep_kinds if k in kinds)
 
 
-def choose_blocks_to_drop(scores, n: int, mode: str = "lowest", keep_kinds: Sequence[str] = ()) -> list[int]:
+def choose_blocks_to_drop(scores, n: int, mode: str = "lowest", keep_kinds: Sequence[str] = (),
+                          never_kinds: Sequence[str] = ()) -> list[int]:
     """The ``n`` blocks to drop, sorted.
 
     Args:
@@ -412,6 +414,7 @@ def choose_blocks_to_drop(scores, n: int, mode: str = "lowest", keep_kinds: Sequ
             for scores over windows of exactly n blocks (angular with ``window == n``), the window with
             the lowest score. Ties go to the earlier window.
         keep_kinds: kinds of which at least one block must survive (see `protected_kinds`).
+        never_kinds: kinds that are never dropped (a family's ``undroppable(config)``).
     """
     result = _as_block_scores(scores)
     L = result.num_blocks
@@ -431,10 +434,11 @@ def choose_blocks_to_drop(scores, n: int, mode: str = "lowest", keep_kinds: Sequ
         for i in sorted(range(L), key=lambda j: (result.scores[j], j)):
             if len(dropped) == n:
                 break
-            if _keeps_protected(kinds, dropped | {i}, keep_kinds):
+            if kinds[i] not in never_kinds and _keeps_protected(kinds, dropped | {i}, keep_kinds):
                 dropped.add(i)
         if len(dropped) < n:
-            raise HypruneError(f"Cannot drop {n} blocks while keeping one block of each of {list(keep_kinds)}.")
+            raise HypruneError(f"Cannot drop {n} blocks while keeping one block of each of {list(keep_kinds)} "
+                               f"and every block of kind {list(never_kinds)}.")
         return sorted(dropped)
     # contiguous
     if result.window == 1:
@@ -446,11 +450,13 @@ def choose_blocks_to_drop(scores, n: int, mode: str = "lowest", keep_kinds: Sequ
             f"These {result.method} scores cover windows of {result.window} blocks, but {n} contiguous blocks "
             f"are to be dropped. Rescore with window {n} (or 1)."
         )
-    candidates = [l for l in range(L - n + 1) if _keeps_protected(kinds, set(range(l, l + n)), keep_kinds)]
+    candidates = [l for l in range(L - n + 1) if _keeps_protected(kinds, set(range(l, l + n)), keep_kinds)
+                  and not any(kinds[b] in never_kinds for b in range(l, l + n))]
     if not candidates:
         raise HypruneError(
-            f"Every window of {n} consecutive blocks would remove the last {'/'.join(keep_kinds)} block. "
-            "Drop fewer blocks, or use mode 'lowest'."
+            f"Every window of {n} consecutive blocks would remove the last {'/'.join(keep_kinds)} block or a "
+            f"block of a kind that cannot be dropped ({'/'.join(never_kinds) or 'none'}). Drop fewer blocks, or use "
+            "mode 'lowest'."
         )
     best = min(candidates, key=lambda l: (window_score[l], l))
     return list(range(best, best + n))
@@ -514,7 +520,7 @@ def with_dropped_blocks(plan: Plan | None, blocks: str | Iterable[int], family: 
         warnings.warn(
             f"The plan drops every {'/'.join(lost)} block. The pruned {family.name} model works with "
             "use_cache=False, but transformers cannot generate with a cache (or run with the config's "
-            "use_cache=True) without an attention block. Keep one attention block to avoid this.",
+            f"use_cache=True) without an attention block. Keep one {'/'.join(lost)} block to avoid this.",
             stacklevel=2,
         )
     return result
@@ -623,8 +629,26 @@ def check_depth_request(family: Family, config, drop_blocks: int, method: str = 
     kinds = family.block_kinds(config)
     drop_blocks = _check_count(drop_blocks, len(kinds))
     keep = protected_kinds(family, config) if keep_kinds is None else tuple(keep_kinds)
+    never = family.undroppable(config)
+    free = sum(1 for k in kinds if k not in never)
+    if free < drop_blocks:
+        reasons = " ".join(f"{kind}: {why}" for kind, why in never.items())
+        raise HypruneError(
+            f"{family.name} can drop only its {', '.join(sorted(set(kinds) - set(never)))} blocks ({free} here), not "
+            f"{drop_blocks}. {reasons}"
+        )
+    if family.depth_period is not None and family.depth_period(config) > 1:
+        period = family.depth_period(config)
+        if mode != "contiguous" or drop_blocks % period:
+            raise HypruneError(
+                f"{family.name} writes its layer pattern as a period of {period} layers, so only whole periods of "
+                f"{period} consecutive layers can be dropped (every later layer must keep its kind). Use "
+                f"--depth-mode contiguous with --drop-blocks a multiple of {period} (got {drop_blocks}, mode {mode}), "
+                "or --drop-block-list with such runs."
+            )
     if mode == "contiguous":
         ok = any(_keeps_protected(kinds, set(range(l, l + drop_blocks)), keep)
+                 and not any(kinds[b] in never for b in range(l, l + drop_blocks))
                  for l in range(len(kinds) - drop_blocks + 1))
     else:
         droppable = sum(1 for k in kinds if k not in keep) + sum(kinds.count(k) - 1 for k in set(keep) if k in kinds)
@@ -685,7 +709,8 @@ def depth_plan(
         scores = load_block_scores(scores, family, model.config)
     elif scores.kinds != family.block_kinds(model.config):
         raise HypruneError(f"The block scores were made for another layer pattern ({scores.kinds}).")
-    blocks = choose_blocks_to_drop(scores, drop_blocks, mode, keep_kinds=keep)
+    blocks = choose_blocks_to_drop(scores, drop_blocks, mode, keep_kinds=keep,
+                                   never_kinds=tuple(family.undroppable(model.config)))
     result = with_dropped_blocks(plan, blocks, family, model.config)
     base_method = "identity" if plan is None else plan.method
     depth = f"depth:{scores.method}/{mode}"

@@ -124,14 +124,14 @@ def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False,
 
 
 def count_parameters(model, family: Family) -> dict[str, int]:
-    """Parameters per component: embeddings, mamba, attention, mlp, norms, lm_head, total.
+    """Parameters per component: embeddings, mamba, attention, mlp, moe, norms, lm_head, (other,) total.
 
     The lm_head is counted once even when tied to the embeddings.
     """
-    from hyprune.arch.family import ATTENTION, MAMBA, MLP
+    from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE
 
     kinds = family.block_kinds(model.config)
-    out = {"embeddings": 0, MAMBA: 0, ATTENTION: 0, MLP: 0, "norms": 0, "lm_head": 0}
+    out = {"embeddings": 0, MAMBA: 0, ATTENTION: 0, MLP: 0, MOE: 0, "norms": 0, "lm_head": 0}
     seen = set()
 
     def add(key, params):
@@ -145,8 +145,12 @@ def count_parameters(model, family: Family) -> dict[str, int]:
     for block, kind in zip(backbone.layers, kinds):
         for part, norm, mixer in family.block_parts(block, kind):
             add("norms", norm.parameters())
-            add(part.kind, mixer.parameters())
+            add(MAMBA if part.kind == MAMBA1 else part.kind, mixer.parameters())
     add("norms", getattr(backbone, family.final_norm).parameters())
     add("lm_head", model.lm_head.parameters())
+    other = [p for p in model.parameters() if id(p) not in seen]  # outside every part (Zamba2's shared attention)
+    if other:
+        out["other"] = 0
+        add("other", other)
     out["total"] = sum(v for k, v in out.items())
     return out

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family
+from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, expert_groups
 from hyprune.errors import HypruneError
 
 PLAN_FORMAT = "hyprune-plan/1"
@@ -37,8 +37,11 @@ class LayerPlan(BaseModel):
     """What one source block keeps. Which fields are set depends on ``kind``."""
 
     # transformer = attention + MLP (dense); "mamba+mlp" / "attention+mlp" = one hybrid decoder layer (Bamba);
-    # parallel = attention and Mamba side by side, then MLP (FalconH1)
-    kind: Literal["mamba", "attention", "mlp", "transformer", "mamba+mlp", "attention+mlp", "parallel"]
+    # parallel = attention and Mamba side by side, then MLP (FalconH1); moe = routed experts (+ a shared expert);
+    # "mamba+moe" / "attention+moe" = a Granite layer whose shared MLP runs beside routed experts
+    # hybrid = a Mamba layer that first runs a shared transformer block (Zamba2)
+    kind: Literal["mamba", "attention", "mlp", "moe", "transformer", "mamba+mlp", "attention+mlp", "mamba+moe",
+                  "attention+moe", "parallel", "hybrid"]
     heads: list[int] | None = None  # Mamba heads
     head_dim: list[int] | None = None  # Mamba head channels, shared by every kept head
     state: list[int] | None = None  # SSM state channels, shared by every kept group
@@ -46,6 +49,10 @@ class LayerPlan(BaseModel):
     query_heads: list[int] | None = None  # attention query heads
     kv_heads: list[int] | None = None  # attention key/value heads
     ffn: list[int] | None = None  # MLP neurons
+    experts: list[int] | None = None  # routed experts of an MoE block
+    expert_ffn: list[list[int]] | None = None  # FFN neurons of each kept expert, in the order of ``experts``
+    shared_ffn: list[int] | None = None  # FFN neurons of the MoE block's shared expert (NemotronH)
+    inner: list[int] | None = None  # Mamba-1 inner channels (Jamba); ``state`` holds its SSM states
 
 
 class Plan(BaseModel):
@@ -89,6 +96,10 @@ class Plan(BaseModel):
         mamba = next((lp for lp in kept if lp.groups is not None), None)
         attention = next((lp for lp in kept if lp.kv_heads is not None), None)
         mlp = next((lp for lp in kept if lp.ffn is not None), None)
+        moe = next((lp for lp in kept if lp.experts is not None), None)
+        mamba1 = next((lp for lp in kept if lp.inner is not None), None)
+        if mamba1 is not None:  # inner = mamba_expand * hidden (validation checked the multiple)
+            sizes.update(mamba_expand=len(mamba1.inner) // len(self.hidden), ssm_state=len(mamba1.state))
         if mamba is not None:
             sizes.update(mamba_heads=len(mamba.heads), mamba_head_dim=len(mamba.head_dim),
                          ssm_state=len(mamba.state), mamba_groups=len(mamba.groups))
@@ -96,6 +107,10 @@ class Plan(BaseModel):
             sizes.update(attention_heads=len(attention.query_heads), kv_heads=len(attention.kv_heads))
         if mlp is not None:
             sizes["ffn"] = len(mlp.ffn)
+        if moe is not None:
+            sizes.update(experts=len(moe.experts), expert_ffn=len(moe.expert_ffn[0]))
+            if moe.shared_ffn is not None:
+                sizes["shared_expert_ffn"] = len(moe.shared_ffn)
         return sizes
 
 
@@ -147,14 +162,22 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
     source = family.sizes(config)
     sizes = dict(source)
     for field_name, value in target.items():
-        sizes[family.field_to_axis(field_name)] = value
+        axes = [axis for axis in family.field_to_axes(field_name) if axis in source]
+        if not axes:  # only the expert axes can be missing
+            raise HypruneError(f"Target {field_name}: this {family.name} model has no MoE blocks, so there are no "
+                               "experts to prune.")
+        for axis in axes:
+            sizes[axis] = value
+    kinds = set(family.part_kinds(config))
+    for axis, reason in family.fixed_axes.items():
+        if sizes[axis] != source[axis]:
+            raise HypruneError(f"{family.fields[axis]} cannot be pruned in {family.name}: {reason}")
     for axis, value in sizes.items():
         if value > source[axis]:
             raise HypruneError(
                 f"Target {family.fields[axis]}={value} is larger than the source ({source[axis]}). "
                 "Pruning only shrinks: pick a value <= the source size."
             )
-    kinds = set(family.part_kinds(config))
     if MAMBA in kinds:
         heads, groups = sizes["mamba_heads"], sizes["mamba_groups"]
         f_heads, f_groups = family.fields["mamba_heads"], family.fields["mamba_groups"]
@@ -179,6 +202,11 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
                     f"but the target gives {width} vs {expand * sizes['hidden']}. "
                     "Change the heads, head_dim and hidden_size together."
                 )
+    if MOE in kinds:
+        check_router(family, config, sizes["experts"])
+        check_expert_alignment(family, config, sizes)
+    if family.check_sizes is not None:
+        family.check_sizes(config, sizes)
     if ATTENTION in kinds:
         _check_hidden_multiple_of_heads(family, sizes)
         q, kv = sizes["attention_heads"], sizes["kv_heads"]
@@ -193,6 +221,92 @@ def resolve_target(family: Family, config, target: dict[str, int]) -> dict[str, 
                 f"group, more than the source has ({source['attention_heads'] // source['kv_heads']})."
             )
     return sizes
+
+
+def check_depth_period(family: Family, config, drop_blocks: list[int]) -> None:
+    """Can the config's periodic layer pattern express the kept blocks? Raises `HypruneError` if not."""
+    if family.depth_period is None or not drop_blocks:
+        return
+    period = family.depth_period(config)
+    dropped = set(drop_blocks)
+    for i in range(len(family.block_kinds(config))):
+        before = sum(1 for b in drop_blocks if b < i)
+        if i not in dropped and before % period:
+            raise HypruneError(
+                f"{family.name} writes its layer pattern as a period of {period} layers (attention and expert "
+                f"layer period/offset), so a kept layer must move by whole periods: layer {i} would move by {before}. "
+                f"Drop whole runs of {period} consecutive layers (--depth-mode contiguous with --drop-blocks a "
+                f"multiple of {period}), or the last layers."
+            )
+
+
+def _check_shared_fields(family: Family, sizes: dict[str, int]) -> None:
+    """Axes that one config field sizes (Jamba's MLP and expert widths) must keep the same size."""
+    for name in set(family.fields.values()):
+        axes = [a for a in family.field_to_axes(name) if a in sizes]
+        if len({sizes[a] for a in axes}) > 1:
+            raise HypruneError(
+                f"{family.name} sizes {' and '.join(axes)} with one config field, {name}, so they must keep the same "
+                f"size; got {', '.join(f'{a}={sizes[a]}' for a in axes)}."
+            )
+
+
+def check_router(family: Family, config, experts: int) -> None:
+    """Can the router still route with ``experts`` routed experts? Raises `HypruneError` if not.
+
+    Every token takes ``num_experts_per_tok`` experts, so at least that many must stay. A grouped router
+    (NemotronH ``n_group`` > 1) keeps its group count: experts go evenly from every group, each group
+    keeps two (it is ranked by the sum of its two best scores) and the ``topk_group`` groups it picks
+    must together hold ``num_experts_per_tok`` experts.
+    """
+    field = family.fields["experts"]
+    top_k = int(config.num_experts_per_tok)
+    if experts < top_k:
+        raise HypruneError(
+            f"{field}={experts} is below num_experts_per_tok={top_k}: every token is routed to {top_k} experts. "
+            f"Keep at least {top_k} experts."
+        )
+    if not hasattr(config, "n_group"):
+        return
+    groups, topk_group = expert_groups(config), int(getattr(config, "topk_group", None) or 1)
+    if experts % groups:
+        raise HypruneError(
+            f"{field}={experts} is not divisible by n_group={groups}: the router splits the experts into {groups} "
+            f"equal groups. Pick a multiple of {groups}."
+        )
+    per_group = experts // groups
+    if per_group < 2:
+        raise HypruneError(
+            f"{field}={experts} leaves {per_group} expert per router group; the {family.name} router ranks a group "
+            f"by its two best experts, so keep at least {2 * groups}."
+        )
+    if topk_group * per_group < top_k:
+        raise HypruneError(
+            f"{field}={experts} leaves {per_group} experts per group; the router picks topk_group={topk_group} "
+            f"groups and needs {top_k} experts among them. Keep at least {-(-top_k // topk_group) * groups}."
+        )
+
+
+EXPERT_ALIGNMENT = 8  # values; 16 bytes in bfloat16/float16
+
+
+def check_expert_alignment(family: Family, config, sizes: dict[str, int]) -> None:
+    """The widths the routed experts multiply over must be multiples of 8. Raises `HypruneError` if not.
+
+    transformers runs routed experts with ``torch.nn.functional.grouped_mm``, which needs every row of its
+    operands to start on a 16-byte boundary (8 values in bfloat16/float16, 4 in float32); a pruned model
+    that breaks this loads but fails at its first forward pass.
+    """
+    widths = {family.fields["expert_ffn"]: sizes["expert_ffn"]}
+    if getattr(config, "moe_latent_size", None) is None:  # else the experts see the fixed latent width
+        widths[family.fields["hidden"]] = sizes["hidden"]
+    bad = {name: value for name, value in widths.items() if value % EXPERT_ALIGNMENT}
+    if bad:
+        raise HypruneError(
+            f"{', '.join(f'{k}={v}' for k, v in bad.items())}: in a model with routed experts these widths must "
+            f"be multiples of {EXPERT_ALIGNMENT}, because transformers runs the experts with grouped_mm, which "
+            "needs 16-byte aligned rows. Round the target to a multiple of 8."
+        )
 
 
 def _check_hidden_multiple_of_heads(family: Family, sizes: dict[str, int]) -> None:
@@ -269,6 +383,32 @@ def plan_attention_layer(head_channel_score: torch.Tensor, num_kv: int, sizes: d
     return LayerPlan(kind=ATTENTION, query_heads=kept, kv_heads=kept_kv)
 
 
+def plan_mamba1_layer(scores: dict[str, torch.Tensor], i: int, sizes: dict[str, int]) -> dict:
+    """Mamba-1 inner channels by their score (``mamba_expand * hidden`` kept); states by the L2 of B and C.
+
+    Scores: ``layers.i.mamba1_inner`` [inner], ``layers.i.mamba1_bc`` [2, state].
+    """
+    inner = top_k(scores[f"layers.{i}.mamba1_inner"], sizes["mamba_expand"] * sizes["hidden"])
+    return {"inner": inner, "state": top_k(scores[f"layers.{i}.mamba1_bc"].norm(dim=0), sizes["ssm_state"])}
+
+
+def plan_moe_layer(scores: dict[str, torch.Tensor], i: int, sizes: dict[str, int], groups: int,
+                   shared: bool) -> dict:
+    """Experts of MoE block i by their routing-weighted output score, evenly inside each router group;
+    then, per kept expert, its own best ``expert_ffn`` neurons; the shared expert's neurons if ``shared``.
+
+    Scores (`hyprune.importance`): ``layers.i.experts`` [experts], ``layers.i.expert_ffn`` [experts, ffn],
+    ``layers.i.shared_ffn`` [shared ffn].
+    """
+    expert_score, ffn_score = scores[f"layers.{i}.experts"], scores[f"layers.{i}.expert_ffn"]
+    per_group = len(expert_score) // groups
+    experts = top_k_within_groups(expert_score, list(range(groups)), per_group, sizes["experts"] // groups)
+    out = {"experts": experts, "expert_ffn": [top_k(ffn_score[e], sizes["expert_ffn"]) for e in experts]}
+    if shared:
+        out["shared_ffn"] = top_k(scores[f"layers.{i}.shared_ffn"], sizes["shared_expert_ffn"])
+    return out
+
+
 def make_plan(
     family: Family,
     config,
@@ -284,6 +424,7 @@ def make_plan(
     """
     sizes = resolve_target(family, config, target)
     source = family.sizes(config)
+    uses = {i: group for group in (family.tied_mlps(config) if family.tied_mlps else []) for i in group}
     layers = []
     for i, kind in enumerate(family.block_kinds(config)):
         fields = {}
@@ -295,8 +436,14 @@ def make_plan(
             elif part.kind == ATTENTION:
                 part_plan = plan_attention_layer(scores[f"layers.{i}.attention"], source["kv_heads"], sizes)
                 fields.update(part_plan.model_dump(exclude={"kind"}, exclude_none=True))
-            else:
-                fields["ffn"] = top_k(scores[f"layers.{i}.ffn"], sizes["ffn"])
+            elif part.kind == MAMBA1:
+                fields.update(plan_mamba1_layer(scores, i, sizes))
+            elif part.kind == MOE:
+                fields.update(plan_moe_layer(scores, i, sizes, expert_groups(config),
+                                             shared="shared_expert_ffn" in family.fields))
+            else:  # an MLP shared by several blocks is ranked once, over all of its uses
+                ffn_score = sum(scores[f"layers.{j}.ffn"] for j in uses.get(i, [i]))
+                fields["ffn"] = top_k(ffn_score, sizes["ffn"])
         layers.append(LayerPlan(kind=kind, **fields))
     plan = Plan(
         family=family.name,
@@ -325,6 +472,12 @@ def identity_plan(family: Family, config) -> Plan:
                               state=full(s["ssm_state"]), groups=full(s["mamba_groups"]))
             elif part.kind == ATTENTION:
                 fields.update(query_heads=full(s["attention_heads"]), kv_heads=full(s["kv_heads"]))
+            elif part.kind == MAMBA1:
+                fields.update(inner=full(s["mamba_expand"] * s["hidden"]), state=full(s["ssm_state"]))
+            elif part.kind == MOE:
+                fields.update(experts=full(s["experts"]), expert_ffn=[full(s["expert_ffn"])] * s["experts"])
+                if "shared_expert_ffn" in family.fields:
+                    fields["shared_ffn"] = full(s["shared_expert_ffn"])
             else:
                 fields["ffn"] = full(s["ffn"])
         layers.append(LayerPlan(kind=kind, **fields))
@@ -360,6 +513,25 @@ def _check_grouped(where: str, members: list[int], groups: list[int], per_group:
         )
 
 
+def _check_moe(where: str, lp: LayerPlan, s: dict[str, int], family: Family, config) -> tuple:
+    experts = _check_indices(f"{where} experts", lp.experts, s["experts"])
+    _check_grouped(where, experts, list(range(expert_groups(config))), s["experts"] // expert_groups(config),
+                   "expert")
+    if lp.expert_ffn is None or len(lp.expert_ffn) != len(experts):
+        raise HypruneError(f"Plan {where}: expert_ffn must hold one list of neurons per kept expert "
+                           f"({len(experts)}).")
+    widths = {len(_check_indices(f"{where} expert_ffn of expert {e}", ffn, s["expert_ffn"]))
+              for e, ffn in zip(experts, lp.expert_ffn)}
+    if len(widths) != 1:
+        raise HypruneError(f"Plan {where}: every expert must keep the same number of FFN neurons (the config has "
+                           f"one {family.fields['expert_ffn']}); got {sorted(widths)}.")
+    check_router(family, config, len(experts))
+    shape = (len(experts), widths.pop())
+    if "shared_expert_ffn" in family.fields:
+        shape += (len(_check_indices(f"{where} shared_ffn", lp.shared_ffn, s["shared_expert_ffn"])),)
+    return shape
+
+
 def validate_plan(plan: Plan, family: Family, config) -> None:
     """Check a plan against a model config before any heavy work. Raises `HypruneError`."""
     if plan.family != family.name:
@@ -382,6 +554,12 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
     for b in plan.drop_blocks:
         if not 0 <= b < len(kinds):
             raise HypruneError(f"Plan drop_blocks: block {b} does not exist (the model has {len(kinds)}).")
+    never = family.undroppable(config)
+    for b in plan.drop_blocks:
+        if kinds[b] in never:
+            raise HypruneError(f"Plan drop_blocks: block {b} is a {kinds[b]} block, which {family.name} cannot drop: "
+                               f"{never[kinds[b]]}")
+    check_depth_period(family, config, plan.drop_blocks)
     if len(set(plan.drop_blocks)) == len(kinds):
         raise HypruneError("Plan drop_blocks removes every block; keep at least one.")
     seen: dict[str, tuple] = {}
@@ -408,6 +586,17 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
                 query = _check_indices(f"{where} query_heads", lp.query_heads, s["attention_heads"])
                 _check_grouped(where, query, kv, s["attention_heads"] // s["kv_heads"], "query head")
                 shape += (len(lp.query_heads), len(lp.kv_heads))
+            elif part.kind == MAMBA1:
+                inner = _check_indices(f"{where} inner", lp.inner, s["mamba_expand"] * s["hidden"])
+                if len(inner) % len(plan.hidden):
+                    raise HypruneError(
+                        f"Plan {where}: {family.name} ties the Mamba inner width to mamba_expand * hidden_size with a "
+                        f"whole-number mamba_expand; {len(inner)} inner channels is not a multiple of the "
+                        f"{len(plan.hidden)} kept hidden channels."
+                    )
+                shape += (len(inner), len(_check_indices(f"{where} state", lp.state, s["ssm_state"])))
+            elif part.kind == MOE:
+                shape += _check_moe(where, lp, s, family, config)
             else:
                 shape += (len(_check_indices(f"{where} ffn", lp.ffn, s["ffn"])),)
         if i not in kept:
@@ -420,6 +609,19 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
         seen.setdefault(kind, (i, shape))
     if ATTENTION in family.part_kinds(config):
         _check_hidden_multiple_of_heads(family, plan.result_sizes())
+    if MOE in family.part_kinds(config):
+        check_expert_alignment(family, config, plan.result_sizes())
+    result = plan.result_sizes()
+    _check_shared_fields(family, result)
+    for axis, reason in family.fixed_axes.items():
+        if result[axis] != s[axis]:
+            raise HypruneError(f"Plan: {family.fields[axis]} cannot be pruned in {family.name}: {reason}")
+    if family.check_sizes is not None:
+        family.check_sizes(config, result)
+    for group in family.tied_mlps(config) if family.tied_mlps else []:
+        uses = [i for i in group if i in kept]
+        if any(plan.layers[i].ffn != plan.layers[uses[0]].ffn for i in uses):
+            raise HypruneError(f"Plan: blocks {uses} share one MLP, so they must keep the same FFN neurons.")
     if family.mamba_width_coupled_to_hidden and MAMBA in family.part_kinds(config):
         result = plan.result_sizes()
         width = result["mamba_heads"] * result["mamba_head_dim"]

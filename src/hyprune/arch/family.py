@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable
 
 from hyprune.errors import HypruneError
@@ -17,18 +18,24 @@ AXES = (
     "mamba_head_dim",
     "ssm_state",
     "mamba_groups",  # B/C groups (n_groups)
+    "experts",  # routed experts of an MoE block
+    "expert_ffn",  # FFN neurons of every routed expert (one size for all experts)
+    "shared_expert_ffn",  # FFN neurons of the shared expert inside an MoE block (NemotronH)
+    "mamba_expand",  # Mamba-1 inner width in units of hidden_size (Jamba: inner = mamba_expand * hidden_size)
 )
+MOE_AXES = ("experts", "expert_ffn", "shared_expert_ffn")
 
 # Block kinds, in the words of the papers. A ``transformer`` block is a dense decoder layer: attention
 # then MLP, each behind its own pre-norm (Llama, Qwen, Mistral); depth pruning drops it as one unit.
 MAMBA, ATTENTION, MLP, MOE, TRANSFORMER = "mamba", "attention", "mlp", "moe", "transformer"
+MAMBA1 = "mamba1"  # a Mamba-1 mixer (Jamba): per-channel SSM, no heads or groups
 
 
 @dataclass(frozen=True)
 class Part:
-    """One pre-norm + mixer pair inside a block, by attribute name."""
+    """One pre-norm + mixer pair inside a block, by attribute path (dotted for nested modules)."""
 
-    kind: str  # mamba, attention or mlp
+    kind: str  # mamba, attention, mlp or moe
     norm: str
     mixer: str
 
@@ -47,15 +54,33 @@ class Family:
         base: attribute/state-dict prefix of the backbone (``model`` or ``backbone``).
         fields: canonical axis -> config field name, for the axes the family has.
         block_kinds: config -> one block kind per layer (``mamba``, ``attention``, ``mlp``, ``moe``,
-            ``transformer``).
+            ``transformer``, or a family's compound kinds such as ``mamba+moe`` and ``hybrid``); a family
+            raises `HypruneError` here for configs it cannot prune.
         set_block_kinds: (config dict, kept block indices, their kinds) -> None, rewrites the layer
             count/pattern in a config dict after blocks were dropped.
-        parts: block kind -> its norm + mixer pairs (`Part`), in forward order.
+        parts: block kind -> its norm + mixer pairs (`Part`: ``mamba``, ``mamba1``, ``attention``, ``mlp`` or
+            ``moe``), in forward order.
         embeddings / final_norm: attribute names under ``base``.
         hidden_multiple_of_heads: the config validator demands hidden_size % num_attention_heads == 0
             (Llama), even with an explicit head_dim.
         mamba_width_coupled_to_hidden: the Mamba inner width is ``expand * hidden_size`` in this
             family's config, so heads * head_dim must equal expand * hidden after pruning.
+        fixed_axes: axis -> why the config cannot express a pruned size (Zamba2's hidden size); plans keep
+            these axes whole and targets on them are refused with the reason.
+        check_sizes: (config, result sizes by axis) -> None; raises `HypruneError` for sizes the family's
+            config cannot express beyond the shared checks.
+        tied_mlps: config -> groups of block indices whose MLP parts share one set of weights (Zamba2's
+            shared transformer); a plan ranks their neurons once, from the summed scores of every use.
+        unsliced: prefixes of parameter names inside a block that are copied whole (they touch only fixed
+            axes, like Zamba2's shared attention).
+        undroppable_kinds: config -> {block kind: why depth pruning cannot drop such a block}.
+        renumber: (parameter name inside a kept block, config, kept block indices) -> its name in the pruned
+            model, or None when the tensor belongs to something dropped (Zamba2's per-use adapter slots).
+        keep_one: block kinds of which depth pruning by count keeps one block (the model's only attention:
+            without it transformers cannot generate with a cache).
+        depth_period: config -> P when the config writes the layer pattern as a period of P layers (Jamba);
+            then only whole periods can go: every kept block must have a multiple of P dropped blocks
+            before it (None: any blocks can go).
     """
 
     name: str
@@ -70,22 +95,35 @@ class Family:
     hidden_multiple_of_heads: bool = False  # the config refuses hidden_size % num_attention_heads != 0
     expand_field: str = "expand"  # config field of the Mamba expansion factor (coupled families)
     finish_config: Callable[[dict], None] | None = None  # derive dependent fields of a pruned config dict
+    fixed_axes: dict[str, str] = field(default_factory=dict)
+    check_sizes: Callable[[Any, dict[str, int]], None] | None = None
+    tied_mlps: Callable[[Any], list[list[int]]] | None = None
+    unsliced: tuple[str, ...] = ()
+    undroppable_kinds: Callable[[Any], dict[str, str]] | None = None
+    renumber: Callable[[str, Any, list[int]], str | None] | None = None
+    depth_period: Callable[[Any], int] | None = None
+    keep_one: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     # ---- sizes -------------------------------------------------------------------------------
     def sizes(self, config) -> dict[str, int]:
-        """Source sizes of every axis, keyed by canonical axis name."""
-        out = {axis: int(getattr(config, name)) for axis, name in self.fields.items()}
-        return out
+        """Source sizes of every axis the model has, keyed by canonical axis name.
 
-    def field_to_axis(self, field_name: str) -> str:
-        for axis, name in self.fields.items():
-            if name == field_name:
-                return axis
-        known = ", ".join(self.fields.values())
-        raise HypruneError(
-            f"'{field_name}' is not a prunable config field of {self.name}. Use one of: {known}."
-        )
+        The expert axes count only in a model with MoE blocks (a dense NemotronH's config still carries
+        ``n_routed_experts``), so a dense model's sizes, and the plans made for it, ignore them.
+        """
+        moe = MOE in self.part_kinds(config)
+        return {axis: int(getattr(config, name)) for axis, name in self.fields.items() if moe or axis not in MOE_AXES}
+
+    def field_to_axes(self, field_name: str) -> list[str]:
+        """The axes a config field sizes (Jamba's ``intermediate_size`` sizes the MLPs and the experts)."""
+        axes = [axis for axis, name in self.fields.items() if name == field_name]
+        if not axes:
+            known = ", ".join(dict.fromkeys(self.fields.values()))
+            raise HypruneError(
+                f"'{field_name}' is not a prunable config field of {self.name}. Use one of: {known}."
+            )
+        return axes
 
     def expand(self, config) -> int:
         return int(getattr(config, self.expand_field, 2))
@@ -99,19 +137,24 @@ class Family:
 
     def block_parts(self, block, kind: str):
         """(part, norm module, mixer module) for each norm + mixer pair of a loaded block."""
-        return [(part, getattr(block, part.norm), getattr(block, part.mixer)) for part in self.parts(kind)]
+        return [(part, attrgetter(part.norm)(block), attrgetter(part.mixer)(block)) for part in self.parts(kind)]
+
+    def undroppable(self, config) -> dict[str, str]:
+        """Block kind -> why depth pruning cannot drop it, for this config."""
+        return self.undroppable_kinds(config) if self.undroppable_kinds else {}
 
     def part_kinds(self, config) -> list[str]:
         """Every part kind present in the model (``mamba``, ``attention``, ``mlp``)."""
         return sorted({part.kind for kind in self.block_kinds(config) for part in self.parts(kind)})
 
-    def check_supported(self, config) -> None:
-        kinds = self.block_kinds(config)
-        if MOE in kinds:
-            raise HypruneError(
-                f"{self.name} checkpoints with MoE blocks ('E' in the pattern) are not supported yet: "
-                "hyprune prunes Mamba, attention and dense MLP blocks. Use a dense-MLP checkpoint."
-            )
+
+def expert_groups(config) -> int:
+    """Groups of routed experts a router picks from first (NemotronH ``n_group``; 1 elsewhere).
+
+    Experts are removed evenly from every group, since the router reshapes its scores to
+    ``[n_group, experts // n_group]``.
+    """
+    return int(getattr(config, "n_group", None) or 1)
 
 
 def attention_head_dim(config) -> int:
@@ -140,5 +183,5 @@ def family_for_config(config) -> Family:
             f"Unsupported architecture '{model_type}'. hyprune supports: {supported}. "
             "Check the model's config.json (model_type)."
         )
-    family.check_supported(config)
+    family.block_kinds(config)  # a family refuses configs it cannot prune here, before any weights load
     return family

@@ -6,18 +6,20 @@ unless the config states it, so pruned configs state it.
 
 - Bamba: ``input_layernorm`` + ``mamba`` | ``self_attn``, then ``pre_ff_layernorm`` + ``feed_forward``
   (gate/up/down); attention layers listed in ``attn_layer_indices``; final norm ``final_layernorm``.
-- GraniteMoeHybrid (dense): ``input_layernorm`` + ``mamba`` | ``self_attn``, then
+- GraniteMoeHybrid: ``input_layernorm`` + ``mamba`` | ``self_attn``, then
   ``post_attention_layernorm`` + ``shared_mlp`` (``input_linear`` = [gate; up], ``output_linear``);
   the pattern in ``layer_types``; embedding/residual/logit multipliers are scalars pruning leaves alone.
-  MoE checkpoints (``num_local_experts > 0``) are not supported yet.
+  With ``num_local_experts > 0`` every layer also runs ``block_sparse_moe`` on the same normed input
+  (kinds ``mamba+moe`` / ``attention+moe``): a router whose softmax runs over the top-k logits only, and
+  gated experts (``gate_up_proj`` = [gate; up] per expert) of width ``intermediate_size``.
 """
 
 from __future__ import annotations
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family, Part, register
-from hyprune.errors import HypruneError
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family, Part, register
 
 MAMBA_MLP, ATTENTION_MLP = "mamba+mlp", "attention+mlp"
+MAMBA_MOE, ATTENTION_MOE = "mamba+moe", "attention+moe"  # Granite layers with experts beside the shared MLP
 MAMBA_N_FIELDS = {
     "hidden": "hidden_size",
     "attention_heads": "num_attention_heads",
@@ -31,11 +33,14 @@ _COUPLED_NOTE = ("Mamba width = mamba_expand * hidden_size: prune mamba_n_heads/
                  "hidden_size.",)
 
 
-def _parts_with(mlp_norm: str, mlp: str):
+def _parts_with(mlp_norm: str, mlp: str, moe: str | None = None):
     def parts(kind: str) -> list[Part]:
-        first = Part(MAMBA, "input_layernorm", "mamba") if kind == MAMBA_MLP else Part(
+        first = Part(MAMBA, "input_layernorm", "mamba") if kind.startswith(MAMBA) else Part(
             ATTENTION, "input_layernorm", "self_attn")
-        return [first, Part(MLP, mlp_norm, mlp)]
+        rest = [Part(MLP, mlp_norm, mlp)]
+        if kind.endswith(MOE):
+            rest.append(Part(MOE, mlp_norm, moe))
+        return [first, *rest]
 
     return parts
 
@@ -60,27 +65,27 @@ register(Family(
 
 
 # ---- GraniteMoeHybrid -----------------------------------------------------------------------
-_GRANITE_KIND = {"linear_attention": MAMBA_MLP, "mamba": MAMBA_MLP, "full_attention": ATTENTION_MLP,
-                 "attention": ATTENTION_MLP}
+_GRANITE_ATTENTION = {"full_attention", "attention"}
 
 
 def _granite_kinds(config) -> list[str]:
-    if int(getattr(config, "num_local_experts", 0) or 0) > 0:
-        raise HypruneError(
-            "GraniteMoeHybrid checkpoints with MoE experts (num_local_experts > 0) are not supported yet: hyprune "
-            "prunes the dense shared MLP, Mamba and attention. Use a dense checkpoint."
-        )
-    return [_GRANITE_KIND[t] for t in config.layer_types]
+    moe = int(getattr(config, "num_local_experts", 0) or 0) > 0
+    return [(ATTENTION if t in _GRANITE_ATTENTION else MAMBA) + ("+moe" if moe else "+mlp") for t in config.layer_types]
 
 
 def _granite_set_kinds(config_dict: dict, kept: list[int], kinds: list[str]) -> None:
     config_dict["num_hidden_layers"] = len(kept)
-    config_dict["layer_types"] = ["full_attention" if k == ATTENTION_MLP else "linear_attention" for k in kinds]
+    config_dict["layer_types"] = ["full_attention" if k.startswith(ATTENTION) else "linear_attention" for k in kinds]
 
 
 register(Family(
-    name="granitemoehybrid", base="model", fields={**MAMBA_N_FIELDS, "ffn": "shared_intermediate_size"},
+    name="granitemoehybrid", base="model",
+    fields={**MAMBA_N_FIELDS, "ffn": "shared_intermediate_size", "experts": "num_local_experts",
+            "expert_ffn": "intermediate_size"},
     block_kinds=_granite_kinds, set_block_kinds=_granite_set_kinds,
-    parts=_parts_with("post_attention_layernorm", "shared_mlp"), embeddings="embed_tokens", final_norm="norm",
-    mamba_width_coupled_to_hidden=True, expand_field="mamba_expand", notes=_COUPLED_NOTE,
+    parts=_parts_with("post_attention_layernorm", "shared_mlp", "block_sparse_moe"), embeddings="embed_tokens",
+    final_norm="norm", mamba_width_coupled_to_hidden=True, expand_field="mamba_expand",
+    notes=_COUPLED_NOTE + ("MoE (num_local_experts > 0): num_local_experts and the expert width intermediate_size "
+                           "prune beside the shared MLP (shared_intermediate_size); keep >= num_experts_per_tok "
+                           "experts.",),
 ))

@@ -3,6 +3,12 @@
 The pattern lives in ``layers_block_type`` (``linear_attention`` = Mamba, ``full_attention``,
 ``mlp``, ``moe``); ``num_hidden_layers`` is derived from it. The Mamba width is
 ``mamba_num_heads * mamba_head_dim`` and is free of ``hidden_size``.
+
+MoE blocks (``E``): a sigmoid router (``gate``, with ``e_score_correction_bias``) picks
+``num_experts_per_tok`` of ``n_routed_experts`` non-gated relu2 experts, first choosing ``topk_group``
+of ``n_group`` expert groups by the sum of each group's two best scores; a shared expert
+(``shared_experts``) sees every token. Sigmoid scores are per expert, so removing an expert only takes
+it out of the choice (the kept weights are renormalised over the chosen ones as before).
 """
 
 from __future__ import annotations
@@ -36,8 +42,15 @@ NEMOTRON_H = register(
             "mamba_head_dim": "mamba_head_dim",
             "ssm_state": "ssm_state_size",
             "mamba_groups": "n_groups",
+            "experts": "n_routed_experts",
+            "expert_ffn": "moe_intermediate_size",
+            "shared_expert_ffn": "moe_shared_expert_intermediate_size",
         },
         block_kinds=_block_kinds,
         set_block_kinds=_set_block_kinds,
+        keep_one=(ATTENTION,),
+        notes=("MoE blocks: experts are removed evenly from each of the n_group router groups; every group keeps "
+               "at least 2 (the router ranks groups by their two best experts) and topk_group groups must hold "
+               "num_experts_per_tok experts.",),
     )
 )

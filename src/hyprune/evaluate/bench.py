@@ -50,7 +50,8 @@ CACHE_FORMULA = (
     "context (min(context, sliding_window - 1) for sliding-window layers); Mamba conv state (heads x head_dim "
     "+ 2 x groups x state) x conv_kernel x bytes(dtype), constant in context (transformers keeps the last "
     "conv_kernel inputs, not conv_kernel - 1); Mamba SSM state heads x head_dim x state x bytes(ssm_dtype), "
-    "constant in context (float32, whatever the model dtype)"
+    "constant in context (float32, whatever the model dtype); Mamba-1 (Jamba) conv state inner x conv_kernel x "
+    "bytes(dtype) and SSM state inner x state x bytes(ssm_dtype), inner = mamba_expand x hidden_size"
 )
 
 
@@ -65,7 +66,7 @@ def cache_bytes(config, family, context: int, dtype: torch.dtype | str = torch.f
     KV grows linearly with ``context``; the Mamba conv and SSM states do not grow at all. The SSM
     state is kept in float32 by transformers' Mamba-2 scan (``ssm_dtype``), even in a bf16 model.
     """
-    from hyprune.arch.family import ATTENTION, MAMBA, attention_head_dim
+    from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, attention_head_dim
     from hyprune.models import parse_dtype
 
     dtype = parse_dtype(dtype)
@@ -95,6 +96,10 @@ def cache_bytes(config, family, context: int, dtype: torch.dtype | str = torch.f
             kernel = _conv_kernel(config)
             out["mamba_conv"] += (heads * head_dim + 2 * groups * state) * kernel * size
             out["mamba_ssm"] += heads * head_dim * state * ssm_size
+        if MAMBA1 in parts:  # Jamba: per inner channel a conv window and a state vector
+            inner = int(config.mamba_expand) * int(config.hidden_size)
+            out["mamba_conv"] += inner * _conv_kernel(config) * size
+            out["mamba_ssm"] += inner * int(config.mamba_d_state) * ssm_size
     out["total"] = sum(out.values())
     return out
 
