@@ -146,7 +146,11 @@ def build(family: Family, config, candidates: list[Candidate], shapes: int = 10,
     times, device = measure(family, config, picked, metric, batch, context, progress=progress, **measure_kwargs)
     x = np.array([features(family, config, c) for c in picked])
     y = np.array(times)
-    held = np.array([(i % hold_out_every) == hold_out_every - 1 for i in range(len(picked))])
+    # picked shapes run through the drop patterns in turn: hold out along a diagonal, so that every
+    # pattern keeps shapes in the fit (a pattern held out whole would leave its block counts unfitted)
+    patterns = len({json.dumps(c.drop, sort_keys=True) for c in picked})
+    held = np.array([(i // patterns + i % patterns) % hold_out_every == hold_out_every - 1
+                     for i in range(len(picked))])
     model = LatencyModel(metric, batch, context, [], device=device)
     if held.any() and (~held).sum() >= 2:
         partial = fit(x[~held], y[~held])

@@ -303,7 +303,8 @@ def search(
                        progress=False)
             summary = distill(loaded, student, kd_windows, cfg, run_dir, eval_windows=held, overwrite=True,
                               tokenizer=tokenizer)
-            curve = [{"tokens": r["tokens"], "loss": math.log(r["eval_ppl"])}
+            start = [{"tokens": 0, "loss": records[c.id]["zero_shot"]}] if score == "loss" else []
+            curve = start + [{"tokens": r["tokens"], "loss": math.log(r["eval_ppl"])}
                      for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "eval_ppl" in r]
             student.eval()
             final = zero_shot_score(student, held, score, batch_size, teacher_logits)

@@ -99,7 +99,7 @@ def axis_space(family: Family, config, axis: str, spec: str | None, min_fraction
     if step % unit:
         raise HypruneError(f"--space {name}={spec}: {name} must change in multiples of {unit} (one per group), "
                            f"so a step of {step} is impossible; nearest feasible step: "
-                           f"{max(unit, round(step / unit) * unit)}.")
+                           f"{' or '.join(str(v) for v in sorted({max(unit, step // unit * unit), -(-step // unit) * unit}))}.")
     values = tuple(v for v in range(hi, lo - 1, -step) if v % unit == 0)
     if not values:
         below, above = (lo // unit) * unit, math.ceil(hi / unit) * unit
