@@ -437,6 +437,7 @@ def search(
     latency_metric: str = typer.Option("decode", "--latency-metric", help="decode (ms per step) or prefill (ms)."),
     latency_context: int = typer.Option(128, "--latency-context", help="Context length of the latency model."),
     latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size of the latency model."),
+    latency_repeats: int = typer.Option(3, "--latency-repeats", help="Timings per measured shape (medians)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the search in --out; finished candidates are kept."),
     seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
     text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
@@ -458,7 +459,8 @@ def search(
                       eval_data=eval_data, eval_windows=eval_windows, seq_len=seq_len, num_samples=num_samples,
                       batch_size=batch_size, seed=seed, latency=latency, latency_shapes=latency_shapes,
                       latency_metric=latency_metric, latency_context=latency_context, latency_batch=latency_batch,
-                      text_field=text_field, split=split, resume=resume, overwrite=overwrite, progress=not quiet,
+                      latency_repeats=latency_repeats, text_field=text_field, split=split, resume=resume,
+                      overwrite=overwrite, progress=not quiet,
                       **_load_kwargs(dtype, device, None, allow_pickle, trust_remote_code))
     for note in report["notes"]:
         out_console.print(f"note: {note}")

@@ -160,6 +160,7 @@ def search(
     latency_metric: str = "decode",
     latency_context: int = 128,
     latency_batch: int = 1,
+    latency_repeats: int = 3,
     text_field: str = "text",
     split: str = "train",
     resume: bool = False,
@@ -231,7 +232,8 @@ def search(
             lat_model = latency_lib.LatencyModel.from_json(json.loads(lat_path.read_text()))
         else:
             lat_model = latency_lib.build(family, config, shapes, latency_shapes, latency_metric, latency_batch,
-                                          latency_context, progress=progress, workdir=out_path)
+                                          latency_context, progress=progress, workdir=out_path,
+                                          repeats=latency_repeats)
             write_json_atomic(lat_path, lat_model.to_json())
         latency_lib.add_latency(lat_model, family, config, shapes)
         feasible = within_budget(shapes, budget, source_params)
