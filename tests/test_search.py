@@ -274,7 +274,7 @@ def test_search_resumes_without_redoing_finished_candidates(nemotron_dir, calib_
 def test_cli_search_distills_the_top_k_and_its_plan_applies(nemotron_dir, calib_txt, tmp_path):
     out = tmp_path / "search"
     result = invoke("search", nemotron_dir, "--data", calib_txt, "--target-ratio", "0.6", "--out", out,
-                    "--max-candidates", "5", "--top-k", "2", "--distill-tokens", "256", "--distill-batch", "4",
+                    "--max-candidates", "5", "--top-k", "2", "--distill-tokens", "256", "--distill-uniform", "--distill-batch", "4",
                     "--drop-blocks", "0:1", "--latency", "--latency-shapes", "3", "--latency-repeats", "1", "--latency-context", "8",
                     *FAST_CLI)
     assert result.exit_code == 0, result.output
@@ -285,9 +285,12 @@ def test_cli_search_distills_the_top_k_and_its_plan_applies(nemotron_dir, calib_
     rows = json.loads((out / "candidates.json").read_text())["candidates"]
     assert len(rows) == 5 and [r["final_rank"] for r in rows] == [1, 2, 3, 4, 5]
     distilled = [r for r in rows if "distilled" in r]
-    assert len(distilled) == 2 and rows[:2] == distilled  # the distilled ones lead, best first
-    assert {r["zero_shot_rank"] for r in distilled} == {1, 2}
-    assert distilled[0]["distilled"] <= distilled[1]["distilled"]
+    uniform = [r for r in rows if r["uniform"]]
+    assert len(uniform) == 1 and "distilled" in uniform[0]  # --distill-uniform
+    top = [r for r in distilled if r["zero_shot_rank"] <= 2]
+    assert len(top) == 2 and len(distilled) == 2 + (uniform[0]["zero_shot_rank"] > 2)
+    assert rows[: len(distilled)] == distilled  # the distilled ones lead, best first
+    assert [r["distilled"] for r in distilled] == sorted(r["distilled"] for r in distilled)
     for r in distilled:
         assert [p["tokens"] for p in r["curve"]] == [0, 64, 128, 192, 256] and r["curve"][0]["loss"] == r["zero_shot"]
     assert all("latency_ms" in r and "memory_bytes" in r for r in rows)

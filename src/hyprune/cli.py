@@ -427,6 +427,8 @@ def search(
     top_k: int = typer.Option(4, "--top-k", help="Candidates given a short distillation."),
     distill_tokens: int = typer.Option(0, "--distill-tokens", help="Tokens of short distillation per top-k "
                                        "candidate (0: rank by the zero-shot score only)."),
+    distill_uniform: bool = typer.Option(False, "--distill-uniform", help="Also distill the uniform baseline "
+                                         "(every axis cut alike, no blocks dropped), for comparison."),
     distill_batch: int = typer.Option(8, "--distill-batch", help="Windows per distillation step."),
     distill_lr: float = typer.Option(1e-4, "--distill-lr", help="Peak learning rate of the short distillation."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: windows of --data "
@@ -455,7 +457,8 @@ def search(
                       target_latency=target_latency, tolerance=tolerance, memory_context=memory_context,
                       memory_dtype=memory_dtype, memory_batch=memory_batch, space=space, min_fraction=min_fraction,
                       drop_blocks=drop_blocks, depth_method=depth_method, max_candidates=max_candidates, score=score,
-                      top_k=top_k, distill_tokens=distill_tokens, distill_batch=distill_batch, distill_lr=distill_lr,
+                      top_k=top_k, distill_tokens=distill_tokens, distill_uniform=distill_uniform,
+                      distill_batch=distill_batch, distill_lr=distill_lr,
                       eval_data=eval_data, eval_windows=eval_windows, seq_len=seq_len, num_samples=num_samples,
                       batch_size=batch_size, seed=seed, latency=latency, latency_shapes=latency_shapes,
                       latency_metric=latency_metric, latency_context=latency_context, latency_batch=latency_batch,

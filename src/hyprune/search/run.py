@@ -147,6 +147,7 @@ def search(
     score: str = "loss",
     top_k: int = 4,
     distill_tokens: int = 0,
+    distill_uniform: bool = False,
     distill_batch: int = 8,
     distill_lr: float = 1e-4,
     eval_data: str | None = None,
@@ -174,7 +175,8 @@ def search(
     (``target_*``, ``tolerance``; memory at ``memory_context`` tokens in ``memory_dtype``), the space
     (``space``: ``"FIELD=MIN:MAX[:STEP],..."``, ``min_fraction``, ``drop_blocks`` ``"MIN:MAX"``),
     the ranking (``score`` ``loss`` or ``kl`` on ``eval_windows`` held-out windows; ``top_k``
-    candidates distilled for ``distill_tokens`` tokens each) and the latency model (``latency`` or
+    candidates distilled for ``distill_tokens`` tokens each, plus the uniform baseline with
+    ``distill_uniform``) and the latency model (``latency`` or
     ``target_latency``). Returns the report (also ``out/report.json``).
     """
     from hyprune.data import calibration_windows, check_source, heldout_windows
@@ -217,8 +219,9 @@ def search(
     settings = {"model": str(model), "data": str(data), "eval_data": eval_data, "seq_len": seq_len,
                 "num_samples": num_samples, "eval_windows": eval_windows, "seed": seed, "score": score,
                 "depth_method": depth_method, "distill_tokens": distill_tokens, "distill_batch": distill_batch,
-                "distill_lr": distill_lr, "top_k": top_k, "space": space, "drop_blocks": drop_blocks,
-                "min_fraction": min_fraction, "max_candidates": max_candidates, "budget": budget.describe()}
+                "distill_lr": distill_lr, "top_k": top_k, "distill_uniform": distill_uniform, "space": space,
+                "drop_blocks": drop_blocks, "min_fraction": min_fraction, "max_candidates": max_candidates,
+                "budget": budget.describe()}
     state = _open_run_dir(out_path, settings, resume, overwrite, inputs=(model, data, eval_data))
     out_path.mkdir(parents=True, exist_ok=True)
     state_path = out_path / STATE_FILE
@@ -287,31 +290,23 @@ def search(
         write_json_atomic(state_path, state)
     ranked = sorted(candidates, key=lambda c: (records[c.id]["zero_shot"], c.id))
 
-    # 5. short distillation of the top-k --------------------------------------------------------------
+    # 5. short distillation of the top-k (and of the uniform baseline when asked) ----------------------
     if steps:
-        from hyprune.distill import distill
-
         top = ranked[:top_k]
-        kd_root = out_path / "kd"
+        if distill_uniform and uniform is not None and uniform not in top:
+            top.append(uniform)
+        kd = dict(tokens=distill_tokens, seq_len=seq_len, batch=distill_batch, lr=distill_lr, min_lr=distill_lr / 10,
+                  warmup_steps=min(40, max(1, steps // 10)), checkpoint_every=0, eval_every=max(1, steps // 4),
+                  eval_windows=len(held), eval_batch=batch_size, seed=seed, progress=False)
         for i, c in enumerate(tqdm(top, desc="short distillation", unit="cand", disable=not progress,
                                    dynamic_ncols=True)):
             if "distilled" in records[c.id]:
                 continue
-            run_dir = kd_root / _slug(c.id, i)
+            run_dir = out_path / "kd" / _slug(c.id, i)
             student = apply_plan(loaded, plan_for(c), family)
-            cfg = dict(tokens=distill_tokens, seq_len=seq_len, batch=distill_batch, lr=distill_lr,
-                       min_lr=distill_lr / 10, warmup_steps=min(40, max(1, steps // 10)), checkpoint_every=0,
-                       eval_every=max(1, steps // 4), eval_windows=len(held), eval_batch=batch_size, seed=seed,
-                       progress=False)
-            summary = distill(loaded, student, kd_windows, cfg, run_dir, eval_windows=held, overwrite=True,
-                              tokenizer=tokenizer)
-            start = [{"tokens": 0, "loss": records[c.id]["zero_shot"]}] if score == "loss" else []
-            curve = start + [{"tokens": r["tokens"], "loss": math.log(r["eval_ppl"])}
-                     for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "eval_ppl" in r]
-            student.eval()
-            final = zero_shot_score(student, held, score, batch_size, teacher_logits)
-            records[c.id].update(distilled=final, curve=curve, distill_dir=str(run_dir.relative_to(out_path)),
-                                 distill_tokens=summary["tokens"])
+            records[c.id].update(_short_distill(loaded, student, kd_windows, held, kd, run_dir, tokenizer, score,
+                                                batch_size, teacher_logits, records[c.id]["zero_shot"]))
+            records[c.id]["distill_dir"] = str(run_dir.relative_to(out_path))
             del student
             write_json_atomic(state_path, state)
 
@@ -325,6 +320,22 @@ def search(
 
     return write_outputs(out_path, family, config, source_params, budget, candidates, ranked, final_order, records,
                          plan, lat_model, settings, score, len(shapes), len(feasible), progress)
+
+
+def _short_distill(teacher, student, kd_windows, held, kd: dict, run_dir: Path, tokenizer, score: str,
+                   batch_size: int, teacher_logits, zero_shot: float) -> dict:
+    """Distill one candidate with the shared settings ``kd``; its final score and held-out LM-loss curve
+    (read from the run's log; the zero-shot loss is the curve's first point when the score is the loss)."""
+    from hyprune.distill import distill
+
+    summary = distill(teacher, student, kd_windows, kd, run_dir, eval_windows=held, overwrite=True,
+                      tokenizer=tokenizer)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    curve = ([{"tokens": 0, "loss": zero_shot}] if score == "loss" else []) + [
+        {"tokens": r["tokens"], "loss": math.log(r["eval_ppl"])} for r in log if "eval_ppl" in r]
+    student.eval()
+    return {"distilled": zero_shot_score(student, held, score, batch_size, teacher_logits), "curve": curve,
+            "distill_tokens": summary["tokens"]}
 
 
 def _importance(model, family, windows, out: Path, batch_size: int, progress: bool):
