@@ -6,10 +6,7 @@ Tiny random NemotronH from conftest (hidden 32, FFN 40, 8 Mamba heads in 2 group
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,8 +271,9 @@ def test_search_resumes_without_redoing_finished_candidates(nemotron_dir, calib_
 def test_cli_search_distills_the_top_k_and_its_plan_applies(nemotron_dir, calib_txt, tmp_path):
     out = tmp_path / "search"
     result = invoke("search", nemotron_dir, "--data", calib_txt, "--target-ratio", "0.6", "--out", out,
-                    "--max-candidates", "5", "--top-k", "2", "--distill-tokens", "256", "--distill-uniform", "--distill-batch", "4",
-                    "--drop-blocks", "0:1", "--latency", "--latency-shapes", "3", "--latency-repeats", "1", "--latency-context", "8",
+                    "--max-candidates", "5", "--top-k", "2", "--distill-tokens", "256", "--distill-uniform",
+                    "--distill-batch", "4", "--drop-blocks", "0:1", "--latency", "--latency-shapes", "3",
+                    "--latency-repeats", "1", "--latency-context", "8",
                     *FAST_CLI)
     assert result.exit_code == 0, result.output
     assert "winner" in result.output

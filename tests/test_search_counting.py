@@ -69,7 +69,8 @@ def random_shape(family, config, rng: random.Random) -> tuple[dict[str, int], li
         if family.mamba_width_coupled_to_hidden and "mamba_heads" in sizes:  # width = expand * hidden
             sizes["hidden"] = rng.randint(1, source["hidden"] // 2) * 2
             width = family.expand(config) * sizes["hidden"]
-            heads = [h for h in range(1, source["mamba_heads"] + 1) if width % h == 0 and width // h <= source["mamba_head_dim"]]
+            heads = [h for h in range(1, source["mamba_heads"] + 1)
+                     if width % h == 0 and width // h <= source["mamba_head_dim"]]
             if not heads:
                 continue
             sizes["mamba_heads"] = rng.choice(heads)

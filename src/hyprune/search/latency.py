@@ -102,7 +102,8 @@ def pick_shapes(candidates: list[Candidate], count: int) -> list[Candidate]:
 
 def measure(family: Family, config, shapes: list[Candidate], metric: str = "decode", batch: int = 1,
             context: int = 128, decode_tokens: int = 16, repeats: int = 3, dtype: str = "float32",
-            device: str | None = None, workdir: str | Path | None = None, progress: bool = True) -> tuple[list[float], str]:
+            device: str | None = None, workdir: str | Path | None = None,
+            progress: bool = True) -> tuple[list[float], str]:
     """Milliseconds per decode step (or per prefill) of every shape, in one interleaved `bench` run."""
     from hyprune.apply import resized_config
     from hyprune.evaluate import bench

@@ -103,12 +103,14 @@ def markdown(report: dict, rows: list[dict], limit: int = 30) -> str:
         lines.append(f"- Spearman(zero-shot, after distillation) over the distilled candidates: "
                      f"{report['spearman_zero_shot_vs_distilled']:.3f}")
     lines += ["", f"![ranking]({PLOT_FILE})", "",
-              "| rank | candidate | params | ratio | zero-shot | zero-shot rank | distilled | memory MiB | latency ms |",
+              "| rank | candidate | params | ratio | zero-shot | zero-shot rank | distilled | memory MiB "
+              "| latency ms |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows[:limit]:
         name = r["id"] + (" (uniform)" if r["uniform"] else "")
         memory = r.get("memory_bytes")
-        lines.append(f"| {r['final_rank']} | `{name}` | {r['parameters']:,} | {r['ratio']:.3f} | {_fmt(r['zero_shot'])} | "
+        lines.append(f"| {r['final_rank']} | `{name}` | {r['parameters']:,} | {r['ratio']:.3f} | "
+                     f"{_fmt(r['zero_shot'])} | "
                      f"{r['zero_shot_rank']} | {_fmt(r.get('distilled'))} | "
                      f"{'-' if memory is None else f'{memory / 2**20:.2f}'} | {_fmt(r.get('latency_ms'), 3)} |")
     if len(rows) > limit:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from hyprune.errors import HypruneError
 from hyprune.search import latency as latency_lib
 from hyprune.search.counting import count_parameters, layout
-from hyprune.search.space import (Budget, Candidate, add_memory, blocks_to_drop, drop_options, enumerate_shapes,
+from hyprune.search.space import (Candidate, add_memory, blocks_to_drop, drop_options, enumerate_shapes,
                                   make_budget, parse_drop, parse_space, sample, uniform_candidate, within_budget)
 
 STATE_FILE = "state.json"

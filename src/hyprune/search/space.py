@@ -97,9 +97,10 @@ def axis_space(family: Family, config, axis: str, spec: str | None, min_fraction
         raise HypruneError(f"--space {name}={spec}: the maximum {hi} is above the source's {name} ({source}); "
                            f"pruning only shrinks. The largest feasible value is {source}.")
     if step % unit:
+        nearest = sorted({max(unit, step // unit * unit), -(-step // unit) * unit})
         raise HypruneError(f"--space {name}={spec}: {name} must change in multiples of {unit} (one per group), "
                            f"so a step of {step} is impossible; nearest feasible step: "
-                           f"{' or '.join(str(v) for v in sorted({max(unit, step // unit * unit), -(-step // unit) * unit}))}.")
+                           f"{' or '.join(map(str, nearest))}.")
     values = tuple(v for v in range(hi, lo - 1, -step) if v % unit == 0)
     if not values:
         below, above = (lo // unit) * unit, math.ceil(hi / unit) * unit
@@ -166,8 +167,9 @@ def parse_drop(spec: str | int | tuple[int, int] | None, family: Family, config)
         raise HypruneError(f"--drop-blocks {spec}: need 0 <= MIN <= MAX; did you mean {min(abs(lo), abs(hi))}:"
                            f"{max(abs(lo), abs(hi))}?")
     if hi > droppable:
+        kept = "one block must stay" + (", an attention block" if protected_kinds(family, config) else "")
         raise HypruneError(f"--drop-blocks {spec}: the model has {blocks} blocks and at most {droppable} can go "
-                           f"(at least one must stay{' and one attention block' if protected_kinds(family, config) else ''}); "
+                           f"({kept}); "
                            f"nearest feasible: --drop-blocks {min(lo, droppable)}:{droppable}.")
     return lo, hi
 
