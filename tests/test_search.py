@@ -216,6 +216,22 @@ def test_latency_model_predicts_held_out_shapes(config, family, monkeypatch):
             float(np.dot(truth, latency_lib.features(family, config, c))), rel=1e-6)
 
 
+def test_latency_budget_is_a_limit_on_the_prediction(config, family):
+    shapes = enumerate_shapes(family, config, parse_space(family, config, None), drop_options(family, config, 0, 1))
+    model = latency_lib.LatencyModel("decode", 1, 128, [1.0, 0.5, 0.25, 0.125, 100.0])
+    latency_lib.add_latency(model, family, config, shapes)
+    c = shapes[len(shapes) // 2]
+    f = latency_lib.features(family, config, c)
+    assert c.metrics["latency_ms"] == pytest.approx(1 + 0.5 * f[1] + 0.25 * f[2] + 0.125 * f[3] + 100 * f[4])
+    budget = make_budget(family, config, target_latency=c.metrics["latency_ms"], tolerance=0.03)
+    source = count_parameters(family, config)["total"]
+    kept = within_budget(shapes, budget, source)
+    assert c in kept and all(0.97 * budget.latency <= k.metrics["latency_ms"] <= budget.latency for k in kept)
+    assert len(kept) == sum(0.97 * budget.latency <= k.metrics["latency_ms"] <= budget.latency for k in shapes)
+    with pytest.raises(HypruneError, match="nearest feasible --target-latency"):
+        within_budget(shapes, make_budget(family, config, target_latency=0.1), source)
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
