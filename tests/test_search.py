@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from conftest import build_model, make_nemotron_config
-from hyprune.apply import apply_plan, resized_config
+from hyprune.apply import apply_plan
 from hyprune.arch import family_for_config
 from hyprune.cli import app
 from hyprune.errors import HypruneError
@@ -25,7 +25,7 @@ from hyprune.models import count_parameters as real_count
 from hyprune.plan import make_plan, resolve_target
 from hyprune.search import latency as latency_lib
 from hyprune.search import run as run_lib
-from hyprune.search.counting import count_parameters
+from hyprune.search.counting import count_parameters, shaped_config
 from hyprune.search.space import (blocks_to_drop, drop_options, enumerate_shapes, make_budget, parse_drop, parse_space,
                                   sample, uniform_candidate, within_budget)
 
@@ -77,7 +77,7 @@ def test_enumeration_is_every_expressible_shape_in_the_bounds(config, family):
             assert c.sizes[axis.axis] in axis.values
         kept = [kinds[i] for i in range(len(kinds)) if i not in blocks_to_drop(kinds, c.drop)]
         assert "attention" in kept
-        built = resized_config(family, config, c.sizes, [i for i in range(len(kinds))
+        built = shaped_config(family, config, c.sizes, [i for i in range(len(kinds))
                                                          if i not in blocks_to_drop(kinds, c.drop)])
         assert c.parameters == count_parameters(family, built)["total"]
 

@@ -1,12 +1,13 @@
 """Analytic parameter and memory counts (hyprune.search.counting) equal the real counts of built models.
 
 Every family on main, with and without biases, tied and untied, and for shrunken shapes with dropped
-blocks (the configs `hyprune.apply.resized_config` writes): the formula must match
+blocks (the configs `shaped_config` builds through `hyprune.apply.pruned_config`): the formula must match
 `hyprune.models.count_parameters` of the model transformers builds from that config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -15,13 +16,12 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from conftest import make_llama_config, make_mamba2_config, make_nemotron_config
-from hyprune.apply import resized_config
 from hyprune.arch import family_for_config
-from hyprune.arch.family import _REGISTRY
+from hyprune.errors import HypruneError
 from hyprune.evaluate import cache_bytes
 from hyprune.models import count_parameters
 from hyprune.plan import resolve_target
-from hyprune.search.counting import LAYOUTS, count_parameters as analytic, memory_bytes
+from hyprune.search.counting import LAYOUTS, count_parameters as analytic, memory_bytes, shaped_config
 
 HYBRID = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               mamba_n_heads=8, mamba_d_head=4, mamba_n_groups=2, mamba_d_state=6, mamba_expand=2,
@@ -86,8 +86,13 @@ def random_shape(family, config, rng: random.Random) -> tuple[dict[str, int], li
     raise AssertionError("no valid random shape found")
 
 
-def test_every_registered_family_has_a_formula():
-    assert set(_REGISTRY) <= set(LAYOUTS), f"families without a parameter formula: {set(_REGISTRY) - set(LAYOUTS)}"
+def test_a_family_without_a_formula_is_refused_clearly():
+    config = make_llama_config()
+    family = dataclasses.replace(family_for_config(config), name="newfamily")
+    with pytest.raises(HypruneError, match="no parameter formula for the newfamily family"):
+        analytic(family, config)
+    assert {"nemotron_h", "mamba2", "bamba", "granitemoehybrid", "falcon_h1", "llama", "qwen2", "qwen3",
+            "mistral"} <= set(LAYOUTS)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -105,7 +110,7 @@ def test_shrunken_shapes_count_like_the_built_model(name):
     kinds = family.block_kinds(config)
     for _ in range(4):
         sizes, kept = random_shape(family, config, rng)
-        shaped = resized_config(family, config, sizes, kept)
+        shaped = shaped_config(family, config, sizes, kept)
         expected = real_count(shaped)
         assert analytic(family, config, sizes, [kinds[i] for i in kept]) == expected
         assert analytic(family, shaped) == expected

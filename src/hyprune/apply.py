@@ -113,17 +113,12 @@ def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: In
 
 def pruned_config(family: Family, config, plan: Plan):
     """A new config of the same class with the plan's sizes and layer pattern."""
-    return resized_config(family, config, plan.result_sizes(), plan.kept_blocks())
-
-
-def resized_config(family: Family, config, sizes: dict[str, int], kept: list[int]):
-    """A new config of the same class with ``sizes`` (canonical axis -> size) and only the ``kept``
-    source blocks; what a plan with those sizes would produce (the search sizes shapes with it)."""
+    sizes = plan.result_sizes()
     data = config.to_dict()
     for axis, field in family.fields.items():
         data[field] = sizes[axis]
-    kinds = family.block_kinds(config)
-    family.set_block_kinds(data, kept, [kinds[i] for i in kept])
+    kept = plan.kept_blocks()
+    family.set_block_kinds(data, kept, [plan.layers[i].kind for i in kept])
     if "attention_heads" in family.fields:
         data["head_dim"] = attention_head_dim(config)  # never re-derived from a pruned hidden size
     if family.finish_config is not None:

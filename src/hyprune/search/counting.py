@@ -22,6 +22,7 @@ Norms: one d-vector per pre-norm (FalconH1's attention and Mamba share one) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -110,6 +111,17 @@ def mlp_parameters(config, lay: Layout, sizes: dict[str, int]) -> int:
 _PART_COUNT = {MAMBA: mamba_parameters, ATTENTION: attention_parameters, MLP: mlp_parameters}
 
 
+def check_countable(family: Family, config) -> None:
+    """Refuse, with a clear message, a model whose blocks the formulas do not cover (MoE experts)."""
+    layout(family)
+    parts = {part.kind for kind in family.block_kinds(config) for part in family.parts(kind)}
+    missing = sorted(parts - set(_PART_COUNT))
+    if missing:
+        raise HypruneError(f"hyprune cannot count the parameters of {', '.join(missing)} blocks yet, so it cannot "
+                           f"search the architectures of this {family.name} model (only Mamba, attention and dense "
+                           "MLP blocks).")
+
+
 def is_tied(family: Family, config) -> bool:
     return layout(family).can_tie and bool(getattr(config, "tie_word_embeddings", False))
 
@@ -121,6 +133,7 @@ def count_parameters(family: Family, config, sizes: dict[str, int] | None = None
     Keys as `hyprune.models.count_parameters`: embeddings, mamba, attention, mlp, norms, lm_head, total
     (a tied lm_head counts 0).
     """
+    check_countable(family, config)
     lay = layout(family)
     sizes = family.sizes(config) if sizes is None else sizes
     kinds = family.block_kinds(config) if kinds is None else kinds
@@ -139,6 +152,18 @@ def count_parameters(family: Family, config, sizes: dict[str, int] | None = None
     out["lm_head"] = 0 if is_tied(family, config) else vocab * d
     out["total"] = sum(out.values())
     return out
+
+
+def shaped_config(family: Family, config, sizes: dict[str, int], kept: Sequence[int]):
+    """The config a plan with ``sizes`` (canonical axis -> size) keeping source blocks ``kept`` would give:
+    `hyprune.apply.pruned_config` reads only the result sizes, the kept blocks and their kinds from a
+    plan, so a stand-in with those three builds it for a shape that has no plan (no indices) yet."""
+    from hyprune.apply import pruned_config
+
+    kinds = family.block_kinds(config)
+    stand_in = SimpleNamespace(result_sizes=lambda: dict(sizes), kept_blocks=lambda: list(kept),
+                               layers=[SimpleNamespace(kind=k) for k in kinds])
+    return pruned_config(family, config, stand_in)
 
 
 def weight_bytes(parameters: int, dtype: torch.dtype | str = torch.float32) -> int:

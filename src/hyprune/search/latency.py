@@ -27,7 +27,7 @@ import torch
 
 from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family
 from hyprune.errors import HypruneError
-from hyprune.search.counting import count_parameters
+from hyprune.search.counting import count_parameters, shaped_config
 from hyprune.search.space import Candidate, blocks_to_drop
 
 FEATURES = ("constant", "mamba_blocks", "attention_blocks", "mlp_blocks", "parameters_millions")
@@ -105,7 +105,6 @@ def measure(family: Family, config, shapes: list[Candidate], metric: str = "deco
             device: str | None = None, workdir: str | Path | None = None,
             progress: bool = True) -> tuple[list[float], str]:
     """Milliseconds per decode step (or per prefill) of every shape, in one interleaved `bench` run."""
-    from hyprune.apply import resized_config
     from hyprune.evaluate import bench
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +116,7 @@ def measure(family: Family, config, shapes: list[Candidate], metric: str = "deco
         paths = []
         for i, c in enumerate(shapes):
             dropped = set(blocks_to_drop(kinds, c.drop))
-            shaped = resized_config(family, config, c.sizes, [b for b in range(len(kinds)) if b not in dropped])
+            shaped = shaped_config(family, config, c.sizes, [b for b in range(len(kinds)) if b not in dropped])
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(i)
                 model = AutoModelForCausalLM.from_config(shaped)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hyprune.errors import HypruneError
 from hyprune.search import latency as latency_lib
-from hyprune.search.counting import count_parameters, layout
+from hyprune.search.counting import check_countable, count_parameters
 from hyprune.search.space import (Candidate, add_memory, blocks_to_drop, drop_options, enumerate_shapes,
                                   make_budget, parse_drop, parse_space, sample, uniform_candidate, within_budget)
 
@@ -187,7 +187,7 @@ def search(
     source_kwargs = {"trust_remote_code": load_kwargs.get("trust_remote_code", False),
                      "gguf_file": load_kwargs.get("gguf_file")}
     config, family = load_config(model, **source_kwargs)
-    layout(family)
+    check_countable(family, config)
     if score not in SCORES:
         raise HypruneError(f"--score must be one of {', '.join(SCORES)}, got '{score}'.")
     if depth_method not in DEPTH_METHODS:

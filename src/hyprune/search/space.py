@@ -24,11 +24,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hyprune.arch.family import ATTENTION, MAMBA, Family
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family
 from hyprune.depth import protected_kinds
 from hyprune.errors import HypruneError
 from hyprune.plan import resolve_target
-from hyprune.search.counting import count_parameters, memory_bytes
+from hyprune.search.counting import count_parameters, memory_bytes, shaped_config
 
 SEARCHED_BY_DEFAULT = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "attention_heads")
 AUTO_STEPS = 8  # about this many values per axis when the step is not given
@@ -127,19 +127,25 @@ def parse_space(family: Family, config, space: str | dict | None, min_fraction: 
             entries[key.strip()] = value.strip()
     else:
         entries = dict(space or {})
-    specs = {family.field_to_axis(k): v for k, v in entries.items()}
+    field_axis = {name: axis for axis, name in family.fields.items() if axis in family.sizes(config)}
+    unknown = [k for k in entries if k not in field_axis]
+    if unknown:
+        raise HypruneError(f"--space: '{unknown[0]}' is not a prunable config field of this {family.name} model. "
+                           f"Use one of: {', '.join(field_axis)}.")
+    specs = {field_axis[k]: v for k, v in entries.items()}
     kinds = set(family.part_kinds(config))
-    present = {axis for axis in family.fields if _axis_in_model(axis, kinds)}
-    return [axis_space(family, config, axis, specs.get(axis), min_fraction) for axis in family.fields
-            if axis in present or axis in specs]
+    return [axis_space(family, config, axis, specs.get(axis), min_fraction) for axis in family.sizes(config)
+            if axis in specs or _axis_in_model(axis, kinds)]
 
 
 def _axis_in_model(axis: str, part_kinds: set[str]) -> bool:
+    """Whether the model has the part an axis sizes (a NemotronH config names attention fields even
+    when its pattern holds no attention block)."""
     if axis.startswith(("mamba", "ssm")):
         return MAMBA in part_kinds
     if axis in ("attention_heads", "kv_heads"):
         return ATTENTION in part_kinds
-    return axis == "hidden" or "mlp" in part_kinds
+    return axis == "hidden" or (axis == "ffn" and MLP in part_kinds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +305,11 @@ def make_budget(family: Family, config, target_params: float | None = None, targ
                            "--target-memory BYTES or --target-latency MS.")
     budget = Budget(tolerance=tolerance, context=context, dtype=dtype, batch=batch)
     if target_active_params is not None:
-        budget.notes.append(f"{family.name} has no mixture-of-experts blocks here (hyprune prunes dense models), so "
-                            "every parameter is active: --target-active-params is the total parameter count.")
+        if MOE in family.part_kinds(config):
+            raise HypruneError("--target-active-params: counting the active parameters of MoE blocks is not "
+                               "implemented yet; pass --target-params for the total.")
+        budget.notes.append(f"This {family.name} model has no mixture-of-experts blocks, so every parameter is "
+                            "active: --target-active-params is the total parameter count.")
         target_params = target_active_params
     if target_ratio is not None:
         if not 0 < target_ratio < 1:
@@ -332,15 +341,13 @@ def make_budget(family: Family, config, target_params: float | None = None, targ
 
 
 def add_memory(family: Family, config, candidates: list[Candidate], budget: Budget) -> None:
-    """Weights + cache bytes of every candidate, from the config it would have (`resized_config`)."""
-    from hyprune.apply import resized_config
-
+    """Weights + cache bytes of every candidate, from the config it would have (`shaped_config`)."""
     kinds = family.block_kinds(config)
     for c in candidates:
         if "memory_bytes" in c.metrics:
             continue
         dropped = set(blocks_to_drop(kinds, c.drop))
-        shaped = resized_config(family, config, c.sizes, [i for i in range(len(kinds)) if i not in dropped])
+        shaped = shaped_config(family, config, c.sizes, [i for i in range(len(kinds)) if i not in dropped])
         c.metrics["memory_bytes"] = memory_bytes(family, shaped, budget.context, budget.dtype, budget.batch)["total"]
 
 
