@@ -55,10 +55,15 @@ CONFIGS = {
 }
 
 
+def nonzero(counts: dict[str, int]) -> dict[str, int]:
+    """Components that hold parameters (model counters may list empty ones, e.g. ``moe: 0``)."""
+    return {k: v for k, v in counts.items() if v}
+
+
 def real_count(config) -> dict[str, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return count_parameters(model, family_for_config(config))
+    return nonzero(count_parameters(model, family_for_config(config)))
 
 
 def random_shape(family, config, rng: random.Random) -> tuple[dict[str, int], list[int]]:
@@ -98,7 +103,7 @@ def test_a_family_without_a_formula_is_refused_clearly():
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_source_counts_equal_the_built_model(name):
     config = CONFIGS[name]()
-    assert analytic(family_for_config(config), config) == real_count(config)
+    assert nonzero(analytic(family_for_config(config), config)) == real_count(config)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -112,8 +117,8 @@ def test_shrunken_shapes_count_like_the_built_model(name):
         sizes, kept = random_shape(family, config, rng)
         shaped = shaped_config(family, config, sizes, kept)
         expected = real_count(shaped)
-        assert analytic(family, config, sizes, [kinds[i] for i in kept]) == expected
-        assert analytic(family, shaped) == expected
+        assert nonzero(analytic(family, config, sizes, [kinds[i] for i in kept])) == expected
+        assert nonzero(analytic(family, shaped)) == expected
 
 
 @pytest.mark.parametrize("name", ["nemotron_h", "bamba", "falcon_h1", "mistral"])
