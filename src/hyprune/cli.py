@@ -476,6 +476,82 @@ def demo(
              progress=not quiet)
 
 
+# Architecture search ---------------------------------------------------------------------------
+@app.command()
+def search(
+    model: str = ModelArg,
+    data: Optional[str] = DataOpt,
+    out: str = typer.Option(..., "--out", help="Run folder: plan.json, candidates.json, report.md/json, ranking.png."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="Parameter budget (e.g. 4e9)."),
+    target_ratio: Optional[float] = typer.Option(None, "--target-ratio", help="Budget as a fraction of the source."),
+    target_active_params: Optional[float] = typer.Option(None, "--target-active-params",
+                                                         help="Active-parameter budget (MoE; dense: = total)."),
+    target_memory: Optional[float] = typer.Option(None, "--target-memory",
+                                                  help="Bytes of weights + cache at --memory-context tokens."),
+    target_latency: Optional[float] = typer.Option(None, "--target-latency",
+                                                   help="Milliseconds, as the fitted latency model predicts."),
+    tolerance: float = typer.Option(0.05, "--tolerance", help="Parameters within +-T of the budget; memory and "
+                                    "latency within [1-T, 1] of the limit."),
+    memory_context: int = typer.Option(2048, "--memory-context", help="Context length of the memory budget."),
+    memory_dtype: str = typer.Option("bfloat16", "--memory-dtype", help="Weights and cache dtype of the memory budget."),
+    memory_batch: int = typer.Option(1, "--memory-batch", help="Sequences in the cache of the memory budget."),
+    space: Optional[str] = typer.Option(None, "--space", help="FIELD=MIN:MAX[:STEP] or FIELD=VALUE, comma-separated "
+                                        "(config field names); unlisted axes automatic."),
+    min_fraction: float = typer.Option(0.5, "--min-fraction", help="Lower bound of automatic axes, of the source."),
+    drop_blocks: Optional[str] = typer.Option(None, "--drop-blocks", help="MIN:MAX blocks dropped (default 0:L/5)."),
+    depth_method: str = typer.Option("block_influence", "--depth-method", help="Which blocks of a kind go: "
+                                     "block_influence, angular, kl or lm_loss."),
+    max_candidates: int = typer.Option(64, "--max-candidates", help="Evaluate at most this many (seeded sample)."),
+    score: str = typer.Option("loss", "--score", help="Ranking score: loss (LM loss) or kl (KL to the teacher)."),
+    top_k: int = typer.Option(4, "--top-k", help="Candidates given a short distillation."),
+    distill_tokens: int = typer.Option(0, "--distill-tokens", help="Tokens of short distillation per top-k "
+                                       "candidate (0: rank by the zero-shot score only)."),
+    distill_uniform: bool = typer.Option(False, "--distill-uniform", help="Also distill the uniform baseline "
+                                         "(every axis cut alike, no blocks dropped), for comparison."),
+    distill_batch: int = typer.Option(8, "--distill-batch", help="Windows per distillation step."),
+    distill_lr: float = typer.Option(1e-4, "--distill-lr", help="Peak learning rate of the short distillation."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: windows of --data "
+                                            "not used for calibration or distillation)."),
+    eval_windows: int = typer.Option(32, "--eval-windows", help="Held-out windows for the ranking score."),
+    latency: bool = typer.Option(False, "--latency", help="Fit the latency model and report every candidate's."),
+    latency_shapes: int = typer.Option(12, "--latency-shapes", help="Shapes measured for the latency model."),
+    latency_metric: str = typer.Option("decode", "--latency-metric", help="decode (ms per step) or prefill (ms)."),
+    latency_context: int = typer.Option(128, "--latency-context", help="Context length of the latency model."),
+    latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size of the latency model."),
+    latency_repeats: int = typer.Option(3, "--latency-repeats", help="Timings per measured shape (medians)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the search in --out; finished candidates are kept."),
+    seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
+    text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
+    allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote, overwrite: bool = Overwrite,
+    quiet: bool = Quiet,
+):
+    """Search the best pruned architecture under a budget; the winner's plan goes to --out/plan.json."""
+    from hyprune.search import search as run_search
+
+    if data is None:
+        _run(_fail, "search needs calibration text: pass --data FILE.")
+    with _hf_progress(not quiet):
+        report = _run(run_search, model, data, out, target_params=target_params, target_ratio=target_ratio,
+                      target_active_params=target_active_params, target_memory=target_memory,
+                      target_latency=target_latency, tolerance=tolerance, memory_context=memory_context,
+                      memory_dtype=memory_dtype, memory_batch=memory_batch, space=space, min_fraction=min_fraction,
+                      drop_blocks=drop_blocks, depth_method=depth_method, max_candidates=max_candidates, score=score,
+                      top_k=top_k, distill_tokens=distill_tokens, distill_uniform=distill_uniform,
+                      distill_batch=distill_batch, distill_lr=distill_lr,
+                      eval_data=eval_data, eval_windows=eval_windows, seq_len=seq_len, num_samples=num_samples,
+                      batch_size=batch_size, seed=seed, latency=latency, latency_shapes=latency_shapes,
+                      latency_metric=latency_metric, latency_context=latency_context, latency_batch=latency_batch,
+                      latency_repeats=latency_repeats, text_field=text_field, split=split, resume=resume,
+                      overwrite=overwrite, progress=not quiet,
+                      **_load_kwargs(dtype, device, None, allow_pickle, trust_remote_code))
+    for note in report["notes"]:
+        out_console.print(f"note: {note}")
+    winner = report["winner"]
+    out_console.print(f"{report['evaluated']} candidates of {report['within_budget']} within the budget "
+                      f"({report['shapes']} shapes); winner {winner['id']} with {winner['parameters']:,} parameters")
+    out_console.print(f"plan: {out}/plan.json   report: {out}/report.md")
+
+
 def _fail(message: str):
     raise HypruneError(message)
 
