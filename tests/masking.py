@@ -193,3 +193,25 @@ def mask_moe(moe, lp, sizes: dict, gone: torch.Tensor):
             shared = moe.shared_experts.down_proj.weight
             shared[:, [f for f in range(sizes["shared_expert_ffn"]) if f not in lp.shared_ffn]] = 0
             shared[gone] = 0
+
+
+def save_reload(model, folder):
+    """``save_pretrained`` then ``from_pretrained``, with no missing, unexpected or mismatched keys."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(folder)
+    loaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return loaded
+
+
+def assert_roundtrip_generates(pruned, folder, vocab: int = 64, new_tokens: int = 6):
+    """The reloaded checkpoint equals ``pruned`` on a prompt, and greedy generation with the cache
+    equals generation without it. Returns the reloaded model."""
+    loaded = save_reload(pruned, folder)
+    prompt = torch.randint(1, vocab, (1, 5), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(loaded(prompt, use_cache=False).logits, pruned(prompt, use_cache=False).logits)
+    a = loaded.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    b = loaded.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=False, pad_token_id=0)
+    assert a.shape[1] == prompt.shape[1] + new_tokens and torch.equal(a, b)
+    return loaded

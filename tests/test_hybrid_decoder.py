@@ -24,8 +24,8 @@ from hyprune.arch import family_for_config
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan
 
-from masking import (inner_mask, mask_moe, masked_gated_norm, masked_rmsnorm, random_plan, randomized, rel_err,
-                     skip_block, zero_removed_bc, zero_removed_query_heads)
+from masking import (assert_roundtrip_generates, inner_mask, mask_moe, masked_gated_norm, masked_rmsnorm, random_plan,
+                     randomized, rel_err, skip_block, zero_removed_bc, zero_removed_query_heads)
 
 
 MAMBA = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -137,14 +137,7 @@ def test_minitron_plan_roundtrips_and_generates(family, tmp_path):
     assert family.block_kinds(pruned.config) == ["mamba+mlp", "attention+mlp"]
     c = pruned.config
     assert (c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state) == (12, 6, 4, 4)
-    pruned.save_pretrained(tmp_path)
-    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    prompt = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(4))
-    assert torch.equal(loaded(prompt).logits, pruned(prompt).logits)
-    a = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    b = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(a, b)
+    assert_roundtrip_generates(pruned, tmp_path)
 
 
 def test_granite_minitron_experts_roundtrip_and_generate(tmp_path):
@@ -160,14 +153,7 @@ def test_granite_minitron_experts_roundtrip_and_generate(tmp_path):
     pruned = apply_plan(model, plan)
     c = pruned.config
     assert (c.num_local_experts, c.intermediate_size, c.shared_intermediate_size, c.hidden_size) == (3, 8, 16, 8)
-    pruned.save_pretrained(tmp_path)
-    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    prompt = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(4))
-    assert torch.equal(loaded(prompt).logits, pruned(prompt).logits)
-    a = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    b = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(a, b)
+    assert_roundtrip_generates(pruned, tmp_path)
 
 
 def test_granite_expert_targets_are_checked():

@@ -25,8 +25,8 @@ from hyprune.errors import HypruneError
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan, resolve_target, validate_plan
 
-from masking import (inner_mask, mask_moe, masked_gated_norm, masked_rmsnorm, random_plan, randomized, rel_err,
-                     skip_block, zero_removed_bc, zero_removed_query_heads)
+from masking import (assert_roundtrip_generates, inner_mask, mask_moe, masked_gated_norm, masked_rmsnorm, random_plan,
+                     randomized, rel_err, skip_block, zero_removed_bc, zero_removed_query_heads)
 
 VOCAB = 64
 
@@ -145,14 +145,7 @@ def test_minitron_plan_roundtrips_and_generates(tmp_path):
     c = pruned.config
     assert (c.n_routed_experts, c.moe_intermediate_size, c.moe_shared_expert_intermediate_size) == (4, 8, 6)
     assert c.layers_block_type == ["linear_attention", "moe", "full_attention", "moe"]
-    pruned.save_pretrained(tmp_path)
-    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    prompt = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
-    assert torch.equal(loaded(prompt, use_cache=False).logits, pruned(prompt, use_cache=False).logits)
-    a = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    b = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(a, b)
+    assert_roundtrip_generates(pruned, tmp_path, vocab=VOCAB)
 
 
 @pytest.mark.parametrize("target, message", [
