@@ -99,8 +99,9 @@ def main(argv=None) -> dict:
 
     def build(method, ratio, heads):
         if method in HEAD_METHODS:
-            plan = make_plan(family, teacher.config, sweep("activation", lambda m, f, w, **kw: activation_scores(m, w, f, **kw)),
-                             {"mamba_num_heads": heads}, method=method, group_aware=method == "activation")
+            scores = sweep("activation", lambda m, f, w, **kw: activation_scores(m, w, f, **kw))
+            plan = make_plan(family, teacher.config, scores, {"mamba_num_heads": heads}, method=method,
+                             group_aware=method == "activation")
             return apply_plan(teacher, plan, family)
         options = MethodOptions(ratio=ratio)
         get_method(method).check(family, teacher.config, options)

@@ -389,7 +389,8 @@ def _check_flap(family: Family, config, options: MethodOptions) -> None:
         raise HypruneError(f"--method ssm-flap writes its bias compensation into the Mamba out_proj bias, which "
                            f"hyprune only knows how to enable for {', '.join(_PROJ_BIAS_FIELD)}; not {family.name}.")
     H, _, G, _ = _sizes(family, config)
-    kept_count(H // G, ratio, f"Mamba heads per B/C group ({family.fields['mamba_heads']} / {family.fields['mamba_groups']})")
+    fields = f"{family.fields['mamba_heads']} / {family.fields['mamba_groups']}"
+    kept_count(H // G, ratio, f"Mamba heads per B/C group ({fields})")
 
 
 def flap_compensation(weight: torch.Tensor, mean: torch.Tensor, removed_channels: list[int]) -> torch.Tensor:
