@@ -7,6 +7,7 @@ Tiny random NemotronH from conftest (hidden 32, FFN 40, 8 Mamba heads in 2 group
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from hyprune.errors import HypruneError
 from hyprune.importance import activation_scores
 from hyprune.models import count_parameters as real_count
 from hyprune.plan import make_plan, resolve_target
+from hyprune.report import load_report
 from hyprune.search import latency as latency_lib
 from hyprune.search import run as run_lib
 from hyprune.search.counting import count_parameters, shaped_config
@@ -280,6 +282,12 @@ def test_search_resumes_without_redoing_finished_candidates(nemotron_dir, calib_
     fresh_rows = {r["id"]: r["zero_shot"] for r in
                   json.loads((tmp_path / "fresh" / "candidates.json").read_text())["candidates"]}
     assert rows == pytest.approx(fresh_rows) and fresh["winner"] == report["winner"]
+    # no distillation: the winner's point is its zero-shot loss as a perplexity, and it has no checkpoint
+    saved = load_report(out / "report.json")
+    assert saved["kind"] == "search" and saved["data"] == json.loads(json.dumps(report))
+    point = next(p for p in saved["points"] if p["label"] == "winner")
+    assert point["model"] is None and point["candidate"] == report["winner"]["id"]
+    assert point["perplexity"] == pytest.approx(math.exp(report["winner"]["zero_shot"]))
     with pytest.raises(HypruneError, match="seed"):
         run_lib.search(str(nemotron_dir), str(calib_txt), str(out), resume=True, **{**common, "seed": 1})
 
@@ -308,9 +316,20 @@ def test_cli_search_distills_the_top_k_and_its_plan_applies(nemotron_dir, calib_
     for r in distilled:
         assert [p["tokens"] for p in r["curve"]] == [0, 64, 128, 192, 256] and r["curve"][0]["loss"] == r["zero_shot"]
     assert all("latency_ms" in r and "memory_bytes" in r for r in rows)
-    report = json.loads((out / "report.json").read_text())
-    assert report["winner"]["id"] == rows[0]["id"] and report["latency_model"]["held_out_error"]["shapes"] == 1
-    assert "| rank |" in (out / "report.md").read_text()
+    report = load_report(out / "report.json")  # the common envelope, like prune, distill and eval reports
+    assert report["kind"] == "search" and report["plots"] == {"ranking": "ranking.png"}
+    summary = report["data"]
+    assert summary["winner"]["id"] == rows[0]["id"] and summary["latency_model"]["held_out_error"]["shapes"] == 1
+    points = {p["label"]: p for p in report["points"]}
+    assert set(points) == {"winner", "uniform"}
+    for label, row in (("winner", rows[0]), ("uniform", uniform[0])):
+        assert points[label]["candidate"] == row["id"] and points[label]["parameters"] == row["parameters"]
+        assert points[label]["perplexity"] == pytest.approx(math.exp(row["distilled"]))
+        assert points[label]["model"] == str(out / row["distill_dir"] / "final")
+        assert (out / row["distill_dir"] / "final" / "config.json").is_file()
+    text = (out / "report.md").read_text()
+    assert "| rank |" in text and "## Winner and uniform baseline" in text and "(ranking.png)" in text
+    assert "## Latency model" in text
     assert not [p for p in out.iterdir() if p.name.startswith("hyprune-latency-")]  # the random models are gone
     # the winner's plan through `hyprune prune --plan`
     pruned = tmp_path / "pruned"
@@ -322,6 +341,20 @@ def test_cli_search_distills_the_top_k_and_its_plan_applies(nemotron_dir, calib_
     assert {family.fields[a]: v for a, v in family.sizes(model.config).items()} | {} == {
         family.fields[a]: v for a, v in rows[0]["sizes"].items()}
     assert len(family.block_kinds(model.config)) == 5 - sum(rows[0]["drop"].values())
+    # `hyprune report`: rewrites the search's report from its folder, and compares it with the pruned model's
+    (out / "report.md").unlink()
+    (out / "ranking.png").unlink()
+    result = invoke("report", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "report.md").read_text() == text and (out / "ranking.png").is_file()
+    assert load_report(out / "report.json")["points"] == report["points"]
+    result = invoke("report", out, pruned, "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    cmp = load_report(tmp_path / "cmp" / "report.json")
+    compared = {(p["run"], p["label"]): p for p in cmp["points"]}
+    assert {("search", "winner"), ("pruned", "pruned")} <= set(compared)
+    assert compared["search", "winner"]["parameters"] == compared["pruned", "pruned"]["parameters"]
+    assert (tmp_path / "cmp" / "pareto.png").is_file()
 
 
 @pytest.mark.parametrize("args, phrases", [

@@ -439,8 +439,8 @@ def run_command(
 
 @app.command("report")
 def report_command(
-    paths: list[str] = typer.Argument(..., help="Run outputs: prune folders, distill run folders, eval RESULTS.json, "
-                                      "or (with --out) report.json files / folders holding them."),
+    paths: list[str] = typer.Argument(..., help="Run outputs: prune folders, distill run folders, search folders, "
+                                      "eval RESULTS.json, or (with --out) report.json files / folders holding them."),
     out: Optional[str] = typer.Option(None, "--out", help="Compare the runs: a table and a Pareto plot in this "
                                       "folder (report.md, report.json, pareto.png)."),
 ):

@@ -2,7 +2,8 @@
 
 Each function takes plain JSON-like data (what the report also stores) and a path, writes one PNG and
 returns the path. They use ``Figure`` + ``FigureCanvasAgg`` directly, never pyplot: no display is
-needed, nothing blocks, and a notebook's backend is left alone.
+needed, nothing blocks, and a notebook's backend is left alone. Plots drawn elsewhere (the search's
+ranking) start from `new_figure` and end with `save_figure` the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ IMPORTANCE_AXES = ("hidden", "mamba_heads", "mamba_head_dim", "ssm_state", "atte
 BEFORE, AFTER = "#9DB7D5", "#2E5A88"
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     # imported here, not at module level: every command imports the report package, few draw
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -29,7 +30,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -55,7 +56,7 @@ def importance_heatmap(importance: dict, path: str | Path) -> Path:
                 values[i, j] = entry[axis]["median"]
     peak = np.nanmax(values, axis=0)
     scaled = values / np.where(peak > 0, peak, 1.0)
-    fig = _figure(1.3 * len(axes) + 2.5, 0.32 * len(layers) + 1.6)
+    fig = new_figure(1.3 * len(axes) + 2.5, 0.32 * len(layers) + 1.6)
     ax = fig.add_subplot()
     ax.set_facecolor("#DDDDDD")
     image = ax.imshow(np.ma.masked_invalid(scaled), aspect="auto", cmap="viridis", vmin=0, vmax=1)
@@ -70,13 +71,13 @@ def importance_heatmap(importance: dict, path: str | Path) -> Path:
                             color="white" if scaled[i, j] < 0.6 else "black")
     fig.colorbar(image, ax=ax, label="median score / column maximum")
     ax.set_title("Importance per layer and axis (median unit score)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def parameter_bars(before: dict[str, int], after: dict[str, int], path: str | Path) -> Path:
     """Parameters per component before and after pruning, side by side, with the share kept."""
     parts = [k for k in before if k != "total" and (before[k] or after.get(k))]
-    fig = _figure(max(5.0, 1.1 * len(parts) + 1.5), 3.6)
+    fig = new_figure(max(5.0, 1.1 * len(parts) + 1.5), 3.6)
     ax = fig.add_subplot()
     xs = range(len(parts))
     ax.bar([x - 0.2 for x in xs], [before[k] for k in parts], 0.4, label="before", color=BEFORE)
@@ -91,12 +92,12 @@ def parameter_bars(before: dict[str, int], after: dict[str, int], path: str | Pa
     ax.set_title(f"Parameters per component: {total_b:,} -> {total_a:,} "
                  f"({100 * total_a / max(total_b, 1):.0f}% kept)", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(records: Sequence[dict], path: str | Path) -> Path:
     """Training loss (and its parts) and held-out perplexity against tokens, from ``log.jsonl`` records."""
-    fig = _figure(9.0, 3.4)
+    fig = new_figure(9.0, 3.4)
     loss_ax, ppl_ax = fig.subplots(1, 2)
     tokens = [r["tokens"] for r in records]
     loss_ax.plot(tokens, [r["loss"] for r in records], label="loss", color=AFTER, linewidth=1.2)
@@ -122,7 +123,7 @@ def training_curves(records: Sequence[dict], path: str | Path) -> Path:
     ppl_ax.set_xlabel("training tokens")
     ppl_ax.set_ylabel("held-out perplexity")
     ppl_ax.set_title("Held-out perplexity", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_front(points: Sequence[dict], metric: str, lower_is_better: bool) -> list[dict]:
@@ -144,7 +145,7 @@ def pareto_plot(points: Sequence[dict], metric: str, path: str | Path) -> Path:
     """
     lower = metric == "perplexity"
     points = [p for p in points if p.get(metric) is not None and p.get("parameters")]
-    fig = _figure(6.4, 4.2)
+    fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot()
     speeds = [p.get("tokens_per_s") for p in points]
     if points and all(s is not None for s in speeds):
@@ -166,4 +167,4 @@ def pareto_plot(points: Sequence[dict], metric: str, path: str | Path) -> Path:
     ax.set_xlabel("parameters")
     ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
     ax.set_title(f"{metric.capitalize()} vs size (and speed)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

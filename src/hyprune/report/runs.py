@@ -19,6 +19,7 @@ from hyprune.report.document import Report, fmt, load_report
 
 SUMMARY_FILE = "hyprune_summary.json"
 DISTILL_FILE = "hyprune_distill.json"
+CANDIDATES_FILE = "candidates.json"  # every candidate of a `hyprune search`
 
 
 def _read_json(path: Path) -> dict:
@@ -194,6 +195,19 @@ def eval_report(results_path: str | Path) -> Report:
 
 
 # ---------------------------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------------------------
+def search_folder_report(out_dir: str | Path) -> Report:
+    """The report of a finished `hyprune search` folder, rebuilt from its summary (the ``data`` of its
+    report.json) and candidates.json (`hyprune.search.report.search_report`)."""
+    from hyprune.search.report import search_report
+
+    out = Path(out_dir)
+    return search_report(load_report(out / "report.json")["data"], _read_json(out / CANDIDATES_FILE)["candidates"],
+                         out)
+
+
+# ---------------------------------------------------------------------------------------------
 # comparison across runs
 # ---------------------------------------------------------------------------------------------
 def find_reports(inputs: Sequence[str | Path]) -> list[Path]:
@@ -208,7 +222,7 @@ def find_reports(inputs: Sequence[str | Path]) -> list[Path]:
                 path.glob("*.report.json"))
             if not inside:
                 raise HypruneError(f"{path} holds no report.json or *.report.json; run `hyprune report {path}` "
-                                   "on a prune, distill or eval output first, or name the files.")
+                                   "on a prune, distill, eval or search output first, or name the files.")
             found += inside
         else:
             raise HypruneError(f"{path} does not exist.")
@@ -268,8 +282,10 @@ def report_for(path: str | Path) -> tuple[Report, Path, str]:
         return prune_report(path), path, "report"
     if path.is_dir() and (path / "log.jsonl").is_file():
         return distill_report(path), path, "report"
+    if path.is_dir() and (path / CANDIDATES_FILE).is_file():
+        return search_folder_report(path), path, "report"
     if path.is_file() and path.suffix == ".json":
         folder, stem = eval_report_paths(path)
         return eval_report(path), folder, stem
-    raise HypruneError(f"{path} is not a prune output (hyprune_summary.json), a distill run (log.jsonl) "
-                       "or an eval results file (.json).")
+    raise HypruneError(f"{path} is not a prune output (hyprune_summary.json), a distill run (log.jsonl), "
+                       f"a finished search ({CANDIDATES_FILE}) or an eval results file (.json).")

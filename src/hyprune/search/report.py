@@ -1,21 +1,22 @@
-"""The search's outputs: the winner's plan, every candidate, a ranking table, a plot and a report."""
+"""The search's outputs: the winner's plan, every candidate, a ranking plot and the report.
+
+The report is a `hyprune.report.Report` of kind ``search``: its ``data`` is the search's summary (what
+`hyprune.search.search` returns), its points are the winner and the uniform baseline, so
+``hyprune report SEARCH_DIR OTHER_RUNS... --out DIR`` compares them with prune, distill and eval runs.
+"""
 
 from __future__ import annotations
 
-import warnings
+import math
 from pathlib import Path
 
+from hyprune.report.document import Report, fmt
+from hyprune.report.plots import new_figure, save_figure
+from hyprune.report.runs import CANDIDATES_FILE
 from hyprune.search.space import Budget, Candidate
 
 PLOT_FILE = "ranking.png"
-
-
-def _ranks(values: list[float]) -> list[int]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0] * len(values)
-    for r, i in enumerate(order, 1):
-        ranks[i] = r
-    return ranks
+TABLE_ROWS = 30  # candidates listed in report.md; all of them are in candidates.json
 
 
 def candidate_rows(candidates: list[Candidate], ranked: list[Candidate], final_order: list[Candidate],
@@ -35,18 +36,11 @@ def candidate_rows(candidates: list[Candidate], ranked: list[Candidate], final_o
     return rows
 
 
-def plot_ranking(rows: list[dict], score: str, path: Path, title: str) -> Path | None:
+def plot_ranking(rows: list[dict], score: str, title: str, path: Path) -> Path:
     """Zero-shot score against parameters (every candidate; arrows to the post-distillation score of the
     distilled ones), and the distilled candidates' held-out loss along their short distillation."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn("matplotlib is not installed: ranking.png was not written.", stacklevel=2)
-        return None
     distilled = [r for r in rows if "distilled" in r]
-    fig = Figure(figsize=(11 if distilled else 6, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(11 if distilled else 6, 4.2)
     ax = fig.add_subplot(1, 2 if distilled else 1, 1)
     label = "KL to teacher" if score == "kl" else "LM loss (nats/token)"
     ax.scatter([r["parameters"] / 1e6 for r in rows], [r["zero_shot"] for r in rows], s=14, color="#8C8C8C",
@@ -77,66 +71,90 @@ def plot_ranking(rows: list[dict], score: str, path: Path, title: str) -> Path |
         ax2.set_ylabel("held-out LM loss (nats/token)")
         ax2.set_title("short distillation of the top candidates", fontsize=9)
         ax2.legend(fontsize=7)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
-def _fmt(value, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _lm_loss(row: dict, score: str) -> float | None:
+    """A candidate's last held-out LM loss: its score, or with ``--score kl`` the end of its distillation curve."""
+    if score == "loss":
+        return row.get("distilled", row["zero_shot"])
+    return row["curve"][-1]["loss"] if row.get("curve") else None
 
 
-def markdown(report: dict, rows: list[dict], limit: int = 30) -> str:
-    """The human-readable report: budget, space, ranking table, plot link, latency model."""
-    lines = [f"# hyprune search: {report['model']}", "",
-             f"- family: {report['family']}, source parameters: {report['source_parameters']:,}",
-             f"- budget: {report['budget']}"]
-    lines += [f"- note: {n}" for n in report["notes"]]
-    lines += [f"- shapes enumerated: {report['shapes']:,}; within the budget: {report['within_budget']:,}; "
-              f"evaluated: {report['evaluated']} ({report['score_description']}); "
-              f"distilled: {report['distilled']} x {report['distill_tokens']:,} tokens",
-              f"- winner: `{report['winner']['id']}` ({report['winner']['parameters']:,} parameters); "
-              f"its plan: `plan.json` (`hyprune prune MODEL --plan plan.json --out DIR`)"]
-    if report.get("uniform"):
-        u = report["uniform"]
-        lines.append(f"- uniform baseline: `{u['id']}`, final rank {u['final_rank']}")
-    if report.get("spearman_zero_shot_vs_distilled") is not None:
+def search_report(summary: dict, rows: list[dict], out: Path) -> Report:
+    """The report of a search in ``out``: budget, candidates, winner against the uniform baseline, ranking
+    (table and plot), latency model. ``summary`` becomes its ``data``; the winner and the uniform
+    baseline its points (perplexity = exp of the held-out LM loss, where the search measured one)."""
+    winner, uniform = rows[0], next((r for r in rows if r["uniform"]), None)
+    report = Report("search", f"Search report: {summary['model']}")
+    lines = [f"- family: {summary['family']}, source parameters: {summary['source_parameters']:,}",
+             f"- budget: {summary['budget']}", *(f"- note: {n}" for n in summary["notes"]),
+             f"- shapes enumerated: {summary['shapes']:,}; within the budget: {summary['within_budget']:,}; "
+             f"evaluated: {summary['evaluated']} ({summary['score_description']}); "
+             f"distilled: {summary['distilled']} x {summary['distill_tokens']:,} tokens",
+             f"- winner: `{winner['id']}` ({winner['parameters']:,} parameters); its plan: `plan.json` "
+             "(`hyprune prune MODEL --plan plan.json --out DIR`)"]
+    if summary.get("spearman_zero_shot_vs_distilled") is not None:
         lines.append(f"- Spearman(zero-shot, after distillation) over the distilled candidates: "
-                     f"{report['spearman_zero_shot_vs_distilled']:.3f}")
-    lines += ["", f"![ranking]({PLOT_FILE})", "",
-              "| rank | candidate | params | ratio | zero-shot | zero-shot rank | distilled | memory MiB "
-              "| latency ms |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows[:limit]:
-        name = r["id"] + (" (uniform)" if r["uniform"] else "")
-        memory = r.get("memory_bytes")
-        lines.append(f"| {r['final_rank']} | `{name}` | {r['parameters']:,} | {r['ratio']:.3f} | "
-                     f"{_fmt(r['zero_shot'])} | "
-                     f"{r['zero_shot_rank']} | {_fmt(r.get('distilled'))} | "
-                     f"{'-' if memory is None else f'{memory / 2**20:.2f}'} | {_fmt(r.get('latency_ms'), 3)} |")
-    if len(rows) > limit:
-        lines.append(f"\n{len(rows) - limit} more in `candidates.json`.")
-    lat = report.get("latency_model")
+                     f"{summary['spearman_zero_shot_vs_distilled']:.3f}")
+    report.paragraph("\n".join(lines))
+
+    report.heading("Winner and uniform baseline")
+    report.paragraph(f"Scores are the {summary['score_description']}; lower is better. The uniform baseline cuts "
+                     "every axis alike and drops no block."
+                     + ("" if uniform else " It was not among the candidates (outside the budget or the space)."))
+    compared = [("winner", winner)] + ([("uniform", uniform)] if uniform else [])
+    report.table(["", "candidate", "parameters", "zero-shot", "after distillation", "final rank"],
+                 [[label, f"`{r['id']}`", r["parameters"], r["zero_shot"], r.get("distilled"), r["final_rank"]]
+                  for label, r in compared])
+
+    report.heading("Ranking")
+    report.paragraph("Distilled candidates first, by their score after the short distillation, then the others by "
+                     "their zero-shot score.")
+    report.plot("ranking", PLOT_FILE, plot_ranking, rows, summary["score"], f"{summary['family']}: {summary['budget']}",
+                caption="Score against parameters; short-distillation curves of the top candidates")
+    report.table(["rank", "candidate", "params", "ratio", "zero-shot", "zero-shot rank", "distilled", "memory MiB",
+                  "latency ms"],
+                 [[r["final_rank"], f"`{r['id']}`" + (" (uniform)" if r["uniform"] else ""), r["parameters"],
+                   r["ratio"], r["zero_shot"], r["zero_shot_rank"], r.get("distilled"),
+                   None if r.get("memory_bytes") is None else r["memory_bytes"] / 2**20, r.get("latency_ms")]
+                  for r in rows[:TABLE_ROWS]])
+    if len(rows) > TABLE_ROWS:
+        report.paragraph(f"{len(rows) - TABLE_ROWS} more in `{CANDIDATES_FILE}`.")
+
+    lat = summary.get("latency_model")
     if lat:
         err = lat.get("held_out_error") or {}
-        lines += ["", "## Latency model", "",
-                  f"{lat['metric']} ms at batch {lat['batch']}, context {lat['context']} on {lat['device']}; "
-                  f"costs (ms): " + ", ".join(f"{k} {v:.4g}" for k, v in lat["costs_ms"].items()) + ".",
-                  f"Held-out error over {err.get('shapes', 0)} measured shapes (fit on {err.get('fitted_on', 0)}): "
-                  f"mean {_fmt(err.get('mean_abs_rel_error'), 3)}, max {_fmt(err.get('max_abs_rel_error'), 3)} "
-                  "(absolute relative error); details in `latency.json`."]
-    return "\n".join(lines) + "\n"
+        report.heading("Latency model")
+        report.paragraph(
+            f"{lat['metric']} ms at batch {lat['batch']}, context {lat['context']} on {lat['device']}; costs (ms): "
+            + ", ".join(f"{k} {v:.4g}" for k, v in lat["costs_ms"].items()) + ".\n"
+            f"Held-out error over {err.get('shapes', 0)} measured shapes (fit on {err.get('fitted_on', 0)}): "
+            f"mean {fmt(err.get('mean_abs_rel_error'), 3)}, max {fmt(err.get('max_abs_rel_error'), 3)} "
+            "(absolute relative error); details in `latency.json`.")
+
+    settings = summary["settings"]
+    evaluation = {"data": settings["eval_data"] or f"held-out windows of {settings['data']}",
+                  "seq_len": settings["seq_len"], "windows": settings["eval_windows"], "stride": None}
+    for label, r in compared:
+        loss = _lm_loss(r, summary["score"])
+        report.point(label, str(out / r["distill_dir"] / "final") if "distill_dir" in r else None, r["parameters"],
+                     perplexity=None if loss is None else math.exp(loss), candidate=r["id"],
+                     distilled="distilled" in r, latency_ms=r.get("latency_ms"), evaluation=evaluation)
+    report.data = summary
+    return report
 
 
-def write_outputs(out: Path, family, config, source_params: int, budget: Budget, candidates, ranked, final_order,
-                  records: dict, plan, lat_model, settings: dict, score: str, shapes: int, feasible: int,
-                  progress: bool) -> dict:
+def write_outputs(out: Path, family, source_params: int, budget: Budget, candidates, ranked, final_order,
+                  records: dict, plan, lat_model, settings: dict, score: str, shapes: int, feasible: int) -> dict:
+    """Write plan.json, candidates.json and the report (report.md/json, ranking.png); returns the summary."""
     from hyprune.search.run import spearman, write_json_atomic
 
     rows = candidate_rows(candidates, ranked, final_order, records, source_params)
     distilled = [r for r in rows if "distilled" in r]
     uniform = next((r for r in rows if r["uniform"]), None)
     winner = rows[0]
-    report = {
+    summary = {
         "model": settings["model"], "family": family.name, "source_parameters": source_params,
         "budget": budget.describe(), "notes": budget.notes, "settings": settings,
         "shapes": shapes, "within_budget": feasible, "evaluated": len(rows), "distilled": len(distilled),
@@ -151,14 +169,10 @@ def write_outputs(out: Path, family, config, source_params: int, budget: Budget,
         "spearman_zero_shot_vs_distilled": spearman([r["zero_shot"] for r in distilled],
                                                     [r["distilled"] for r in distilled]),
         "latency_model": None if lat_model is None else lat_model.to_json(),
-        "files": {"plan": "plan.json", "candidates": "candidates.json", "plot": PLOT_FILE, "report": "report.md",
-                  "state": "state.json"},
+        "files": {"plan": "plan.json", "candidates": CANDIDATES_FILE, "report": "report.md", "state": "state.json"},
     }
     write_json_atomic(out / "plan.json", plan.model_dump(exclude_none=True))
-    write_json_atomic(out / "candidates.json", {"source_parameters": source_params, "budget": budget.describe(),
-                                                "score": score, "candidates": rows})
-    if plot_ranking(rows, score, out / PLOT_FILE, f"{family.name}: {budget.describe()}") is None:
-        report["files"].pop("plot")
-    write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(markdown(report, rows))
-    return report
+    write_json_atomic(out / CANDIDATES_FILE, {"source_parameters": source_params, "budget": budget.describe(),
+                                              "score": score, "candidates": rows})
+    search_report(summary, rows, out).write(out)
+    return summary

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from hyprune.errors import HypruneError
+from hyprune.report.document import write_text_atomic
 from hyprune.search import latency as latency_lib
 from hyprune.search.counting import check_countable, count_parameters
 from hyprune.search.space import (Candidate, add_memory, blocks_to_drop, drop_options, enumerate_shapes,
@@ -44,11 +43,7 @@ SCORING_SETTINGS = ("model", "data", "eval_data", "seq_len", "num_samples", "eva
 # ---------------------------------------------------------------------------------------------
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON next to ``path`` and rename it into place: a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def _slug(candidate_id: str, index: int) -> str:
@@ -177,7 +172,7 @@ def search(
     the ranking (``score`` ``loss`` or ``kl`` on ``eval_windows`` held-out windows; ``top_k``
     candidates distilled for ``distill_tokens`` tokens each, plus the uniform baseline with
     ``distill_uniform``) and the latency model (``latency`` or
-    ``target_latency``). Returns the report (also ``out/report.json``).
+    ``target_latency``). Returns the summary (also the ``data`` of ``out/report.json``).
     """
     from hyprune.data import calibration_windows, check_source, heldout_windows
     from hyprune.depth import METHODS as DEPTH_METHODS
@@ -318,8 +313,8 @@ def search(
     plan.method = f"{plan.method}+search"
     from hyprune.search.report import write_outputs
 
-    return write_outputs(out_path, family, config, source_params, budget, candidates, ranked, final_order, records,
-                         plan, lat_model, settings, score, len(shapes), len(feasible), progress)
+    return write_outputs(out_path, family, source_params, budget, candidates, ranked, final_order, records, plan,
+                         lat_model, settings, score, len(shapes), len(feasible))
 
 
 def _short_distill(teacher, student, kd_windows, held, kd: dict, run_dir: Path, tokenizer, score: str,
