@@ -7,10 +7,10 @@ Layout of a cache folder (written atomically, like every checkpoint)::
                                values    [n, seq_len, k] float16|float32  teacher log-probabilities
                                indices   [n, seq_len, k] int32            their vocabulary ids
 
-Values are the teacher's log-probabilities at temperature 1 over the full vocabulary. Training
-renormalizes them over the k entries (a softmax of ``values / T``), which equals the softmax of the
-top-k logits at temperature ``T``, so one cache serves every temperature. Per position the cache
-holds ``k * (2 + 4)`` bytes at fp16, against ``4 * vocab`` for full fp32 logits.
+Values are the teacher's log-probabilities at temperature 1 over the full vocabulary, so their sum
+also gives the mass *outside* the top-k: training compares teacher and student over k + 1 buckets,
+the k ids and "the rest" (`hyprune.distill.losses.topk_buckets`). Per position the cache holds
+``k * (2 + 4)`` bytes at fp16, against ``4 * vocab`` for full fp32 logits.
 
 Minitron found top-k (<= 100) logits hurt pretraining-style KD; this is the SFT-style setting.
 """
