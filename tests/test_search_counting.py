@@ -163,7 +163,7 @@ def test_shrunken_shapes_count_like_the_built_model(name):
         assert nonzero(analytic(family, shaped)) == expected
 
 
-@pytest.mark.parametrize("name", ["nemotron_h", "bamba", "falcon_h1", "mistral"])
+@pytest.mark.parametrize("name", ["nemotron_h", "bamba", "falcon_h1", "mistral", "zamba2", "jamba"])
 def test_memory_is_weights_plus_cache(name):
     config = CONFIGS[name]()
     family = family_for_config(config)
@@ -202,3 +202,17 @@ def test_a_model_without_experts_is_all_active():
     config = CONFIGS["zamba2"]()
     family = family_for_config(config)
     assert active_parameters(family, config) == analytic(family, config)["total"]
+
+
+@pytest.mark.parametrize("name", ["zamba2", "jamba"])
+@torch.inference_mode()
+def test_cache_bytes_equal_the_real_cache(name):
+    """Zamba2's hybrid layers cache the shared attention's K and V; Jamba caches Mamba-1 conv and SSM states."""
+    from hyprune.evaluate import measured_cache_bytes
+
+    config = CONFIGS[name]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    out = model(torch.randint(1, 60, (1, 7)), use_cache=True)
+    analytic_cache = cache_bytes(config, family_for_config(config), 7)
+    assert analytic_cache["attention"] > 0 and analytic_cache["total"] == measured_cache_bytes(out.past_key_values)
