@@ -23,7 +23,8 @@ from hyprune.errors import HypruneError
 from hyprune.evaluate import cache_bytes
 from hyprune.models import count_parameters
 from hyprune.plan import resolve_target
-from hyprune.search.counting import LAYOUTS, active_parameters, count_parameters as analytic, memory_bytes, shaped_config
+from hyprune.search.counting import (LAYOUTS, active_parameters, count_parameters as analytic, memory_bytes,
+                                     shaped_config)
 
 HYBRID = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               mamba_n_heads=8, mamba_d_head=4, mamba_n_groups=2, mamba_d_state=6, mamba_expand=2,
