@@ -412,11 +412,22 @@ def test_active_budget_searches_expert_count_and_width():
 
 
 def _family_config(name):
+    """The tiny config of test_search_counting, with the test tokenizer's vocabulary."""
     from test_search_counting import CONFIGS
 
     if name == "nemotron_h-moe":
         return moe_config()
-    return CONFIGS[name]().__class__(**{**CONFIGS[name]().to_dict(), "vocab_size": 320})
+    config = CONFIGS[name]()
+    config.vocab_size = 320
+    return config
+
+
+def test_a_fixed_axis_is_refused_in_the_space():
+    config = _family_config("zamba2")
+    family = family_for_config(config)
+    assert [a.values for a in parse_space(family, config, "hidden_size=16") if a.field == "hidden_size"] == [(16,)]
+    with pytest.raises(HypruneError, match="hidden_size cannot be pruned in zamba2"):
+        parse_space(family, config, "hidden_size=8:16")
 
 
 @pytest.mark.parametrize("name, budget", [("nemotron_h-moe", "target_active_params"), ("jamba", "target_active_params"),
