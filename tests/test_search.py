@@ -373,3 +373,85 @@ def test_cli_refuses_bad_input_before_any_work(nemotron_dir, calib_txt, tmp_path
     for phrase in phrases:
         assert phrase in message, message
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE (active parameters), Zamba2 and Jamba
+# ---------------------------------------------------------------------------------------------
+def moe_config(**overrides):
+    """Tiny NemotronH with pattern M E * E -: 8 experts in 2 router groups (top-2 of 1 group), a shared expert."""
+    from test_search_counting import NEMOTRON_MOE
+
+    return make_nemotron_config(**{**NEMOTRON_MOE, **overrides})
+
+
+def test_active_budget_searches_expert_count_and_width():
+    from hyprune.search.counting import active_parameters
+
+    config = moe_config()
+    family = family_for_config(config)
+    axes = {a.field: a.values for a in parse_space(family, config, None)}
+    assert axes["n_routed_experts"] == (8, 6, 4) and axes["moe_intermediate_size"] == (16, 8)
+    assert axes["hidden_size"] == (24, 16)  # the experts multiply over hidden: multiples of 8
+    shapes = enumerate_shapes(family, config, parse_space(family, config, None), [{}, {"mamba": 1}])
+    source = count_parameters(family, config)["total"]
+    budget = make_budget(family, config, target_active_params=14000, tolerance=0.05)
+    kept = within_budget(shapes, budget, source)
+    assert {c.id for c in kept} == {c.id for c in shapes if abs(c.metrics["active_parameters"] - 14000) <= 700}
+    assert {c.sizes["experts"] for c in kept} == {4, 6, 8}  # experts trade against the rest of the model
+    kinds = family.block_kinds(config)
+    for c in kept[:: max(1, len(kept) // 4)]:
+        keep = [i for i in range(len(kinds)) if i not in blocks_to_drop(kinds, c.drop)]
+        assert c.metrics["active_parameters"] == active_parameters(family, shaped_config(family, config, c.sizes, keep))
+    uniform = uniform_candidate(kept, parse_space(family, config, None), family.sizes(config), budget)
+    assert uniform is not None and not uniform.drop
+    with pytest.raises(HypruneError, match="active parameters"):
+        make_budget(family, config, target_active_params=10**7)
+    with pytest.raises(HypruneError, match="nearest feasible budget is --target-active-params"):
+        within_budget(shapes, make_budget(family, config, target_active_params=100), source)
+
+
+def _family_config(name):
+    """The tiny config of test_search_counting, with the test tokenizer's vocabulary."""
+    from test_search_counting import CONFIGS
+
+    if name == "nemotron_h-moe":
+        return moe_config()
+    config = CONFIGS[name]()
+    config.vocab_size = 320
+    return config
+
+
+def test_a_fixed_axis_is_refused_in_the_space():
+    config = _family_config("zamba2")
+    family = family_for_config(config)
+    assert [a.values for a in parse_space(family, config, "hidden_size=16") if a.field == "hidden_size"] == [(16,)]
+    with pytest.raises(HypruneError, match="hidden_size cannot be pruned in zamba2"):
+        parse_space(family, config, "hidden_size=8:16")
+
+
+@pytest.mark.parametrize("name, budget", [("nemotron_h-moe", "target_active_params"), ("jamba", "target_active_params"),
+                                          ("zamba2", "target_params")])
+def test_search_runs_end_to_end(name, budget, calib_txt, tiny_tokenizer, tmp_path):
+    """The whole search on a tiny model of each family: the winner meets the budget and its plan applies."""
+    from conftest import save_tiny_model
+    from hyprune.plan import load_plan_for
+
+    config = _family_config(name)
+    family = family_for_config(config)
+    model_dir = save_tiny_model(config, tmp_path / name, tiny_tokenizer)
+    shapes = enumerate_shapes(family, config, parse_space(family, config, None), [{}])
+    key = "active_parameters" if budget == "target_active_params" else "parameters"
+    values = sorted(c.metrics.get(key, c.parameters) for c in shapes)
+    target = values[len(values) // 2]
+    report = run_lib.search(str(model_dir), str(calib_txt), str(tmp_path / "out"), **{budget: target},
+                            max_candidates=2, drop_blocks="0", **FAST)
+    rows = json.loads((tmp_path / "out" / "candidates.json").read_text())["candidates"]
+    assert len(rows) == 2 and all(abs(r.get(key, r["parameters"]) - target) <= 0.05 * target for r in rows)
+    winner = next(r for r in rows if r["id"] == report["winner"]["id"])
+    if key == "active_parameters":  # the report names the winner's active parameters
+        assert report["winner"]["active_parameters"] == winner["active_parameters"] <= winner["parameters"]
+        assert f"{winner['active_parameters']:,} active" in (tmp_path / "out" / "report.md").read_text()
+    model = build_model(config)
+    pruned = apply_plan(model, load_plan_for(tmp_path / "out" / "plan.json", family, config), family)
+    assert real_count(pruned, family)["total"] == winner["parameters"]

@@ -485,7 +485,8 @@ def search(
     target_params: Optional[float] = typer.Option(None, "--target-params", help="Parameter budget (e.g. 4e9)."),
     target_ratio: Optional[float] = typer.Option(None, "--target-ratio", help="Budget as a fraction of the source."),
     target_active_params: Optional[float] = typer.Option(None, "--target-active-params",
-                                                         help="Active-parameter budget (MoE; dense: = total)."),
+                                                         help="Active-parameter budget (MoE: per token, top-k of "
+                                                              "the routed experts; dense: = total)."),
     target_memory: Optional[float] = typer.Option(None, "--target-memory",
                                                   help="Bytes of weights + cache at --memory-context tokens."),
     target_latency: Optional[float] = typer.Option(None, "--target-latency",

@@ -51,8 +51,12 @@ CACHE_FORMULA = (
     "+ 2 x groups x state) x conv_kernel x bytes(dtype), constant in context (transformers keeps the last "
     "conv_kernel inputs, not conv_kernel - 1); Mamba SSM state heads x head_dim x state x bytes(ssm_dtype), "
     "constant in context (float32, whatever the model dtype); Mamba-1 (Jamba) conv state inner x conv_kernel x "
-    "bytes(dtype) and SSM state inner x state x bytes(ssm_dtype), inner = mamba_expand x hidden_size"
+    "bytes(dtype) and SSM state inner x state x bytes(ssm_dtype), inner = mamba_expand x hidden_size; a Zamba2 "
+    "hybrid layer also caches K and V of its use of the shared attention"
 )
+# block kinds whose attention lives outside the family's parts: Zamba2's hybrid layers run the shared
+# transformer's attention (weights shared, cache per layer)
+SHARED_ATTENTION_KINDS = {"zamba2": "hybrid"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,14 +85,14 @@ def cache_bytes(config, family, context: int, dtype: torch.dtype | str = torch.f
     out = {"attention": 0, "mamba_conv": 0, "mamba_ssm": 0}
     for i, kind in enumerate(kinds):
         parts = {part.kind for part in family.parts(kind)}
-        if ATTENTION in parts:
+        if ATTENTION in parts or SHARED_ATTENTION_KINDS.get(family.name) == kind:
             tokens = context
             # as transformers builds its cache: a config without layer_types but with a sliding_window
             # (Mistral) slides in every layer
             sliding = layer_types[i] in SLIDING if layer_types else window is not None
             if sliding and window:
                 tokens = min(context, int(window) - 1)
-            kv_heads = int(getattr(config, family.fields["kv_heads"]))
+            kv_heads = int(getattr(config, family.fields.get("kv_heads", "num_key_value_heads")))
             out["attention"] += 2 * kv_heads * attention_head_dim(config) * tokens * size
         if MAMBA in parts:
             heads, head_dim, groups, state = (int(getattr(config, family.fields[a])) for a in

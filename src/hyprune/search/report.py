@@ -92,7 +92,9 @@ def search_report(summary: dict, rows: list[dict], out: Path) -> Report:
              f"- shapes enumerated: {summary['shapes']:,}; within the budget: {summary['within_budget']:,}; "
              f"evaluated: {summary['evaluated']} ({summary['score_description']}); "
              f"distilled: {summary['distilled']} x {summary['distill_tokens']:,} tokens",
-             f"- winner: `{winner['id']}` ({winner['parameters']:,} parameters); its plan: `plan.json` "
+             f"- winner: `{winner['id']}` ({winner['parameters']:,} parameters"
+             + (f", {winner['active_parameters']:,} active" if "active_parameters" in winner else "")
+             + "); its plan: `plan.json` "
              "(`hyprune prune MODEL --plan plan.json --out DIR`)"]
     if summary.get("spearman_zero_shot_vs_distilled") is not None:
         lines.append(f"- Spearman(zero-shot, after distillation) over the distilled candidates: "
@@ -161,8 +163,8 @@ def write_outputs(out: Path, family, source_params: int, budget: Budget, candida
         "distill_tokens": settings["distill_tokens"] if distilled else 0,
         "score": score, "score_description": "KL(teacher || candidate) per token" if score == "kl" else
         "next-token loss in nats on held-out windows",
-        "winner": {k: winner[k] for k in ("id", "target", "drop", "parameters", "ratio", "zero_shot")} |
-        ({"distilled": winner["distilled"]} if "distilled" in winner else {}),
+        "winner": {k: winner[k] for k in ("id", "target", "drop", "parameters", "ratio", "zero_shot",
+                                          "active_parameters", "distilled") if k in winner},
         "uniform": None if uniform is None else {k: uniform[k] for k in ("id", "parameters", "final_rank",
                                                                          "zero_shot", "zero_shot_rank")}
         | ({"distilled": uniform["distilled"]} if "distilled" in uniform else {}),

@@ -7,12 +7,16 @@ count of a candidate is known from the config alone, before any weights are read
 
 Each axis takes values ``max, max - step, ...`` down to ``min``; steps are multiples of the axis's
 *unit*, the smallest change the config can express (Mamba heads: one head per B/C group; attention
-heads: one per KV group). Without bounds an axis runs from ``min_fraction`` of the source to the
-source in about eight steps (multiples of 8 for hidden and FFN widths, as hardware likes them).
-Axes the user fixes, and axes not searched by default (KV heads, SSM state, groups), keep one value.
+heads: one per KV group; routed experts: one per router group; in a model with routed experts, 8 for
+the widths they multiply over, as grouped_mm needs). Without bounds an axis runs from ``min_fraction``
+of the source to the source in about eight steps (multiples of 8 for hidden and FFN widths, as
+hardware likes them). Axes the user fixes, axes the family cannot prune (Zamba2's hidden size), and
+axes not searched by default (KV heads, SSM state, groups), keep one value. Axes that share a config
+field (Jamba's ``intermediate_size`` sizes the MLPs and the experts) are one axis.
 
 Budgets (Minitron: +-5% of a parameter count) keep the candidates with
-``|params - B| <= tolerance * B``; memory and latency budgets are limits, kept when
+``|params - B| <= tolerance * B``, the same for active parameters (MoE: what one token runs through,
+the total less the routed experts it skips); memory and latency budgets are limits, kept when
 ``(1 - tolerance) * B <= value <= B`` (under the limit, but not needlessly small).
 """
 
@@ -24,13 +28,14 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family
+from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, MOE_AXES, Family, expert_groups
 from hyprune.depth import protected_kinds
 from hyprune.errors import HypruneError
-from hyprune.plan import resolve_target
-from hyprune.search.counting import count_parameters, memory_bytes, shaped_config
+from hyprune.plan import EXPERT_ALIGNMENT, resolve_target
+from hyprune.search.counting import active_parameters, count_parameters, memory_bytes, shaped_config
 
-SEARCHED_BY_DEFAULT = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "attention_heads")
+SEARCHED_BY_DEFAULT = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "attention_heads", "mamba_expand",
+                       *MOE_AXES)
 AUTO_STEPS = 8  # about this many values per axis when the step is not given
 MAX_GRID = 2_000_000  # shapes enumerated at most (each is counted in Python)
 
@@ -45,6 +50,11 @@ def axis_unit(family: Family, config, axis: str) -> int:
         return sizes["mamba_groups"]  # every group keeps the same number of heads
     if axis == "attention_heads":
         return sizes["kv_heads"]  # every KV group keeps the same number of query heads
+    if axis == "experts":
+        return expert_groups(config)  # experts go evenly from every router group
+    latent = getattr(config, "moe_latent_size", None)  # NemotronH: the experts then see a fixed width
+    if "experts" in sizes and (axis == "expert_ffn" or axis == "hidden" and not latent):
+        return EXPERT_ALIGNMENT  # grouped_mm needs 16-byte aligned rows (plan.check_expert_alignment)
     if axis in ("hidden", "ffn") and sizes[axis] >= 64 and sizes[axis] % 8 == 0:
         return 8
     return 1
@@ -68,6 +78,11 @@ def axis_space(family: Family, config, axis: str, spec: str | None, min_fraction
     source = family.sizes(config)[axis]
     name = family.fields[axis]
     unit = axis_unit(family, config, axis)
+    if axis in family.fixed_axes:
+        if spec is not None and str(spec).strip() != str(source):
+            raise HypruneError(f"--space {name}={spec}: {name} cannot be pruned in {family.name}: "
+                               f"{family.fixed_axes[axis]} Leave it out (it stays {source}).")
+        return AxisSpace(axis, name, (source,))
     if spec is None:
         if axis not in SEARCHED_BY_DEFAULT:
             return AxisSpace(axis, name, (source,))
@@ -134,7 +149,9 @@ def parse_space(family: Family, config, space: str | dict | None, min_fraction: 
                            f"Use one of: {', '.join(field_axis)}.")
     specs = {field_axis[k]: v for k, v in entries.items()}
     kinds = set(family.part_kinds(config))
-    return [axis_space(family, config, axis, specs.get(axis), min_fraction) for axis in family.sizes(config)
+    # one axis per config field: the last axis a field sizes stands for all (as field_axis above)
+    axes = [axis for axis in family.sizes(config) if field_axis[family.fields[axis]] == axis]
+    return [axis_space(family, config, axis, specs.get(axis), min_fraction) for axis in axes
             if axis in specs or _axis_in_model(axis, kinds)]
 
 
@@ -142,9 +159,11 @@ def _axis_in_model(axis: str, part_kinds: set[str]) -> bool:
     """Whether the model has the part an axis sizes (a NemotronH config names attention fields even
     when its pattern holds no attention block)."""
     if axis.startswith(("mamba", "ssm")):
-        return MAMBA in part_kinds
+        return bool({MAMBA, MAMBA1} & part_kinds)
     if axis in ("attention_heads", "kv_heads"):
         return ATTENTION in part_kinds
+    if axis in MOE_AXES:
+        return MOE in part_kinds
     return axis == "hidden" or (axis == "ffn" and MLP in part_kinds)
 
 
@@ -246,19 +265,21 @@ def enumerate_shapes(family: Family, config, axes: list[AxisSpace], drops: list[
                            "tighter bounds with --space, or fewer --drop-blocks.")
     source = family.sizes(config)
     kinds = family.block_kinds(config)
+    moe = MOE in family.part_kinds(config)
     out = []
     for values in itertools.product(*(a.values for a in axes)):
-        sizes = dict(source)
-        sizes.update({a.axis: v for a, v in zip(axes, values)})
         target = {a.field: v for a, v in zip(axes, values) if v != source[a.axis]}
         try:
-            resolve_target(family, config, target)
+            sizes = resolve_target(family, config, target)  # every axis a field sizes (Jamba) follows it
         except HypruneError:
             continue  # a combination the config cannot express (coupled widths, heads per group)
         for drop in drops:
             kept = [kinds[i] for i in range(len(kinds)) if i not in set(blocks_to_drop(kinds, drop))]
             params = count_parameters(family, config, sizes, kept)["total"]
-            out.append(Candidate(sizes, drop, params, target, candidate_id(family, target, drop)))
+            c = Candidate(sizes, drop, params, target, candidate_id(family, target, drop))
+            if moe:
+                c.metrics["active_parameters"] = active_parameters(family, config, sizes, kept, total=params)
+            out.append(c)
     return out
 
 
@@ -267,9 +288,11 @@ def enumerate_shapes(family: Family, config, axes: list[AxisSpace], drops: list[
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Budget:
-    """What the candidates must meet. ``parameters`` is a target (+-tolerance); memory and latency are limits."""
+    """What the candidates must meet. ``parameters`` and ``active_parameters`` (MoE) are targets
+    (+-tolerance); memory and latency are limits."""
 
     parameters: int | None = None
+    active_parameters: int | None = None  # per token: routed experts count top_k of num_experts
     memory: int | None = None  # bytes: weights + cache at ``context`` tokens
     latency: float | None = None  # ms, as the latency model predicts it
     tolerance: float = 0.05
@@ -282,6 +305,8 @@ class Budget:
         parts = []
         if self.parameters is not None:
             parts.append(f"{self.parameters:,} parameters +-{self.tolerance:.0%}")
+        if self.active_parameters is not None:
+            parts.append(f"{self.active_parameters:,} active parameters +-{self.tolerance:.0%}")
         if self.memory is not None:
             parts.append(f"memory <= {self.memory:,} bytes ({self.dtype}, batch {self.batch}, context {self.context})")
         if self.latency is not None:
@@ -304,10 +329,15 @@ def make_budget(family: Family, config, target_params: float | None = None, targ
         raise HypruneError("No budget: pass --target-params N, --target-ratio R, --target-active-params N, "
                            "--target-memory BYTES or --target-latency MS.")
     budget = Budget(tolerance=tolerance, context=context, dtype=dtype, batch=batch)
-    if target_active_params is not None:
-        if MOE in family.part_kinds(config):
-            raise HypruneError("--target-active-params: counting the active parameters of MoE blocks is not "
-                               "implemented yet; pass --target-params for the total.")
+    if target_active_params is not None and MOE in family.part_kinds(config):
+        active = active_parameters(family, config, total=source)
+        target = int(round(target_active_params))
+        if not 1 <= target < active:
+            raise HypruneError(f"--target-active-params {target:,} must be between 1 and the source's {active:,} "
+                               f"active parameters (of {source:,} in all): nothing to prune otherwise. E.g. "
+                               f"--target-active-params {active // 2:,}.")
+        budget.active_parameters = target
+    elif target_active_params is not None:
         budget.notes.append(f"This {family.name} model has no mixture-of-experts blocks, so every parameter is "
                             "active: --target-active-params is the total parameter count.")
         target_params = target_active_params
@@ -355,9 +385,10 @@ def _checks(budget: Budget) -> list[tuple[str, str, Callable[[float], bool], flo
     """(name, metric key, test, budget value) for every budget given."""
     tol = budget.tolerance
     out = []
-    if budget.parameters is not None:
-        b = budget.parameters
-        out.append(("parameters", "parameters", lambda v, b=b: abs(v - b) <= tol * b, b))
+    for name in ("parameters", "active_parameters"):
+        b = getattr(budget, name)
+        if b is not None:
+            out.append((name, name, lambda v, b=b: abs(v - b) <= tol * b, b))
     if budget.memory is not None:
         b = budget.memory
         out.append(("memory", "memory_bytes", lambda v, b=b: (1 - tol) * b <= v <= b, b))
@@ -368,6 +399,7 @@ def _checks(budget: Budget) -> list[tuple[str, str, Callable[[float], bool], flo
 
 
 def _value(c: Candidate, key: str) -> float:
+    """A candidate's value of a budget's metric (the parameter count, or one of ``metrics``)."""
     return c.parameters if key == "parameters" else c.metrics[key]
 
 
@@ -386,6 +418,10 @@ def within_budget(candidates: list[Candidate], budget: Budget, source_parameters
             hint = (f"{met} of {len(candidates)} shapes meet {b:,} parameters +-{budget.tolerance:.0%}; the space "
                     f"spans {values[0]:,}..{values[-1]:,} and the nearest feasible budget is --target-params "
                     f"{nearest:,} (--target-ratio {nearest / source_parameters:.3f})")
+        elif name == "active_parameters":
+            hint = (f"{met} of {len(candidates)} shapes meet {b:,} active parameters +-{budget.tolerance:.0%}; the "
+                    f"space spans {values[0]:,}..{values[-1]:,} and the nearest feasible budget is "
+                    f"--target-active-params {nearest:,}")
         elif name == "memory":
             hint = (f"{met} shapes fit memory {b:,} bytes; the space spans {values[0]:,}..{values[-1]:,} bytes, "
                     f"nearest feasible --target-memory {nearest:,}")
@@ -406,9 +442,11 @@ def uniform_candidate(candidates: list[Candidate], axes: list[AxisSpace], source
     if not flat or not searched:
         return None
 
+    targets = [(key, b) for _, key, _, b in _checks(budget) if key in ("parameters", "active_parameters")]
+
     def spread(c: Candidate) -> tuple[float, float]:
         ratios = [c.sizes[a] / source[a] for a in searched]
-        closeness = abs(c.parameters - budget.parameters) if budget.parameters is not None else -c.parameters
+        closeness = sum(abs(_value(c, key) - b) for key, b in targets) if targets else -c.parameters
         return max(ratios) - min(ratios), closeness
 
     return min(flat, key=spread)
