@@ -146,8 +146,17 @@ def load_results(args) -> dict:
 
 
 def save_results(results: dict, args) -> None:
+    """Write ``results`` atomically, keeping rows another process of the same run has written meanwhile
+    (rows can be split across processes with ``--rows``; each then runs ``--threads`` threads)."""
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        on_disk = json.loads(path.read_text())
+        for key in ("students", "runs", "section_runtime_s"):
+            results[key] = {**on_disk.get(key, {}), **results[key]}
+        results["commands"] = list(dict.fromkeys(on_disk.get("commands", []) + results.get("commands", [])))
+        if "speed" in on_disk:
+            results.setdefault("speed", on_disk["speed"])
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, path)
@@ -221,7 +230,8 @@ class StudentBuilder:
                       "block_scores": self._block_scores.scores}
 
     def nossm_plan(self, goal: int):
-        """FFN + hidden only: FFN from ``--target``, hidden size (multiples of --hidden-multiple) closest to ``goal``."""
+        """FFN + hidden only: FFN from ``--target``, the hidden size (a multiple of --hidden-multiple) whose
+        parameter count is closest to ``goal``; Mamba heads, head channels, states and attention untouched."""
         from hyprune.plan import parse_target
 
         if self.args.nossm_target:
@@ -413,7 +423,8 @@ def main(args) -> dict:
     test = heldout_windows(tokenizer, data / "test.txt.gz", args.seq_len, args.heldout_windows)
     val = heldout_windows(tokenizer, data / "val.txt.gz", args.seq_len, args.eval_windows)
     if "teacher" not in results:
-        results["teacher"] = {"parameters": count_parameters(teacher, family)["total"], "sizes": sizes_of(teacher, family),
+        results["teacher"] = {"parameters": count_parameters(teacher, family)["total"],
+                              "sizes": sizes_of(teacher, family),
                               "test_ppl": perplexity(teacher, test)["perplexity"],
                               "val_ppl": perplexity(teacher, val)["perplexity"]}
         save_results(results, args)
@@ -514,7 +525,8 @@ def markdown(results: dict) -> str:
     head = ["student", "sizes", "parameters (of teacher)", "test ppl after pruning", "test ppl after training",
             *(f"prefill / decode tok/s vs teacher, batch {b}" for b in batches), "cache / sequence vs teacher"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    t_speed = [f"{r['prefill_tokens_per_s']:.0f} / {r['decode_tokens_per_s']:.0f} tok/s" for r in speed.get("teacher", [])]
+    t_speed = [f"{r['prefill_tokens_per_s']:.0f} / {r['decode_tokens_per_s']:.0f} tok/s"
+               for r in speed.get("teacher", [])]
     lines.append(f"| teacher | {fmt_sizes(t['sizes'])} | {t['parameters']:,} (100%) | {t['test_ppl']:.3f} | | "
                  + "".join(f"{s} | " for s in t_speed) + "1 |")
     for row in ROWS:
