@@ -112,8 +112,8 @@ def parse_args(argv=None):
     # speed
     p.add_argument("--bench-batch-sizes", default="1,8")
     p.add_argument("--bench-context", type=int, default=256, help="prefill length")
-    p.add_argument("--bench-decode-tokens", type=int, default=32)
-    p.add_argument("--bench-repeats", type=int, default=7)
+    p.add_argument("--bench-decode-tokens", type=int, default=16)
+    p.add_argument("--bench-repeats", type=int, default=5)
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--fresh", action="store_true", help="discard --out and --work-dir and start over")
     p.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out, run nothing")
@@ -466,12 +466,28 @@ def main(args) -> dict:
         measure_speed(args, results, folders)
         sections["bench"] = time.perf_counter() - t0
 
+    results["unfinished"] = unfinished_runs(results, work)
     if args.plot and results["runs"]:
         plot_curves(results, Path(args.plot))
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["last_invocation_s"] = time.perf_counter() - started
     save_results(results, args)
     return results
+
+
+def unfinished_runs(results: dict, work: Path) -> dict:
+    """Curves of started but unfinished trainings (from their log.jsonl), so that a run stopped for lack of
+    time still shows how far it got; they carry no test perplexity."""
+    out = {}
+    for row in ROWS:
+        log_file = work / "runs" / row / "log.jsonl"
+        if row in results["runs"] or row not in results["students"] or not log_file.exists():
+            continue
+        log = read_log(log_file.parent)
+        if log:
+            out[row] = {"curve": val_curve(log, results["students"][row]["start_val_ppl"]),
+                        "tokens": log[-1]["tokens"], "last_loss": log[-1]["loss"]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,12 +509,15 @@ def plot_curves(results: dict, path: Path) -> None:
     m = results["settings"]["scratch_multiple"]
     fig, ax = plt.subplots(figsize=(7.0, 4.4), dpi=100)
     values = [results["teacher"]["val_ppl"]]
-    for row, run in results["runs"].items():
+    curves = [(row, run, f"test {run['test_ppl']:.2f}") for row, run in results["runs"].items()]
+    curves += [(row, run, f"unfinished at {run['tokens'] / 1e6:.2f}M tokens")
+               for row, run in results.get("unfinished", {}).items()]
+    for row, run, note in curves:
         color, marker, ls = STYLES[row]
         points = [p for p in run["curve"] if p["tokens"] > 0]
         values += [p["val_ppl"] for p in points]
         ax.plot([p["tokens"] / 1e6 for p in points], [p["val_ppl"] for p in points], color=color, marker=marker,
-                ls=ls, ms=4, lw=1.5, label=f"{SHORT[row].format(m=m)} (test {run['test_ppl']:.2f})")
+                ls=ls, ms=4, lw=1.5, label=f"{SHORT[row].format(m=m)} ({note})")
     ax.axhline(results["teacher"]["val_ppl"], color="0.4", ls=":", lw=1.2,
                label=f"teacher (test {results['teacher']['test_ppl']:.2f})")
     budget = results["budget"]["tokens"] / 1e6
@@ -537,11 +556,14 @@ def markdown(results: dict) -> str:
         sp = speed.get("rows", {}).get(row)
         cells = [f"{r['prefill']:.2f}x / {r['decode']:.2f}x" for r in sp["runs"]] if sp else ["-"] * len(batches)
         trained = f"{run['test_ppl']:.3f} ({run['tokens'] / 1e3:,.0f}k tokens)" if run else "-"
+        if row in results.get("unfinished", {}):
+            u = results["unfinished"][row]
+            trained = f"unfinished: val ppl {u['curve'][-1]['val_ppl']:.2f} at {u['tokens'] / 1e3:,.0f}k tokens"
         cache = f"{sp['cache_bytes_per_sequence']:.3f}" if sp else "-"
         lines.append(f"| {row}: {SHORT[row].format(m=m)} | {fmt_sizes(s['sizes'])} | {s['parameters']:,} "
                      f"({100 * s['fraction']:.1f}%) | {s['start_test_ppl']:.1f} | {trained} | "
                      + " | ".join([*cells, cache]) + " |")
-    runs = results["runs"]
+    runs = {**results["runs"], **{f"{row} (unfinished)": r for row, r in results.get("unfinished", {}).items()}}
     if runs:
         lines += ["", "Val perplexity (curve set) against tokens:", "",
                   "| tokens | " + " | ".join(runs) + " |", "| --- |" + " --- |" * len(runs)]
