@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -467,12 +468,51 @@ def main(args) -> dict:
         sections["bench"] = time.perf_counter() - t0
 
     results["unfinished"] = unfinished_runs(results, work)
+    if "width" in results["runs"]:
+        t0 = time.perf_counter()
+        results["paired"] = paired_comparisons(results, work, test)
+        sections["paired"] = time.perf_counter() - t0
     if args.plot and results["runs"]:
         plot_curves(results, Path(args.plot))
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["last_invocation_s"] = time.perf_counter() - started
     save_results(results, args)
     return results
+
+
+PAIRS = (("width", "blind"), ("width", "depth"), ("width", "nossm"), ("width", "scratch"), ("width", "scratch10x"))
+
+
+def paired_comparisons(results: dict, work: Path, test, resamples: int = 2000) -> dict:
+    """How sure the test-set comparisons with ``width`` are, given only 128 test windows.
+
+    Each finished student's mean loss on every test window (cached in the run's record), then per pair:
+    the perplexity ratio, on how many windows ``width`` has the lower loss, and a 95% paired bootstrap
+    interval of the ratio (windows resampled with replacement, seed 0). This is the noise of the test
+    sample only; training noise (another seed, another data order) is not measured here.
+    """
+    import torch
+
+    from hyprune.evaluate import perplexity
+    from hyprune.models import load_model
+
+    for row, run in results["runs"].items():
+        if "test_window_losses" not in run:
+            model, _ = load_model(work / "runs" / row / "final")
+            run["test_window_losses"] = [perplexity(model, window[None])["loss"] for window in test]
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for a, b in PAIRS:
+        if a not in results["runs"] or b not in results["runs"]:
+            continue
+        la = torch.tensor(results["runs"][a]["test_window_losses"], dtype=torch.float64)
+        lb = torch.tensor(results["runs"][b]["test_window_losses"], dtype=torch.float64)
+        idx = torch.randint(0, len(la), (resamples, len(la)), generator=gen)
+        ratios = torch.exp(la[idx].mean(1) - lb[idx].mean(1))  # every window has the same token count
+        lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        out[f"{a}/{b}"] = {"ppl_ratio": math.exp(float(la.mean() - lb.mean())), "ci95": [lo, hi],
+                           "windows_a_lower": int((la < lb).sum()), "windows": len(la)}
+    return out
 
 
 def unfinished_runs(results: dict, work: Path) -> dict:
@@ -563,6 +603,13 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row}: {SHORT[row].format(m=m)} | {fmt_sizes(s['sizes'])} | {s['parameters']:,} "
                      f"({100 * s['fraction']:.1f}%) | {s['start_test_ppl']:.1f} | {trained} | "
                      + " | ".join([*cells, cache]) + " |")
+    if results.get("paired"):
+        lines += ["", "Test-set comparisons with width (paired over the held-out windows; test-sample noise only):", "",
+                  "| pair | test ppl ratio | 95% bootstrap interval | windows where width is lower |",
+                  "| --- | --- | --- | --- |"]
+        for pair, c in results["paired"].items():
+            lines.append(f"| {pair} | {c['ppl_ratio']:.3f} | {c['ci95'][0]:.3f} - {c['ci95'][1]:.3f} | "
+                         f"{c['windows_a_lower']} of {c['windows']} |")
     runs = {**results["runs"], **{f"{row} (unfinished)": r for row, r in results.get("unfinished", {}).items()}}
     if runs:
         lines += ["", "Val perplexity (curve set) against tokens:", "",
