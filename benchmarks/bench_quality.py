@@ -598,7 +598,8 @@ def markdown(results: dict) -> str:
         trained = f"{run['test_ppl']:.3f} ({run['tokens'] / 1e3:,.0f}k tokens)" if run else "-"
         if row in results.get("unfinished", {}):
             u = results["unfinished"][row]
-            trained = f"unfinished: val ppl {u['curve'][-1]['val_ppl']:.2f} at {u['tokens'] / 1e3:,.0f}k tokens"
+            trained = (f"unfinished (stopped at {u['tokens'] / 1e3:,.0f}k tokens): val ppl "
+                       f"{u['curve'][-1]['val_ppl']:.2f} at {u['curve'][-1]['tokens'] / 1e3:,.0f}k")
         cache = f"{sp['cache_bytes_per_sequence']:.3f}" if sp else "-"
         lines.append(f"| {row}: {SHORT[row].format(m=m)} | {fmt_sizes(s['sizes'])} | {s['parameters']:,} "
                      f"({100 * s['fraction']:.1f}%) | {s['start_test_ppl']:.1f} | {trained} | "
