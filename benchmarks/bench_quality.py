@@ -564,6 +564,10 @@ def plot_curves(results: dict, path: Path) -> None:
     ax.axvline(budget, color="0.7", lw=1, ls="--")
     perplexity_axis(ax, values)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training tokens of train.txt.gz (millions, log scale); dashed: the per-student budget")
     ax.set_ylabel(f"perplexity, first {results['settings']['eval_windows']} windows of val.txt.gz")
     ax.set_title(f"~50% students of tiny NemotronH, batch {results['budget']['batch']}x{results['budget']['seq_len']}, "
