@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import shutil
@@ -51,9 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared"  # the project's ../shared
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import (MAIN_TARGET, budget_steps, perplexity_axis, read_log, say,  # noqa: E402
+                          train_config, val_curve)
 from bench_prune import QuietGate, git_state, maxrss_kb, mib, proc_status_kb, reset_peak_rss  # noqa: E402
 
-MAIN_TARGET = "hidden_size=144,intermediate_size=384,mamba_num_heads=8,mamba_head_dim=16"
 RUNS = ("kd", "topk", "ce")  # training order
 LABELS = {"kd": "forward-KL KD (teacher in memory)", "topk": "forward-KL KD from the top-k cache",
           "ce": "cross-entropy only (no teacher)"}
@@ -113,10 +113,6 @@ def median(xs):
     return statistics.median(xs)
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def wait_for_bench_prune(limit_s: float) -> float:
     """Seconds spent waiting while another benchmark (bench_prune.py) runs on this machine."""
     t0 = time.perf_counter()
@@ -145,20 +141,6 @@ def student_forward_backward(student, ids):
     student.train()
     student.zero_grad(set_to_none=True)
     next_token_ce(student(input_ids=ids, use_cache=False).logits, ids).backward()
-
-
-def train_config(args, tokens: int, batch: int, **more):
-    from hyprune.distill import DistillConfig
-
-    cfg = dict(tokens=tokens, seq_len=args.seq_len, batch=batch, lr=args.lr, min_lr=args.lr * args.min_lr_ratio,
-               warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=1.0, loss="forward_kl",
-               ce_weight=0.0, checkpoint_every=0, eval_every=0, seed=args.seed, progress=False)
-    cfg.update(more)
-    return DistillConfig(**cfg)
-
-
-def read_log(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
 
 
 def kd_steps(args, teacher, student, windows, out_dir: Path) -> list[float]:
@@ -286,7 +268,7 @@ def main(args) -> dict:
     say(f"student: {student_params:,} of {teacher_params:,} parameters ({100 * student_params / teacher_params:.1f}%)")
 
     # training windows: shuffled documents of train.txt.gz (seed 0), exactly one epoch of the budget
-    steps = max(1, math.ceil(args.tokens / (args.batch * args.seq_len * args.evals))) * args.evals
+    steps = budget_steps(args.tokens, args.batch, args.seq_len, args.evals)
     n_train = steps * args.batch
     t0 = time.perf_counter()
     train = calibration_windows(tokenizer, data / "train.txt.gz", args.seq_len, n_train, seed=args.seed)
@@ -444,8 +426,7 @@ def main(args) -> dict:
                 summary = distill(None, student, TopKCache(cache_dir), cfg, out_dir, eval_windows=val,
                                   tokenizer=tokenizer, overwrite=True)
             log = read_log(out_dir)
-            curve = [{"tokens": 0, "val_ppl": before_val}] + [
-                {"tokens": r["tokens"], "val_ppl": r["eval_ppl"]} for r in log if "eval_ppl" in r]
+            curve = val_curve(log, before_val)
             test_ppl = perplexity(student, test)["perplexity"]
             record.update({
                 "config": cfg.model_dump(mode="json"),
@@ -495,16 +476,8 @@ def plot_curves(quality: dict, path: Path) -> None:
         ax.plot(xs, ys, color=color, marker=marker, ls=ls, ms=4, lw=1.5, label=f"{label} (test {run['test_ppl']:.2f})")
     ax.axhline(quality["teacher"]["val_ppl"], color="0.4", ls=":", lw=1.2,
                label=f"teacher (test {quality['teacher']['test_ppl']:.2f})")
-    ax.set_yscale("log")
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
-
-    lo = min(min(p["val_ppl"] for p in r["curve"]) for r in quality["runs"].values())
-    lo = min(lo, quality["teacher"]["val_ppl"])
-    hi = max(max(p["val_ppl"] for p in r["curve"]) for r in quality["runs"].values())
-    ticks = [t for m in (1, 10, 100, 1000) for t in (m, 1.5 * m, 2 * m, 3 * m, 5 * m, 7 * m) if lo / 1.6 <= t <= hi * 1.6]
-    ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_formatter(ScalarFormatter())
+    perplexity_axis(ax, [p["val_ppl"] for r in quality["runs"].values() for p in r["curve"]]
+                    + [quality["teacher"]["val_ppl"]])
     ax.set_xlabel("training tokens of train.txt.gz (millions)")
     ax.set_ylabel(f"perplexity, first {quality['curve_eval']['windows'][0]} windows of val.txt.gz")
     b = quality["budget"]
