@@ -30,7 +30,10 @@ LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:  # skip a [tokens, vocab] temporary in the common case
+        logits = logits / temperature
+    return F.log_softmax(logits, dim=-1)
 
 
 def _token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,7 +63,7 @@ class _ForwardKLPerToken(torch.autograd.Function):
         log_q = _log_probs(student_logits, temperature)
         log_p = _log_probs(teacher_logits, temperature)
         p = log_p.exp()
-        per_token = (p * (log_p - log_q)).sum(-1)
+        per_token = log_p.sub_(log_q).mul_(p).sum(-1)  # in place: log_p is not needed again
         ctx.save_for_backward(log_q, p)
         ctx.temperature, ctx.dtype = temperature, student_logits.dtype
         return per_token
