@@ -2,7 +2,7 @@
 
 * masks: Wanda and magnitude equal a per-row reference written with Python sorting; N:M holds on every block;
 * SparseGPT on one layer equals an unblocked float64 OBS reference (explicit inverses of H[j:, j:], no
-  Cholesky factor, no lazy blocks) and reconstructs WX better than magnitude and Wanda at the same budget;
+  Cholesky factor, no lazy blocks): the same mask, weights within float32 rounding and reconstructs WX better than magnitude and Wanda at the same budget;
 * the layer-by-layer calibration equals recomputing each block's inputs with a full forward of the
   partly pruned model, for every family;
 * targets, the exact ratio, the report, the CLI end to end and its refusals.
@@ -102,8 +102,12 @@ def test_sparsegpt_equals_unblocked_float64_obs(pattern):
     ours, mask = sparsegpt_prune(weight, hessian, block_size=16, **pattern)  # 40 = 16 + 16 + 8: a partial block
     ref, ref_mask = reference_obs(weight, hessian, block=16, **pattern)
     assert torch.equal(mask, ref_mask)
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
-    assert not torch.allclose(ours[~mask], weight.double()[~mask])  # the kept weights were reconstructed
+    # Our solve runs in float32 (only the factor U in float64): each of the 40 columns adds a rounding of
+    # about eps32 = 1.2e-7 relative to weights of order 1, so 1e-5 bounds it with margin (about 8e-7 is
+    # seen) while staying far below the reconstruction updates themselves (the last assertion).
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours[~mask], weight[~mask], rtol=1e-3, atol=1e-3)  # the kept weights were reconstructed
 
 
 @pytest.mark.parametrize("pattern", [dict(sparsity=0.5), dict(nm=(2, 4))])
@@ -114,7 +118,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern):
     out = x @ weight.T
 
     def error(new_weight):
-        return (out - x @ new_weight.T).norm().item()
+        return (out - x @ new_weight.double().T).norm().item()
 
     sgpt, mask = sparsegpt_prune(weight, x.T @ x, **pattern)
     wanda = weight * ~lowest_mask(wanda_scores(weight, x.pow(2).sum(0)), **pattern)
