@@ -37,7 +37,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -52,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (MAIN_TARGET, budget_steps, perplexity_axis, read_log, say,  # noqa: E402
                           train_config, val_curve)
-from bench_prune import QuietGate, git_state, maxrss_kb, mib, proc_status_kb, reset_peak_rss  # noqa: E402
+from bench_prune import QuietGate, git_state, machine_info, maxrss_kb, mib, proc_status_kb, reset_peak_rss  # noqa: E402
 
 RUNS = ("kd", "topk", "ce")  # training order
 LABELS = {"kd": "forward-KL KD (teacher in memory)", "topk": "forward-KL KD from the top-k cache",
@@ -203,7 +202,6 @@ def main(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    import transformers
 
     from hyprune.apply import apply_plan
     from hyprune.data import calibration_windows, heldout_windows
@@ -221,15 +219,7 @@ def main(args) -> dict:
         if r not in RUNS:
             raise SystemExit(f"--runs: unknown run '{r}' (use {','.join(RUNS)})")
     results: dict = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "loadavg_start": os.getloadavg(),
-        },
+        "machine": machine_info(),
         "git": git_state(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("memory_child", "student_dir", "windows_file")},

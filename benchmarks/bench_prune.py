@@ -212,6 +212,16 @@ class QuietGate:
                 "rejected_repetitions": self.rejected}
 
 
+def machine_info() -> dict:
+    """What a result depends on besides the code: cores, threads (call after setting them), versions, load."""
+    import torch
+    import transformers
+
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "loadavg_start": os.getloadavg()}
+
+
 def git_state() -> dict:
     def run(*cmd):
         try:
@@ -330,7 +340,6 @@ def main(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    import transformers
     from transformers import AutoModelForCausalLM
 
     from hyprune.apply import apply_plan
@@ -343,15 +352,7 @@ def main(args) -> dict:
     sections: dict[str, float] = {}
     data = Path(args.data_dir)
     results: dict = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "loadavg_start": os.getloadavg(),
-        },
+        "machine": machine_info(),
         "git": git_state(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("memory_child", "windows_file")},

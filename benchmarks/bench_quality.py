@@ -43,7 +43,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -56,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (MAIN_TARGET, budget_steps, perplexity_axis, read_log, say,  # noqa: E402
                           train_config, val_curve)
-from bench_prune import git_state  # noqa: E402
+from bench_prune import git_state, machine_info  # noqa: E402
 
 ROWS = ("width", "blind", "depth", "nossm", "scratch", "scratch10x")  # training order
 KD_ROWS = ("width", "blind", "depth", "nossm")
@@ -398,7 +397,6 @@ def main(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    import transformers
 
     from hyprune.data import calibration_windows, heldout_windows
     from hyprune.evaluate import perplexity
@@ -407,10 +405,7 @@ def main(args) -> dict:
     started = time.perf_counter()
     results = load_results(args)
     sections = results["section_runtime_s"]
-    results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__, "transformers": transformers.__version__,
-                          "loadavg_start": os.getloadavg()}
+    results["machine"] = machine_info()
     results["git"] = git_state()
     results.setdefault("commands", []).append(" ".join([Path(sys.executable).name, *sys.argv]))
     work = Path(args.work_dir)
