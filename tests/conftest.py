@@ -173,6 +173,16 @@ def tree_digest(path: str | Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (far faster on a busy machine), and the tests then leave the
+    machine's other cores alone; restored after the module. Use with ``pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     tok = build_tokenizer()

@@ -44,13 +44,7 @@ KINDS = ["mamba", "mlp", "attention", "mamba", "mlp"]
 OUT_PROJ = {"mamba": "out_proj", "attention": "o_proj", "mlp": "down_proj"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one thread (and far faster on a busy machine); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nemotron(seed: int = 0):

@@ -37,12 +37,7 @@ HELPERS = str(Path(__file__).with_name("distill_helpers.py"))
 QUICK = dict(seq_len=16, batch=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=0, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():

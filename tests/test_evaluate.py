@@ -23,13 +23,7 @@ from hyprune.evaluate import harness
 bench_module = importlib.import_module("hyprune.evaluate.bench")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the tests then leave the machine's other cores alone."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
