@@ -138,14 +138,11 @@ def prune(
     if target_dict and scores is not None:
         saved = load_scores(scores, family, config)
     if needs_data:
-        if data is None:
-            raise HypruneError("Scoring needs calibration text: pass --data FILE (or --scores / --plan).")
-        check_source(data)
-    tokenizer = load_tokenizer(model, **source) if needs_data else _optional_tokenizer(model, source)
-    windows = None
-    if needs_data:
-        windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field,
-                                      split=split)
+        tokenizer, windows = _calibration(
+            model, data, source, "Scoring needs calibration text: pass --data FILE (or --scores / --plan).",
+            seq_len=seq_len, num_samples=num_samples, seed=seed, text_field=text_field, split=split)
+    else:
+        tokenizer, windows = _optional_tokenizer(model, source), None
     loaded, family = load_model(model, **load_kwargs)
     if the_plan is None:
         if target_dict:
@@ -180,15 +177,12 @@ def _prune_with_method(method: Method, model: str, out: str, data: str | None, o
     """`prune` for a registered method: check, (calibrate,) run, save."""
     method.check(family, config, options)
     source = _source(load_kwargs)
-    windows = None
     if method.needs_data:
-        if data is None:
-            raise HypruneError(f"--method {method.name} needs calibration text: pass --data FILE.")
-        check_source(data)
-        tokenizer = load_tokenizer(model, **source)
-        windows = calibration_windows(tokenizer, data, **window_kwargs)
+        tokenizer, windows = _calibration(model, data, source,
+                                          f"--method {method.name} needs calibration text: pass --data FILE.",
+                                          **window_kwargs)
     else:
-        tokenizer = _optional_tokenizer(model, source)
+        tokenizer, windows = _optional_tokenizer(model, source), None
     loaded, family = load_model(model, **load_kwargs)
     before = count_parameters(loaded, family)
     result = method.run(loaded, family, windows, options, batch_size=batch_size, progress=progress)
@@ -201,6 +195,15 @@ def _prune_with_method(method: Method, model: str, out: str, data: str | None, o
     save_pruned(savable(result.model), tokenizer, out, extra, overwrite=overwrite)
     write_run_report(out)
     return summary
+
+
+def _calibration(model: str, data: str | None, source: dict, missing: str, **window_kwargs):
+    """The model's tokenizer and the calibration windows of ``data``; ``missing`` is the error without data."""
+    if data is None:
+        raise HypruneError(missing)
+    check_source(data)
+    tokenizer = load_tokenizer(model, **source)
+    return tokenizer, calibration_windows(tokenizer, data, **window_kwargs)
 
 
 def _optional_tokenizer(model: str, source: dict):
