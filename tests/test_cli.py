@@ -520,7 +520,7 @@ def test_dense_llama_width_and_depth_from_cli(llama_dir, calib_txt, tmp_path):
     c = model.config
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers) == (24, 20, 2, 2)
     shown = runner.invoke(app, ["inspect", str(llama_dir), "--json"])
-    assert json.loads(shown.output)["pattern"] == "TTT"
+    assert json.loads(shown.stdout)["pattern"] == "TTT"
 
 
 def test_eval_and_bench_from_cli(nemotron_dir, llama_dir, calib_txt, tmp_path):

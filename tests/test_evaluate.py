@@ -14,6 +14,7 @@ import transformers
 
 from conftest import EOS, build_model, make_llama_config, make_mamba2_config, make_nemotron_config
 from hyprune.arch import family_for_config
+from hyprune.compat import cache_argument, output_cache
 from hyprune.errors import HypruneError
 from hyprune.evaluate import (bench, cache_bytes, eval_perplexity, evaluate, format_bench_table, measured_cache_bytes,
                               perplexity, strided_windows)
@@ -243,10 +244,10 @@ def test_lm_eval_runs_a_local_task_on_the_in_memory_model(nemotron_dir, calib_tx
 def test_cache_bytes_formula_equals_the_real_cache(make_config, dtype):
     config = make_config()
     model, family = build_model(config).to(dtype), family_for_config(config)
-    cache_arg, _ = bench_module._forward_kwargs(model)
+    cache_arg = cache_argument(model)
     for context in (5, 11):
         out = model(input_ids=torch.randint(1, 320, (2, context)), use_cache=True)
-        cache = out.past_key_values if cache_arg == "past_key_values" else out.cache_params
+        cache = output_cache(out, cache_arg)
         expected = cache_bytes(config, family, context, dtype)
         assert measured_cache_bytes(cache) == 2 * expected["total"], (context, expected)
     kinds = family.block_kinds(config)
@@ -264,7 +265,7 @@ def test_sliding_window_attention_caches_at_most_the_window():
     model, family = build_model(config), family_for_config(config)
     for context in (3, 9):
         out = model(input_ids=torch.randint(1, 320, (1, context)), use_cache=True)
-        assert measured_cache_bytes(out.past_key_values) == cache_bytes(config, family, context)["total"]
+        assert measured_cache_bytes(output_cache(out, cache_argument(model))) == cache_bytes(config, family, context)["total"]
     assert cache_bytes(config, family, 100) == cache_bytes(config, family, 9)
 
 

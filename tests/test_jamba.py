@@ -206,7 +206,9 @@ def test_analytic_cache_bytes_match_a_real_cache():
 
     model = jamba()
     ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
-    cache = model(ids, use_cache=True).past_key_values
+    from hyprune.compat import cache_argument, output_cache
+
+    cache = output_cache(model(ids, use_cache=True), cache_argument(model))
     analytic = cache_bytes(model.config, family_for_config(model.config), 7)
     assert analytic["mamba_ssm"] > 0 and analytic["total"] == measured_cache_bytes(cache)
 

@@ -11,9 +11,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from hyprune.apply import apply_plan
+from hyprune.compat import probe_generate
 from hyprune.checkpoint import check_output_dir, save_pruned
 from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
@@ -160,7 +162,7 @@ def prune(
     pruned = apply_plan(loaded, the_plan, family)
     after = count_parameters(pruned, family)
     summary = {"source": str(model), "method": {"name": method}, "parameters": {"before": before, "after": after},
-               **summarize(the_plan)}
+               **summarize(the_plan), "generate": generate_check(pruned)}
     if target_dict:
         summary["importance"] = summarize_scores(saved, family, loaded.config)
     save_pruned(pruned, tokenizer, out, {"plan.json": the_plan.model_dump(exclude_none=True),
@@ -187,7 +189,8 @@ def _prune_with_method(method: Method, model: str, out: str, data: str | None, o
     before = count_parameters(loaded, family)
     result = method.run(loaded, family, windows, options, batch_size=batch_size, progress=progress)
     summary = {"source": str(model), "method": {"name": method.name, **result.report},
-               "parameters": {"before": before, "after": count_parameters(result.model, family)}}
+               "parameters": {"before": before, "after": count_parameters(result.model, family)},
+               "generate": generate_check(result.model)}
     extra = {"hyprune_summary.json": summary}
     if result.plan is not None:
         extra["plan.json"] = result.plan.model_dump(exclude_none=True)
@@ -195,6 +198,15 @@ def _prune_with_method(method: Method, model: str, out: str, data: str | None, o
     save_pruned(savable(result.model), tokenizer, out, extra, overwrite=overwrite)
     write_run_report(out)
     return summary
+
+
+def generate_check(model) -> dict:
+    """Whether stock ``generate()`` runs on the pruned model under the installed transformers.
+
+    hyprune's own decoding works around known upstream bugs (`hyprune.compat`); a user's serving stack
+    does not, so the summary says so (and the CLI prints it) rather than letting them find out later.
+    """
+    return {"transformers": transformers.__version__, "stock_generate_error": probe_generate(model)}
 
 
 def _calibration(model: str, data: str | None, source: dict, missing: str, **window_kwargs):

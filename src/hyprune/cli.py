@@ -24,6 +24,15 @@ console = Console(stderr=True)
 out_console = Console()
 
 
+@app.callback()
+def _setup(threads: Optional[int] = typer.Option(
+        None, "--threads", help="CPU threads for torch (default: the free cores, one on a busy machine).")):
+    """Compress hybrid Mamba-2 / attention language models (Minitron-SSM)."""
+    from hyprune.threads import set_threads
+
+    console.print(_run(set_threads, threads), highlight=False, soft_wrap=True)
+
+
 def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -169,6 +178,11 @@ def prune(
     if summary.get("blocks_after") != summary.get("blocks_before"):
         out_console.print(f"blocks: {summary['blocks_before']} -> {summary['blocks_after']} "
                           f"(dropped {summary['drop_blocks']})")
+    if summary["generate"]["stock_generate_error"]:
+        out_console.print(f"note: stock generate() fails on this checkpoint under transformers "
+                          f"{summary['generate']['transformers']}: {summary['generate']['stock_generate_error']} (the checkpoint is valid; hyprune eval and bench "
+                          "work around this)",
+                          soft_wrap=True)
     out_console.print(f"report: {Path(out) / 'report.md'}", soft_wrap=True)
 
 

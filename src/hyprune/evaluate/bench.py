@@ -41,6 +41,7 @@ from typing import Sequence
 
 import torch
 
+from hyprune.compat import CachedDecoding
 from hyprune.errors import HypruneError
 
 CONV_KERNEL_FIELDS = ("conv_kernel", "mamba_d_conv", "d_conv")
@@ -219,38 +220,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_kwargs(model) -> tuple[str, bool]:
-    """(name of the cache argument, whether ``logits_to_keep`` is accepted) for ``model.forward``."""
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "past_key_values" if "past_key_values" in params else "cache_params"
-    return cache_arg, "logits_to_keep" in params
-
-
 @torch.inference_mode()
 def _measure_once(model, ids: torch.Tensor, decode_tokens: int) -> dict:
     """One prefill + greedy decode of ``ids`` ([batch, context] on the model's device)."""
     device = ids.device
-    cache_arg, keep_arg = _forward_kwargs(model)
-    extra = {"logits_to_keep": 1} if keep_arg else {}
+    decoding = CachedDecoding(model)
     with _PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, **extra)
+        token = decoding.prefill(ids).argmax(-1, keepdim=True)  # [batch, 1]
         _sync(device)
         t1 = time.perf_counter()
-        cache = out.past_key_values if cache_arg == "past_key_values" else out.cache_params
-        after_prefill = measured_cache_bytes(cache)
-        token = out.logits[:, -1:].argmax(-1)  # [batch, 1]
-        del out
+        after_prefill = measured_cache_bytes(decoding.cache)
         _sync(device)
         t2 = time.perf_counter()
         for _ in range(decode_tokens):
-            step = model(input_ids=token, use_cache=True, **{cache_arg: cache}, **extra)
-            token = step.logits[:, -1:].argmax(-1)
+            token = decoding.step(token).argmax(-1, keepdim=True)
         _sync(device)
         t3 = time.perf_counter()
-        after_decode = measured_cache_bytes(cache)
-        del cache
+        after_decode = measured_cache_bytes(decoding.cache)
+        del decoding
     return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "peak_run_bytes": mem.peak,
             "cache_after_prefill": after_prefill, "cache_after_decode": after_decode}
 
