@@ -15,7 +15,7 @@ import inspect
 import torch
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")  # newest name first
-# What transformers 5.24's DynamicCache says when it holds no attention layer (attention-free NemotronH).
+# What transformers' DynamicCache (5.17 to 5.24 at least) says when it holds no attention layer (attention-free NemotronH).
 ONLY_LINEAR_LAYERS = "can only be called on Attention layers"
 
 
@@ -36,7 +36,7 @@ def output_cache(output, name: str):
 def _own_cache(model, decoding: "CachedDecoding"):
     """A DynamicCache whose length is the number of tokens fed, even with no attention layer in it.
 
-    transformers 5.24 asks the cache for its length (positions, mask offsets) and raises for a cache
+    transformers 5.x asks the cache for its length (positions, mask offsets) and raises for a cache
     of Mamba layers only (``ONLY_LINEAR_LAYERS``), so stock decoding of an attention-free NemotronH
     fails. The decode loop knows the length; the cache is told it.
     """
@@ -86,9 +86,10 @@ class CachedDecoding:
         try:
             out = self.model(input_ids=ids, use_cache=True, **kwargs)
         except ValueError as e:
-            if ONLY_LINEAR_LAYERS not in str(e) or self.cache_arg != "cache":
+            if ONLY_LINEAR_LAYERS not in str(e):
                 raise
-            out = self.model(input_ids=ids, use_cache=True, cache=_own_cache(self.model, self), **kwargs)
+            kwargs[self.cache_arg] = _own_cache(self.model, self)
+            out = self.model(input_ids=ids, use_cache=True, **kwargs)
         self.length = ids.shape[1]
         self.cache = output_cache(out, self.cache_arg)
         return out.logits[:, -1]
