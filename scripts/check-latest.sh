@@ -25,6 +25,16 @@ PY
 cd "$root"
 # shellcheck disable=SC2086
 pip install -q --upgrade $deps || echo "note: pip could not install every newest release (see above); testing what it got"
-echo "versions:"; pip list 2>/dev/null | grep -iE "^($(echo "$deps torch" | tr ' ' '|')) " | sed 's/^/  /'
+echo "versions (installed / newest on the index, where pip could not take the newest):"
+python - $deps <<'PY'
+import re, subprocess, sys
+from importlib.metadata import version
+for name in sys.argv[1:]:
+    listed = subprocess.run([sys.executable, "-m", "pip", "index", "versions", name], capture_output=True, text=True)
+    newest = re.search(r"Available versions: ([^,\s]+)", listed.stdout)
+    got = version(name)
+    behind = f"   (newest {newest.group(1)} not installable here)" if newest and newest.group(1) != got else ""
+    print(f"  {name:14s} {got}{behind}")
+PY
 [[ "${KEEP:-0}" == 1 ]] && echo "venv kept: $tmp/venv"
 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python -m pytest -q -p no:cacheprovider
