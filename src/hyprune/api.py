@@ -8,17 +8,17 @@ The CLI (`hyprune.cli`) is a thin shell over these functions.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
 from hyprune.apply import apply_plan
+from hyprune.checkpoint import save_pruned
 from hyprune.compat import probe_generate
-from hyprune.checkpoint import check_output_dir, save_pruned
 from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
+from hyprune.io import atomic_dir, check_output
 from hyprune.importance import activation_scores, load_scores, save_scores, summarize_scores
 from hyprune.methods import Method, MethodOptions, get_method
 from hyprune.models import count_parameters, load_config, load_model, load_tokenizer, savable
@@ -49,7 +49,7 @@ def score(
     config, family = load_config(model, **_source(load_kwargs))
     check_source(data)
     if out is not None:
-        check_output_dir(out, overwrite, inputs=(model, data))
+        check_output(out, "dir", overwrite, inputs=(model, data))
     tokenizer = load_tokenizer(model, **_source(load_kwargs))
     windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field, split=split)
     loaded, family = load_model(model, **load_kwargs)
@@ -57,19 +57,24 @@ def score(
     if out is not None:
         summary = summarize_scores(scores, family, loaded.config)
         summary["calibration"] = {"data": str(data), "seq_len": seq_len, "windows": len(windows), "seed": seed}
-        save_scores(scores, out, summary)
+        with atomic_dir(out) as tmp:
+            save_scores(scores, tmp, summary)
     return scores
 
 
 def plan(model: str, scores: str, target: str | dict, out: str | None = None, drop_blocks: list[int] | None = None,
-         trust_remote_code: bool = False, gguf_file: str | None = None) -> Plan:
-    """Write a plan from saved scores and a target (``"hidden_size=128,mamba_num_heads=8"``)."""
+         trust_remote_code: bool = False, gguf_file: str | None = None, overwrite: bool = False) -> Plan:
+    """Write a plan from saved scores and a target (``"hidden_size=128,mamba_num_heads=8"``).
+
+    ``out`` (a JSON file) must not exist unless ``overwrite``, and is never the model or the scores.
+    """
     config, family = load_config(model, trust_remote_code, gguf_file)
+    if out is not None:
+        check_output(out, "file", overwrite, inputs=(model, scores))
     target = parse_target(target)
     resolve_target(family, config, target)
     result = make_plan(family, config, load_scores(scores, family, config), target, drop_blocks=drop_blocks)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         result.save(out)
     return result
 
@@ -108,7 +113,7 @@ def prune(
 
     source = _source(load_kwargs)
     config, family = load_config(model, **source)
-    check_output_dir(out, overwrite, inputs=(model, data, scores, plan_file))
+    check_output(out, "dir", overwrite, inputs=(model, data, scores, plan_file))
     registered = get_method(method)
     if registered is not None:
         if target or scores or plan_file or drop_blocks or drop_block_list:

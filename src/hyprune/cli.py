@@ -1,6 +1,7 @@
 """Command line: one command per API function; the flags are the function's arguments.
 
-Every `HypruneError` becomes a one-paragraph message on stderr and exit code 2.
+Every `HypruneError` becomes a one-paragraph message on stderr and exit code 2; so does an `OSError`
+from the file system (read-only folder, disk full, ...), as one line naming the path.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def _run(fn, *args, **kwargs):
     except HypruneError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2)
+    except OSError as e:  # the file system said no after the checks passed: full disk, a folder gone read-only
+        console.print(f"[bold red]error:[/] {_os_error_line(e)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2)
+
+
+def _os_error_line(e: OSError) -> str:
+    """``could not write PATH: reason`` for an `OSError` (a path-less one keeps its own words)."""
+    reason = e.strerror or str(e)
+    if e.filename is None:
+        return f"could not write the output: {reason}. Check the --out location (space, permissions) and retry."
+    target = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+    return f"could not write {target}: {reason}. Check the --out location (space, permissions) and retry."
 
 
 # Shared options ------------------------------------------------------------------------------
@@ -55,7 +68,7 @@ Device = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: w
 DeviceMap = typer.Option(None, "--device-map", help="'auto' to spread a large model over devices.")
 AllowPickle = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights.")
 TrustRemote = typer.Option(False, "--trust-remote-code", help="Run the checkpoint's own modeling code.")
-Overwrite = typer.Option(False, "--overwrite", help="Replace a non-empty output folder.")
+Overwrite = typer.Option(False, "--overwrite", help="Replace an existing output (file or non-empty folder).")
 Quiet = typer.Option(False, "--quiet", help="No progress bars.")
 GgufFile = typer.Option(None, "--gguf-file", help="Load this GGUF file from the MODEL folder (needs `gguf`).")
 
@@ -118,11 +131,13 @@ def plan(
     target: str = typer.Option(..., "--target", help="KEY=VALUE[,KEY=VALUE...] with the family's config names."),
     out: str = typer.Option(..., "--out", help="Where to write PLAN.json."),
     trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing PLAN.json."),
 ):
     """Write a pruning plan from saved scores and a target architecture."""
     from hyprune import api
 
-    result = _run(api.plan, model, scores, target, out, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    result = _run(api.plan, model, scores, target, out, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
+                  overwrite=overwrite)
     sizes = result.result_sizes()
     out_console.print(f"plan written to {out}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
 
@@ -457,17 +472,23 @@ def report_command(
                                       "eval RESULTS.json, or (with --out) report.json files / folders holding them."),
     out: Optional[str] = typer.Option(None, "--out", help="Compare the runs: a table and a Pareto plot in this "
                                       "folder (report.md, report.json, pareto.png)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ):
     """(Re)write the report of each run, or compare several runs' reports (--out DIR)."""
     from hyprune import report
+    from hyprune.io import check_output, check_writable
 
     if out is None:
+        for path in paths:  # a run's report goes into its own folder (next to an eval RESULTS.json)
+            folder = Path(path).expanduser()
+            _run(check_writable, (folder if folder.is_dir() else folder.parent) / "report.md", "report")
         for path in paths:
             written = _run(report.write_run_report, path)
             out_console.print(f"report: {written['markdown']}", soft_wrap=True)
         return
+    _run(check_output, out, "dir", overwrite, inputs=paths)
     comparison = _run(report.compare_reports, paths)
-    written = comparison.write(out)
+    written = _run(comparison.write, out)
     out_console.print(report.markdown_table(["run", "model", "parameters", "perplexity", "decode tokens/s"],
                                             [[p["run"], p["label"], p.get("parameters"), p.get("perplexity"),
                                               p.get("tokens_per_s")] for p in comparison.points]))

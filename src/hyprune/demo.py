@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from hyprune.checkpoint import atomic_dir
+from hyprune.io import atomic_dir, check_output
 from hyprune.errors import HypruneError
 from hyprune.recipe import Recipe, model_rows, parse_recipe, run_recipe
 
@@ -296,6 +296,7 @@ def run_demo(
     status = Console(stderr=True)
     out = Path(out).expanduser()
     _prepare_out(out, overwrite)
+    check_output(out, "dir", inputs=(), reuse=True)
     out.mkdir(parents=True, exist_ok=True)
     data_dir, teacher_dir = out / "data", out / "teacher"
     train_txt, test_txt = data_dir / "train.txt", data_dir / "test.txt"

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from hyprune.arch.family import Family
 from hyprune.errors import HypruneError
+from hyprune.io import atomic_write_json
 from hyprune.plan import Plan, identity_plan, validate_plan
 
 METHODS = ("block_influence", "angular", "kl", "lm_loss")
@@ -585,7 +586,7 @@ def save_block_scores(result: BlockScores, out_dir: str | Path) -> dict[str, Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / BLOCK_SCORES_FILE}
-    written["json"].write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    atomic_write_json(written["json"], result.to_json())
     plot = plot_block_scores(result, out / BLOCK_PLOT_FILE)
     if plot is not None:
         written["plot"] = plot
@@ -740,7 +741,7 @@ def score_depth(
     renamed into place). ``load_kwargs`` go to `hyprune.models.load_model` (dtype, device, device_map,
     allow_pickle, trust_remote_code, ...). Everything cheap is checked before the weights are read.
     """
-    from hyprune.checkpoint import atomic_dir, check_output_dir
+    from hyprune.io import atomic_dir, check_output
     from hyprune.data import calibration_windows, check_source
     from hyprune.models import load_config, load_model, load_tokenizer
 
@@ -755,7 +756,7 @@ def score_depth(
         raise HypruneError(f"--window must be between 1 and the number of blocks ({num_blocks}); got {window}.")
     check_source(data)
     if out is not None:
-        check_output_dir(out, overwrite, inputs=(model, data))
+        check_output(out, "dir", overwrite, inputs=(model, data))
     tokenizer = load_tokenizer(model, **source)
     windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field, split=split)
     loaded, family = load_model(model, **load_kwargs)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, attention_head_dim
 from hyprune.errors import HypruneError
+from hyprune.io import atomic_write_json
 
 SCORES_FILE = "scores.safetensors"
 SUMMARY_FILE = "scores.json"
@@ -264,7 +265,7 @@ def save_scores(scores: dict[str, torch.Tensor], out_dir: str | Path, summary: d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in scores.items()}, str(out / SCORES_FILE))
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_json(out / SUMMARY_FILE, summary)
     return out
 
 

@@ -70,7 +70,9 @@ class Plan(BaseModel):
 
     # ---- io ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=1, exclude_none=True) + "\n")
+        from hyprune.io import atomic_write_text
+
+        atomic_write_text(path, self.model_dump_json(indent=1, exclude_none=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -36,7 +36,7 @@ from hyprune.distill.train import DistillConfig
 from hyprune.errors import HypruneError
 from hyprune.report import Report, checkpoint_parameters
 from hyprune.report import plots
-from hyprune.report.document import write_text_atomic
+from hyprune.io import atomic_write_json, check_output
 
 RUN_FILE = "hyprune_run.json"
 RUN_FORMAT = "hyprune-run/1"
@@ -233,6 +233,7 @@ def check_inputs(recipe: Recipe) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_FILE).is_file())):
         raise HypruneError(f"Recipe {recipe.name}: output: {out} exists and is not a hyprune run folder; "
                            "pick a new output folder.")
+    checked("output", check_output, out, "dir", False, (recipe.model, *files.values()), True, "output:")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +305,7 @@ class RunRecord:
         return self.data["stages"]
 
     def save(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+        atomic_write_json(self.path, self.data)
 
 
 def run_status(recipe: Recipe) -> dict[str, str]:

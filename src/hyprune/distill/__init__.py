@@ -104,12 +104,15 @@ def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_l
     (``out/report.md``, ``out/report.json``, ``out/training_curves.png``).
     """
     from hyprune.data import check_source
+    from hyprune.io import check_output
     from hyprune.models import load_config, load_tokenizer
 
     cfg = make_config(config, tokens=tokens, seq_len=seq_len, batch=batch)
     out_path = Path(out).expanduser()
     from_cache = Path(data).is_dir() and (Path(data) / "manifest.json").is_file()
     _check_out(out_path, (teacher, student), resume, overwrite)
+    check_output(out_path, "dir", overwrite, inputs=(teacher, student, data, eval_data, config.get("plan")),
+                 reuse=resume)
     s_config, _ = load_config(student, trust_remote_code)
     tokenizer = load_tokenizer(student, trust_remote_code)
     if from_cache:
@@ -172,13 +175,13 @@ def cache_topk_cli(teacher: str, data: str, seq_len: int, k: int, out: str, toke
                    allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False,
                    progress: bool = True) -> Path:
     """``hyprune cache-teacher``: the teacher's top-``k`` log-probs over ``data`` (its own tokenizer) into ``out``."""
-    from hyprune.checkpoint import check_output_dir
     from hyprune.data import check_source
+    from hyprune.io import check_output
     from hyprune.models import load_config, load_tokenizer
 
     load_config(teacher, trust_remote_code)
     check_source(data)
-    check_output_dir(out, overwrite, inputs=(teacher,))
+    check_output(out, "dir", overwrite, inputs=(teacher, data))
     tokenizer = load_tokenizer(teacher, trust_remote_code)
     windows = _windows(tokenizer, data, seq_len, tokens, text_field, split)
     model = _load(teacher, dtype, device, allow_pickle, trust_remote_code)

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hyprune.checkpoint import atomic_dir, check_output_dir
+from hyprune.io import atomic_dir, atomic_write_json, check_output
 from hyprune.errors import HypruneError
 
 CACHE_FORMAT = "hyprune-topk-cache/1"
@@ -56,7 +56,7 @@ def cache_teacher_topk(teacher, windows: torch.Tensor, k: int, out_dir: str | Pa
         raise HypruneError(f"Top-k needs 1 <= k <= vocab size ({vocab}); got k={k}.")
     if windows.dim() != 2 or len(windows) == 0:
         raise HypruneError(f"Windows must be a non-empty [num_windows, seq_len] tensor; got {tuple(windows.shape)}.")
-    out = check_output_dir(out_dir, overwrite)
+    out = check_output(out_dir, "dir", overwrite)
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
@@ -80,7 +80,7 @@ def cache_teacher_topk(teacher, windows: torch.Tensor, k: int, out_dir: str | Pa
         bar.close()
         manifest = {"format": CACHE_FORMAT, "k": k, "seq_len": int(windows.shape[1]), "windows": len(windows),
                     "vocab_size": vocab, "dtype": dtype, "values": "log_probs", "shards": shards}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        atomic_write_json(tmp / "manifest.json", manifest)
     teacher.train(was_training)
     return out
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from hyprune.checkpoint import atomic_dir
+from hyprune.io import atomic_dir
 from hyprune.distill.cache import sha256_file
 from hyprune.errors import HypruneError
 

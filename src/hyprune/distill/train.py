@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hyprune.checkpoint import atomic_dir
+from hyprune.io import atomic_dir
 from hyprune.distill import checkpoints as ckpt
 from hyprune.distill import distributed as dist_utils
 from hyprune.distill.batches import as_windows, batch_indices, micro_batches, rank_slice

@@ -302,7 +302,7 @@ def bench(
     its ratios to the first measured in the same run. See the module docstring for the methods.
     ``load_kwargs`` go to `hyprune.models.load_model` (allow_pickle, trust_remote_code, gguf_file).
     """
-    from hyprune.evaluate.output import check_out_file, write_json
+    from hyprune.io import atomic_write_json, check_output
     from hyprune.models import count_parameters, load_config, load_model, parse_dtype
 
     # 1. arguments, configs, output: before any weights ------------------------------------------
@@ -333,7 +333,7 @@ def bench(
                           f"max_position_embeddings ({limit}); timings there describe an untrained range.",
                           stacklevel=2)
     if out is not None:
-        check_out_file(out, overwrite, inputs=tuple(model_ids))
+        check_output(out, "file", overwrite, inputs=tuple(model_ids))
 
     # 2. models, all resident at once so that runs can alternate ------------------------------------
     models, entries = [], []
@@ -382,7 +382,7 @@ def bench(
         "models": entries, "ratios": [_ratios(entries[0], other) for other in entries[1:]],
     }
     if out is not None:
-        write_json(out, result)
+        atomic_write_json(out, result)
     return result
 
 

@@ -43,7 +43,7 @@ def evaluate(
     """
     from hyprune.data import check_source
     from hyprune.evaluate import harness
-    from hyprune.evaluate.output import check_out_file, write_json
+    from hyprune.io import atomic_write_json, check_output
     from hyprune.evaluate.perplexity import check_window_args, perplexity, perplexity_windows
     from hyprune.models import load_config, load_model, load_tokenizer, parse_dtype
     from hyprune.report import eval_report, eval_report_paths
@@ -77,7 +77,7 @@ def evaluate(
     if data is not None:
         check_source(data)
     if out is not None:
-        check_out_file(out, overwrite, inputs=(model, data))
+        check_output(out, "file", overwrite, inputs=(model, data))
     manager = harness.task_manager(task_names, task_paths) if task_names is not None else None
     tokenizer = load_tokenizer(model, **source)
     windows = None
@@ -95,6 +95,6 @@ def evaluate(
         result.update(harness.run_tasks(loaded, tokenizer, task_names, shots=shots, limit=limit,
                                         batch_size=batch_size, manager=manager))
     if out is not None:
-        write_json(out, result)
+        atomic_write_json(out, result)
         eval_report(out).write(*eval_report_paths(out))
     return result

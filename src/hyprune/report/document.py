@@ -17,33 +17,15 @@ over lm-eval tasks (higher is better), ``tokens_per_s`` decode throughput; absen
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 from hyprune.errors import HypruneError
+from hyprune.io import atomic_write_json, atomic_write_text
 
 REPORT_FORMAT = "hyprune-report/1"
 POINT_KEYS = ("label", "model", "parameters", "perplexity", "accuracy", "tokens_per_s")
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` through a temporary sibling and a rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -132,9 +114,8 @@ class Report:
         written = {}
         for name, (filename, draw, args) in self._figures.items():
             written[name] = draw(*args, out / filename)
-        written["markdown"] = write_text_atomic(out / f"{stem}.md", self.to_markdown())
-        written["json"] = write_text_atomic(out / f"{stem}.json",
-                                            json.dumps(self.to_json(), indent=1, default=str) + "\n")
+        written["markdown"] = atomic_write_text(out / f"{stem}.md", self.to_markdown())
+        written["json"] = atomic_write_json(out / f"{stem}.json", self.to_json())
         return written
 
 

@@ -150,7 +150,8 @@ def search_report(summary: dict, rows: list[dict], out: Path) -> Report:
 def write_outputs(out: Path, family, source_params: int, budget: Budget, candidates, ranked, final_order,
                   records: dict, plan, lat_model, settings: dict, score: str, shapes: int, feasible: int) -> dict:
     """Write plan.json, candidates.json and the report (report.md/json, ranking.png); returns the summary."""
-    from hyprune.search.run import spearman, write_json_atomic
+    from hyprune.io import atomic_write_json
+    from hyprune.search.run import spearman
 
     rows = candidate_rows(candidates, ranked, final_order, records, source_params)
     distilled = [r for r in rows if "distilled" in r]
@@ -173,8 +174,8 @@ def write_outputs(out: Path, family, source_params: int, budget: Budget, candida
         "latency_model": None if lat_model is None else lat_model.to_json(),
         "files": {"plan": "plan.json", "candidates": CANDIDATES_FILE, "report": "report.md", "state": "state.json"},
     }
-    write_json_atomic(out / "plan.json", plan.model_dump(exclude_none=True))
-    write_json_atomic(out / CANDIDATES_FILE, {"source_parameters": source_params, "budget": budget.describe(),
+    atomic_write_json(out / "plan.json", plan.model_dump(exclude_none=True))
+    atomic_write_json(out / CANDIDATES_FILE, {"source_parameters": source_params, "budget": budget.describe(),
                                               "score": score, "candidates": rows})
     search_report(summary, rows, out).write(out)
     return summary

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hyprune.errors import HypruneError
-from hyprune.report.document import write_text_atomic
+from hyprune.io import atomic_write_json, check_output
 from hyprune.search import latency as latency_lib
 from hyprune.search.counting import check_countable, count_parameters
 from hyprune.search.space import (Candidate, add_memory, blocks_to_drop, drop_options, enumerate_shapes,
@@ -41,11 +41,6 @@ SCORING_SETTINGS = ("model", "data", "eval_data", "seq_len", "num_samples", "eva
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON next to ``path`` and rename it into place: a crash leaves the old file or the new one."""
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
 def _slug(candidate_id: str, index: int) -> str:
     return f"{index:03d}-" + re.sub(r"[^A-Za-z0-9]+", "-", candidate_id).strip("-")[:80]
 
@@ -95,10 +90,9 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 # ---------------------------------------------------------------------------------------------
 def _open_run_dir(out: Path, settings: dict, resume: bool, overwrite: bool, inputs: tuple) -> dict:
     """The state to continue from (empty for a new run); refuses a used folder unless resume/overwrite."""
-    from hyprune.checkpoint import check_output_dir
-
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
+        check_output(out, "dir", inputs=inputs, reuse=True)
         state = json.loads(state_path.read_text())
         if state.get("format") != STATE_FORMAT:
             raise HypruneError(f"{state_path} is not a hyprune search state; pick another --out.")
@@ -112,7 +106,7 @@ def _open_run_dir(out: Path, settings: dict, resume: bool, overwrite: bool, inpu
         return state
     if resume:
         raise HypruneError(f"Nothing to resume: {state_path} does not exist. Drop --resume to start a new search.")
-    check_output_dir(out, overwrite, inputs=inputs)
+    check_output(out, "dir", overwrite, inputs=inputs)
     if out.exists() and overwrite:
         shutil.rmtree(out)
     return {"format": STATE_FORMAT, "settings": settings, "candidates": {}}
@@ -220,7 +214,7 @@ def search(
     state = _open_run_dir(out_path, settings, resume, overwrite, inputs=(model, data, eval_data))
     out_path.mkdir(parents=True, exist_ok=True)
     state_path = out_path / STATE_FILE
-    write_json_atomic(state_path, state)
+    atomic_write_json(state_path, state)
 
     # 2. the latency model (measured on this device, random weights) --------------------------------
     lat_model = None
@@ -232,7 +226,7 @@ def search(
             lat_model = latency_lib.build(family, config, shapes, latency_shapes, latency_metric, latency_batch,
                                           latency_context, progress=progress, workdir=out_path,
                                           repeats=latency_repeats)
-            write_json_atomic(lat_path, lat_model.to_json())
+            atomic_write_json(lat_path, lat_model.to_json())
         latency_lib.add_latency(lat_model, family, config, shapes)
         feasible = within_budget(shapes, budget, source_params)
     if budget.memory is None:
@@ -282,7 +276,7 @@ def search(
         small = apply_plan(loaded, plan_for(c), family)
         records[c.id] = {"zero_shot": zero_shot_score(small, held, score, batch_size, teacher_logits)}
         del small
-        write_json_atomic(state_path, state)
+        atomic_write_json(state_path, state)
     ranked = sorted(candidates, key=lambda c: (records[c.id]["zero_shot"], c.id))
 
     # 5. short distillation of the top-k (and of the uniform baseline when asked) ----------------------
@@ -303,7 +297,7 @@ def search(
                                                 batch_size, teacher_logits, records[c.id]["zero_shot"]))
             records[c.id]["distill_dir"] = str(run_dir.relative_to(out_path))
             del student
-            write_json_atomic(state_path, state)
+            atomic_write_json(state_path, state)
 
     # 6. ranking, winner, outputs ----------------------------------------------------------------------
     final_order = sorted(candidates, key=lambda c: (0, records[c.id]["distilled"], c.id) if "distilled" in records[c.id]
