@@ -295,8 +295,8 @@ def run_demo(
     console = console or Console()
     status = Console(stderr=True)
     out = Path(out).expanduser()
+    check_output(out, "dir", reuse=True)  # a file, or a place that cannot be written: before anything is deleted
     _prepare_out(out, overwrite)
-    check_output(out, "dir", inputs=(), reuse=True)
     out.mkdir(parents=True, exist_ok=True)
     data_dir, teacher_dir = out / "data", out / "teacher"
     train_txt, test_txt = data_dir / "train.txt", data_dir / "test.txt"

@@ -87,13 +87,13 @@ def check_output(
         src_path = Path(src).expanduser().resolve()
         if src_path == resolved:
             raise HypruneError(f"{flag} {out} is the input {src}; hyprune never writes over its inputs. "
-                               f"Pick another {flag}.")
+                               f"Pick another {flag.rstrip(':')}.")
         if resolved in src_path.parents:
             raise HypruneError(f"The output folder {out} contains the input {src}; writing there could delete it. "
-                               f"Pick another {flag}.")
+                               f"Pick another {flag.rstrip(':')}.")
         if src_path.is_dir() and src_path in resolved.parents:
             raise HypruneError(f"{flag} {out} is inside the input folder {src}; hyprune never writes into its "
-                               f"inputs. Pick another {flag}.")
+                               f"inputs. Pick another {flag.rstrip(':')}.")
     if kind == "file":
         if out.is_dir():
             raise HypruneError(f"{flag} {out} is a folder; pass a file path such as {out / 'results.json'}.")

@@ -233,7 +233,10 @@ def check_inputs(recipe: Recipe) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_FILE).is_file())):
         raise HypruneError(f"Recipe {recipe.name}: output: {out} exists and is not a hyprune run folder; "
                            "pick a new output folder.")
-    checked("output", check_output, out, "dir", False, (recipe.model, *files.values()), True, "output:")
+    try:
+        check_output(out, "dir", inputs=(recipe.model, *files.values()), reuse=True, flag="output:")
+    except HypruneError as e:
+        raise HypruneError(f"Recipe {recipe.name}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

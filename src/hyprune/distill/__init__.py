@@ -110,9 +110,11 @@ def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_l
     cfg = make_config(config, tokens=tokens, seq_len=seq_len, batch=batch)
     out_path = Path(out).expanduser()
     from_cache = Path(data).is_dir() and (Path(data) / "manifest.json").is_file()
+    # the inputs, a file or an unwritable place first; then a previous run (--resume / --overwrite); then any
+    # other non-empty folder
+    check_output(out_path, "dir", inputs=(teacher, student, data, eval_data, config.get("plan")), reuse=True)
     _check_out(out_path, (teacher, student), resume, overwrite)
-    check_output(out_path, "dir", overwrite, inputs=(teacher, student, data, eval_data, config.get("plan")),
-                 reuse=resume)
+    check_output(out_path, "dir", overwrite, reuse=resume)
     s_config, _ = load_config(student, trust_remote_code)
     tokenizer = load_tokenizer(student, trust_remote_code)
     if from_cache:
