@@ -94,6 +94,14 @@ PHRASES = {
 }
 
 
+def _error_line(stderr: str) -> str:
+    """The one ``error:`` line; only the threads notice (`hyprune.threads`) may come before it."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), stderr
+    assert all(line.startswith("using ") for line in lines[:-1]), stderr
+    return lines[-1]
+
+
 def _phrase(case: str, command: str, kind: str) -> str:
     return PHRASES.get((case, command)) or PHRASES.get((case, kind)) or PHRASES[case]
 
@@ -176,10 +184,9 @@ def test_every_writer_refuses_a_bad_output_before_the_work(command, case, inputs
     assert not isinstance(result.exception, AssertionError), result.exception  # the guard came after the work
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
     assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert _phrase(case, command, kind) in lines[0], lines[0]
-    assert str(out) in lines[0] or out.name in lines[0], lines[0]  # the error names the path
+    line = _error_line(result.stderr)
+    assert _phrase(case, command, kind) in line, line
+    assert str(out) in line, line  # the error names the path
     assert _snapshot(tmp_path, inputs["root"]) == before  # nothing written, nothing replaced, inputs intact
 
 
@@ -232,8 +239,7 @@ def test_a_write_that_fails_after_the_checks_is_one_line_and_leaves_nothing(inpu
     result = runner.invoke(app, ["eval", str(inputs["model"]), "--data", str(inputs["data"]), "--seq-len", "16",
                                  "--num-windows", "2", "--out", str(out), "--quiet"])
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: could not write {out}: No space left"), result.stderr
+    assert _error_line(result.stderr).startswith(f"error: could not write {out}: No space left"), result.stderr
     assert list(tmp_path.iterdir()) == []
     assert _snapshot(inputs["root"]) == before
 
