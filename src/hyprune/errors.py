@@ -18,16 +18,17 @@ def validation_message(where: str, error, allowed=None) -> str:
     parts = []
     for item in error.errors():
         loc = tuple(item.get("loc", ()))
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = ".".join(str(p) for p in loc)
         kind = item.get("type")
         if kind == "extra_forbidden":
             keys = allowed(loc) if allowed is not None else []
-            parts.append(f"field {key}: unknown key" + (f" (allowed here: {', '.join(keys)})" if keys else ""))
+            parts.append(f"field {key or '(top level)'}: unknown key" + (f" (allowed here: {', '.join(keys)})" if keys else ""))
         elif kind == "missing":
-            parts.append(f"field {key}: missing (required)")
+            parts.append(f"field {key or '(top level)'}: missing (required)")
         else:
             message = " ".join(str(item.get("msg", "")).removeprefix("Value error, ").split())
             got = repr(item.get("input"))
             got = got if len(got) <= 60 else got[:57] + "..."
-            parts.append(f"field {key}: {message}" + (f" (got {got})" if kind != "value_error" else ""))
+            field = f"field {key}: " if key else ""  # a check of the whole model names its fields itself
+            parts.append(f"{field}{message}" + (f" (got {got})" if kind != "value_error" else ""))
     return f"{where}: " + "; ".join(parts)
