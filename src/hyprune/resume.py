@@ -119,7 +119,7 @@ def changed_keys(saved: dict, now: dict) -> dict[str, dict]:
 
 def _short(value) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 80 else text[:30] + "..." + text[-47:]  # a path's end tells most
 
 
 def describe_changes(changed: dict[str, dict]) -> str:

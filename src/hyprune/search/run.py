@@ -239,7 +239,8 @@ def search(
                             "repeats": latency_repeats},
                 "model_fingerprint": model_fingerprint(model), "data_fingerprint": file_fingerprint(data),
                 "eval_data_fingerprint": file_fingerprint(eval_data),
-                "load": {k: v for k, v in load_kwargs.items() if k in ("dtype", "gguf_file", "trust_remote_code")}}
+                "load": {"dtype": str(load_kwargs.get("dtype", "float32")), "gguf_file": load_kwargs.get("gguf_file"),
+                         "trust_remote_code": bool(load_kwargs.get("trust_remote_code", False))}}
     state = _open_run_dir(out_path, settings, resume, overwrite, inputs=(model, data, eval_data),
                           allow_changed=allow_changed)
     for note in state.get("notes", []):
