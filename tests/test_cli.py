@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -538,3 +539,115 @@ def test_eval_and_bench_from_cli(nemotron_dir, llama_dir, calib_txt, tmp_path):
     refused = runner.invoke(app, ["eval", str(nemotron_dir), "--data", str(tmp_path / "missing.txt"), "--seq-len",
                                   "32", "--out", str(tmp_path / "x.json")])
     assert refused.exit_code != 0 and "does not exist" in refused.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input gives one line naming the field (issue 11)
+# ---------------------------------------------------------------------------------------------
+def one_line_error(result, *phrases: str) -> str:
+    """A clean refusal whose ``error:`` message is a single line holding every phrase."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("error:"))
+    assert start == len(lines) - 1, f"the error is not one line: {lines[start:]}"
+    for phrase in phrases:
+        assert phrase in lines[start], f"{phrase!r} not in {lines[start]!r}"
+    return lines[start]
+
+
+def _plan_json(tmp_path, nemotron_dir, scores_dir) -> dict:
+    plan_file = tmp_path / "made.json"
+    ok(invoke("plan", nemotron_dir, "--scores", scores_dir, "--target", TARGET, "--out", plan_file))
+    return json.loads(plan_file.read_text())
+
+
+def test_inconsistent_or_unknown_plan_fields_are_one_line_errors(tmp_path, nemotron_dir, scores_dir):
+    good = _plan_json(tmp_path, nemotron_dir, scores_dir)
+    assert good["target"]["hidden_size"] == 24 and len(good["hidden"]) == 24
+    cases = [
+        (lambda p: p["hidden"].pop(), ("target.hidden_size", "says 24", "hidden keeps 23")),
+        (lambda p: p.update(notes="mine"), ("field notes: unknown key", "allowed here:", "hidden")),
+        (lambda p: p["layers"][0].update(headz=[0]), ("field layers.0.headz: unknown key",)),
+        (lambda p: p["hidden"].__setitem__(0, 0.5), ("field hidden.0:", "valid integer", "(got 0.5)")),
+        (lambda p: p.pop("layers"), ("field layers: missing",)),
+    ]
+    for i, (change, phrases) in enumerate(cases):
+        plan = json.loads(json.dumps(good))
+        change(plan)
+        path = tmp_path / f"plan{i}.json"
+        path.write_text(json.dumps(plan))
+        out = tmp_path / f"out{i}"
+        one_line_error(invoke("prune", nemotron_dir, "--plan", path, "--out", out, "--quiet"), *phrases)
+        assert not out.exists()
+
+
+def test_distill_tokens_zero_is_one_line_naming_the_field(tmp_path, nemotron_dir, calib_txt):
+    result = invoke("distill", "--teacher", nemotron_dir, "--student", nemotron_dir, "--data", calib_txt,
+                    "--tokens", "0", "--seq-len", "16", "--out", tmp_path / "kd", "--quiet")
+    one_line_error(result, "Invalid distillation settings: field tokens:", "greater than 0", "(got 0)")
+
+
+def test_distill_resume_changed_lr_is_refused_then_accepted_and_logged(tmp_path, nemotron_dir, calib_txt):
+    run = tmp_path / "kd"
+    args = ["distill", "--teacher", nemotron_dir, "--student", nemotron_dir, "--data", calib_txt, "--tokens",
+            str(16 * 2 * 4), "--seq-len", "16", "--batch", "2", "--out", run, "--checkpoint-every", "2",
+            "--eval-every", "0", "--warmup-steps", "1", "--lr", "1e-4", "--quiet"]
+    one_line_error(invoke(*args, "--resume"), "Nothing to resume", "Drop --resume")
+    ok(invoke(*args))
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    shutil.rmtree(run / "final")
+    one_line_error(invoke(*args[:-3], "--lr", "0.001", "--quiet", "--resume"),
+                   "changed since the saved run: lr", "0.0001 -> 0.001", "--resume-changed")
+    other = tmp_path / "other.txt"
+    other.write_text(calib_txt.read_text() + "\nmore text\n")
+    moved = [other if a == calib_txt else a for a in args]
+    one_line_error(invoke(*moved, "--resume"), "changed since the saved run: data", "data.path")
+    result = ok(invoke(*args[:-3], "--lr", "0.001", "--quiet", "--resume-changed"))
+    assert "resuming with changed settings (--resume-changed): lr 0.0001 -> 0.001" in squash(result.stderr)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r for r in log if r.get("event")] == [
+        {"event": "resume_changed", "step": 2, "from": str(run / "checkpoints" / "step-00000002"),
+         "changed": {"lr": {"was": 1e-4, "now": 1e-3}}}]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_finetune_resume_changed_flag(tmp_path, nemotron_dir, calib_txt):
+    run = tmp_path / "ft"
+    args = ["finetune", nemotron_dir, "--data", calib_txt, "--tokens", str(16 * 2 * 4), "--seq-len", "16",
+            "--batch", "2", "--out", run, "--checkpoint-every", "2", "--eval-every", "0", "--quiet"]
+    one_line_error(invoke(*args, "--resume"), "Nothing to resume")
+    ok(invoke(*args))
+    shutil.rmtree(run / "final")
+    one_line_error(invoke(*args, "--seed", "4", "--resume"), "changed since the saved run: seed")
+    ok(invoke(*args, "--seed", "4", "--resume-changed"))
+
+
+def test_undecodable_text_data_is_refused_with_the_count(tmp_path, nemotron_dir, calib_txt):
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
+    out = tmp_path / "out"
+    line = one_line_error(invoke("prune", nemotron_dir, "--data", noise, "--target", "hidden_size=24", "--out", out,
+                                 *FAST), f"{noise} is not UTF-8 text: byte ", "byte sequence(s) in 4,096 bytes")
+    assert int(re.search(r"\((\d+) undecodable byte sequence", line).group(1)) > 100  # random bytes: many bad sequences
+    assert not out.exists()
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    one_line_error(invoke("prune", nemotron_dir, "--data", latin, "--target", "hidden_size=24", "--out", out, *FAST),
+                   "is not UTF-8 text: byte 30 (0xe9, line 2) does not decode", "(1 undecodable byte sequence(s) in 34 bytes)")
+    binary = tmp_path / "zeros.txt"
+    binary.write_bytes(calib_txt.read_bytes() + b"\x00" * 10)
+    one_line_error(invoke("prune", nemotron_dir, "--data", binary, "--target", "hidden_size=24", "--out", out, *FAST),
+                   "10 NUL bytes", "binary, not text")
+
+
+def test_auto_map_without_trust_remote_code_warns_and_is_dropped(tmp_path, nemotron_dir, calib_txt):
+    model = tmp_path / "with-auto-map"
+    shutil.copytree(nemotron_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="auto_map.*without --trust-remote-code it was not run"):
+        ok(invoke("prune", model, "--data", calib_txt, "--target", "hidden_size=24", "--out", out, *FAST))
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert "auto_map" in json.loads((model / "config.json").read_text())  # the input is untouched

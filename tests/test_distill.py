@@ -13,6 +13,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +27,9 @@ from transformers import AutoModelForCausalLM
 
 from hyprune.distill import (DistillConfig, TopKCache, block_map_from_plan, cache_teacher_topk, check_vocab, distill,
                              distill_cli, finetune, forward_kl, generalized_jsd, hidden_state_loss, reverse_kl,
-                             topk_forward_kl, topk_loss)
+                             make_config, topk_forward_kl, topk_loss)
 from hyprune.distill import checkpoints as ckpt
+from hyprune.distill import train as distill_train
 from hyprune.errors import HypruneError
 
 from distill_helpers import (DDP_CONFIG, KILL_CONFIG, VOCAB, random_windows, state_of, teacher_and_student,
@@ -475,3 +477,99 @@ def test_distill_cli_from_files(tmp_path, nemotron_dir, calib_txt):
         distill_cli(str(nemotron_dir), str(nemotron_dir), str(calib_txt), tokens=64, seq_len=32, batch=2,
                     out=str(tmp_path / "x"), lr=-1)
     assert DistillConfig(tokens=10, seq_len=2).total_steps() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume compares everything that shapes the result (issue 11)
+# ---------------------------------------------------------------------------------------------
+def _one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_resume_refuses_changed_settings_and_data_and_accepts_them_when_asked(tmp_path):
+    cfg = dict(QUICK, tokens=4 * 4 * 16, checkpoint_every=2, keep_last=3)
+    windows = random_windows(8, 16)
+    out = tmp_path / "run"
+    teacher, student = teacher_and_student()
+    distill(teacher, student, windows, cfg, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # back to the middle of the run
+    shutil.rmtree(out / "final")
+    for change, key in ((dict(lr=1e-3), "lr"), (dict(betas=(0.8, 0.9)), "betas"), (dict(tokens=6 * 4 * 16), "tokens"),
+                        (dict(loss="jsd"), "loss"), (dict(warmup_steps=1), "warmup_steps"),
+                        (dict(weight_decay=0.1), "weight_decay")):
+        teacher, student = teacher_and_student()
+        with pytest.raises(HypruneError) as e:
+            distill(teacher, student, windows, {**cfg, **change}, out, resume=True)
+        message = _one_line_error(e)
+        assert f"changed since the saved run: {key} (" in message and "--resume-changed" in message
+    teacher, student = teacher_and_student()
+    with pytest.raises(HypruneError) as e:  # other data, same shape
+        distill(teacher, student, random_windows(8, 16, seed=5), cfg, out, resume=True)
+    assert "data_windows" in _one_line_error(e)
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]  # nothing was touched by the refusals
+    # settings that do not shape the weights may change freely
+    teacher, student = teacher_and_student()
+    summary = distill(teacher, student, windows, {**cfg, "log_every": 2, "keep_last": 2}, tmp_path / "run", resume=True)
+    assert summary["resumed_from"].endswith("step-00000002") and summary["changed_on_resume"] is None
+    # the flag that accepts a change: the new lr takes effect, and the change is on record
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    shutil.rmtree(out / "final")
+    teacher, student = teacher_and_student()
+    summary = distill(teacher, student, windows, {**cfg, "lr": 1e-3, "min_lr": 1e-4}, out, resume=True,
+                      allow_changed=True)
+    assert summary["changed_on_resume"]["lr"] == {"was": 3e-3, "now": 1e-3}
+    log = _log(out)
+    event = next(r for r in log if r.get("event") == "resume_changed")
+    assert event["step"] == 2 and set(event["changed"]) == {"lr", "min_lr"}
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    factor = distill_train._lr_lambda(DistillConfig(**{**cfg, "lr": 1e-3, "min_lr": 1e-4}), 4)
+    assert steps[2]["lr"] == pytest.approx(1e-3 * factor(2)) and steps[3]["lr"] == pytest.approx(1e-4)
+    saved = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert saved["config"]["lr"] == 1e-3 and "data_windows" in saved["inputs"]
+    from hyprune.report import write_run_report  # the report of the run still builds, and names the change
+
+    write_run_report(out)
+    assert "changed settings" in (out / "report.md").read_text()
+
+
+def test_resume_without_a_checkpoint_refuses_like_search(tmp_path):
+    teacher, student = teacher_and_student()
+    with pytest.raises(HypruneError) as e:
+        distill(teacher, student, random_windows(8, 16), dict(QUICK, tokens=64), tmp_path / "new", resume=True)
+    message = _one_line_error(e)
+    assert message.startswith("Nothing to resume") and "Drop --resume" in message
+    assert not (tmp_path / "new" / "log.jsonl").exists()
+
+
+def test_finetune_resume_compares_settings_too(tmp_path):
+    cfg = dict(QUICK, tokens=4 * 4 * 16, checkpoint_every=2)
+    _, model = teacher_and_student()
+    finetune(model, random_windows(8, 16), cfg, tmp_path / "ft")
+    shutil.rmtree(tmp_path / "ft" / "checkpoints" / "step-00000004")
+    shutil.rmtree(tmp_path / "ft" / "final")
+    _, model = teacher_and_student()
+    with pytest.raises(HypruneError) as e:
+        finetune(model, random_windows(8, 16), {**cfg, "seed": 3}, tmp_path / "ft", resume=True)
+    assert "seed" in _one_line_error(e)
+    _, model = teacher_and_student()
+    summary = finetune(model, random_windows(8, 16), {**cfg, "seed": 3}, tmp_path / "ft", resume=True,
+                       allow_changed=True)
+    assert summary["changed_on_resume"] == {"seed": {"was": 0, "now": 3}}
+
+
+def test_distill_settings_errors_are_one_line_naming_the_field():
+    with pytest.raises(HypruneError) as e:
+        make_config(tokens=0, seq_len=16)
+    message = _one_line_error(e)
+    assert message.startswith("Invalid distillation settings: field tokens: Input should be greater than 0")
+    assert "(got 0)" in message
+    with pytest.raises(HypruneError) as e:
+        make_config(tokens=10, seq_len=16, batch=0, loss="kl")
+    message = _one_line_error(e)
+    assert "field batch: Input should be greater than or equal to 1 (got 0)" in message and "field loss:" in message
+    with pytest.raises(HypruneError) as e:
+        make_config(tokens=10, seq_len=16, lr=1e-5, min_lr=1e-4)
+    assert _one_line_error(e) == "Invalid distillation settings: min_lr (0.0001) must not exceed lr (1e-05)"

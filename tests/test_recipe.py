@@ -177,3 +177,13 @@ def test_an_interrupted_distillation_resumes_from_its_checkpoint(tmp_path, nemot
     assert run_status(recipe) == {"prune": "skip", "distill": "skip", "report": "skip"}
     assert RunRecord(out).stages["distill"]["fingerprint"] == fingerprints(recipe)["distill"]
     assert log[-1]["step"] == 3
+
+
+def test_schema_errors_are_one_line_listing_every_bad_key(tmp_path):
+    recipe = _tiny(tmp_path / "m", tmp_path / "d.txt", tmp_path / "out")
+    recipe["distill"].update(lrr=1.0)
+    recipe["prune"].update(seq_len="long")
+    with pytest.raises(HypruneError) as e:
+        load_recipe(_write(tmp_path / "r.yaml", recipe))
+    message = str(e.value)
+    assert "\n" not in message and "field distill.lrr: unknown key" in message and "field prune.seq_len:" in message

@@ -455,3 +455,35 @@ def test_search_runs_end_to_end(name, budget, calib_txt, tiny_tokenizer, tmp_pat
     model = build_model(config)
     pruned = apply_plan(model, load_plan_for(tmp_path / "out" / "plan.json", family, config), family)
     assert real_count(pruned, family)["total"] == winner["parameters"]
+
+
+def test_search_resume_compares_every_setting_and_resume_changed_records_it(nemotron_dir, calib_txt, tmp_path):
+    common = dict(target_ratio=0.6, max_candidates=2, drop_blocks="0", **FAST)
+    out = tmp_path / "search"
+    run_lib.search(str(nemotron_dir), str(calib_txt), str(out), **common)
+    for change, key in ((dict(max_candidates=3), "max_candidates"), (dict(target_ratio=0.5), "budget"),
+                        (dict(text_field="body"), "text_field"), (dict(latency_repeats=5), "latency")):
+        with pytest.raises(HypruneError) as e:
+            run_lib.search(str(nemotron_dir), str(calib_txt), str(out), resume=True, **{**common, **change})
+        assert "\n" not in str(e.value) and f"changed since the saved run: {key}" in str(e.value)
+        assert "--resume-changed" in str(e.value)
+    other = tmp_path / "other.txt"
+    other.write_text(calib_txt.read_text())
+    with pytest.raises(HypruneError, match="changed since the saved run: data, data_fingerprint .*other.txt"):
+        run_lib.search(str(nemotron_dir), str(other), str(out), resume=True, **common)
+    # the speed of the scoring passes is free to change
+    run_lib.search(str(nemotron_dir), str(calib_txt), str(out), resume=True, **{**common, "batch_size": 2})
+    result = invoke("search", nemotron_dir, "--data", calib_txt, "--target-ratio", "0.6", "--out", out,
+                    "--max-candidates", "3", "--drop-blocks", "0", "--resume-changed", *FAST_CLI)
+    assert result.exit_code == 0, result.output
+    assert "note: Resumed with changed settings (--resume-changed): max_candidates 2 -> 3" in result.stdout
+    state = json.loads((out / "state.json").read_text())
+    assert state["changed_on_resume"] == [{"max_candidates": {"was": 2, "now": 3}}]
+    assert state["settings"]["max_candidates"] == 3
+    assert any("max_candidates 2 -> 3" in n for n in json.loads((out / "report.json").read_text())["data"]["notes"])
+
+
+def test_search_resume_without_state_refuses(nemotron_dir, calib_txt, tmp_path):
+    with pytest.raises(HypruneError, match="Nothing to resume.*Drop --resume"):
+        run_lib.search(str(nemotron_dir), str(calib_txt), str(tmp_path / "none"), resume=True, target_ratio=0.6,
+                       max_candidates=2, **FAST)

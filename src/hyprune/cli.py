@@ -272,6 +272,8 @@ KeepLast = typer.Option(2, "--keep-last", help="Checkpoints kept.")
 EvalEvery = typer.Option(200, "--eval-every", help="Steps between held-out perplexity evaluations.")
 EvalData = typer.Option(None, "--eval-data", help="Held-out text (default: the tail of --data).")
 Resume = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in --out.")
+ResumeChanged = typer.Option(False, "--resume-changed", help="--resume even though settings or inputs changed "
+                             "since the saved run (the changes are printed and logged).")
 ActCkpt = typer.Option(False, "--activation-checkpointing", help="Recompute activations in backward.")
 Precision = typer.Option("auto", "--precision", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
 
@@ -299,7 +301,7 @@ def distill(
     seq_len: int = typer.Option(..., "--seq-len", help="Tokens per training window."),
     batch: int = TrainBatch,
     out: str = typer.Option(..., "--out", help="Run folder: final/, checkpoints/, log.jsonl."),
-    resume: bool = Resume,
+    resume: bool = Resume, resume_changed: bool = ResumeChanged,
     loss: str = typer.Option("forward_kl", "--loss", help="forward_kl, reverse_kl, jsd or ce."),
     temperature: float = typer.Option(1.0, "--temperature"),
     beta: float = typer.Option(0.5, "--beta", help="JSD mixture weight."),
@@ -321,7 +323,8 @@ def distill(
     if teacher is None and not (data and Path(data).is_dir()):
         _run(_fail, "distill needs --teacher (or --data pointing at a top-k cache from `hyprune cache-teacher`).")
     with _hf_progress(not quiet):
-        summary = _run(distill_cli, teacher, student, data, tokens, seq_len, batch, out, resume, eval_data=eval_data,
+        summary = _run(distill_cli, teacher, student, data, tokens, seq_len, batch, out, resume or resume_changed,
+                       allow_changed=resume_changed, eval_data=eval_data,
                        text_field=text_field, split=split, dtype=dtype, device=device, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, overwrite=overwrite, loss=loss, temperature=temperature,
                        beta=beta, ce_weight=ce_weight, hidden_loss=hidden_loss, plan=plan_file, fsdp=fsdp,
@@ -338,7 +341,7 @@ def finetune(
     seq_len: int = typer.Option(..., "--seq-len", help="Tokens per training window."),
     batch: int = TrainBatch,
     out: str = typer.Option(..., "--out", help="Run folder: final/, checkpoints/, log.jsonl."),
-    resume: bool = Resume, eval_data: Optional[str] = EvalData,
+    resume: bool = Resume, resume_changed: bool = ResumeChanged, eval_data: Optional[str] = EvalData,
     micro_batch: Optional[int] = MicroBatch, lr: float = Lr, min_lr: float = MinLr, warmup_steps: int = Warmup,
     checkpoint_every: int = CkptEvery, keep_last: int = KeepLast, eval_every: int = EvalEvery,
     activation_checkpointing: bool = ActCkpt, precision: str = Precision,
@@ -350,7 +353,8 @@ def finetune(
     from hyprune.distill import finetune_cli
 
     with _hf_progress(not quiet):
-        summary = _run(finetune_cli, model, data, tokens, seq_len, batch, out, resume, eval_data=eval_data,
+        summary = _run(finetune_cli, model, data, tokens, seq_len, batch, out, resume or resume_changed,
+                       allow_changed=resume_changed, eval_data=eval_data,
                        text_field=text_field, split=split, dtype=dtype, device=device, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, overwrite=overwrite,
                        **_train_options(micro_batch, lr, min_lr, warmup_steps, checkpoint_every, keep_last,
@@ -556,6 +560,7 @@ def search(
     latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size of the latency model."),
     latency_repeats: int = typer.Option(3, "--latency-repeats", help="Timings per measured shape (medians)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the search in --out; finished candidates are kept."),
+    resume_changed: bool = ResumeChanged,
     seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
     text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
     allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote, overwrite: bool = Overwrite,
@@ -577,7 +582,8 @@ def search(
                       eval_data=eval_data, eval_windows=eval_windows, seq_len=seq_len, num_samples=num_samples,
                       batch_size=batch_size, seed=seed, latency=latency, latency_shapes=latency_shapes,
                       latency_metric=latency_metric, latency_context=latency_context, latency_batch=latency_batch,
-                      latency_repeats=latency_repeats, text_field=text_field, split=split, resume=resume,
+                      latency_repeats=latency_repeats, text_field=text_field, split=split,
+                      resume=resume or resume_changed, allow_changed=resume_changed,
                       overwrite=overwrite, progress=not quiet,
                       **_load_kwargs(dtype, device, None, allow_pickle, trust_remote_code))
     for note in report["notes"]:

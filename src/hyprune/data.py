@@ -31,9 +31,35 @@ def _suffix(path: Path) -> str:
 
 
 def _open_text(path: Path):
+    """Strict UTF-8: bytes that do not decode raise (see `_not_utf8`), they are never replaced."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
+    return open(path, encoding="utf-8", errors="strict")
+
+
+def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError) -> HypruneError:
+    """One line: where the first undecodable byte is and how many there are (random bytes, another encoding)."""
+    bad = data.decode("utf-8", errors="replace").count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    line = data.count(b"\n", 0, error.start) + 1
+    return HypruneError(
+        f"{path} is not UTF-8 text: byte {error.start} (0x{data[error.start]:02x}, line {line}) does not decode "
+        f"({max(bad, 1)} undecodable byte sequence(s) in {len(data):,} bytes). Calibrating on it would use noise: convert "
+        "it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or pass another file.")
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as strict UTF-8; a file that does not decode, or holds NUL bytes, is refused."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data, e) from None
+    if "\x00" in text:
+        raise HypruneError(f"{path} holds {text.count(chr(0)):,} NUL bytes (the first at character {text.index(chr(0))}): "
+                           "it is binary, not text. Pass a text file.")
+    return text
 
 
 def check_source(source: str | Path) -> None:
@@ -65,20 +91,7 @@ def read_documents(
         return
     kind = _suffix(path)
     if kind in (".jsonl", ".json"):
-        with _open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise HypruneError(f"{path} line {n} is not JSON; .jsonl needs one object per line.") from None
-                if text_field not in row:
-                    raise HypruneError(
-                        f"{path} line {n} has no '{text_field}' field (fields: {', '.join(row)}). "
-                        "Pass --text-field NAME."
-                    )
-                yield str(row[text_field])
+        yield from _jsonl_documents(path, text_field)
     elif kind == ".parquet":
         import pyarrow.parquet as pq
 
@@ -87,12 +100,43 @@ def read_documents(
             raise HypruneError(f"{path} has no '{text_field}' column ({table.column_names}). Pass --text-field NAME.")
         yield from (str(t) for t in table.column(text_field).to_pylist())
     else:
-        with _open_text(path) as f:
-            text = f.read()
+        text = _read_text(path)
         if separator and separator in text:
             yield from (doc for doc in text.split(separator) if doc.strip())
         else:
             yield text
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise HypruneError(f"{path} line {n} is not JSON; .jsonl needs one object per line.") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                    raise HypruneError(
+                        f"{path} line {n} has no '{text_field}' field (fields: {fields}). "
+                        "Pass --text-field NAME."
+                    )
+                yield str(row[text_field])
+    except UnicodeDecodeError as e:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        raise _not_utf8(path, data, _first_error(data) or e) from None
+
+
+def _first_error(data: bytes) -> UnicodeDecodeError | None:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e
+    return None
 
 
 def _dataset_documents(name: str, text_field: str, split: str) -> Iterator[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +52,26 @@ def load_config(model_id: str | os.PathLike, trust_remote_code: bool = False, gg
         raise
     except Exception as e:  # transformers raises many types here (OSError, ValueError, KeyError, ...)
         raise HypruneError(f"Could not read the config of {model_id}: {e}") from None
-    return config, family_for_config(config)
+    family = family_for_config(config)
+    if not trust_remote_code:
+        drop_remote_code_map(config, model_id)
+    return config, family
+
+
+def drop_remote_code_map(config, model_id) -> None:
+    """Without ``trust_remote_code`` a config's ``auto_map`` (classes in the checkpoint's own .py files) is unused.
+
+    No remote code runs (transformers' built-in classes load the model); say so, and drop the map
+    from the config, so a saved (pruned, distilled) model does not point at code files it lacks.
+    """
+    auto_map = getattr(config, "auto_map", None)
+    if not auto_map:
+        return
+    warnings.warn(f"{model_id} names its own modeling code (auto_map: {', '.join(sorted(auto_map))}); without "
+                  "--trust-remote-code it was not run: transformers' built-in "
+                  f"{getattr(config, 'model_type', '?')} classes load the model, and the saved output drops auto_map.",
+                  stacklevel=3)
+    config.__dict__.pop("auto_map", None)
 
 
 def looks_like_local_path(text: str) -> bool:
@@ -108,6 +128,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(model_id), **kwargs)
     except Exception as e:
         raise HypruneError(f"Could not load the weights of {model_id}: {e}") from None
+    if not trust_remote_code:
+        model.config.__dict__.pop("auto_map", None)  # see drop_remote_code_map (load_config above warned)
     model.eval()
     return model, family
 

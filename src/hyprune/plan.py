@@ -25,16 +25,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, expert_groups
-from hyprune.errors import HypruneError
+from hyprune.errors import HypruneError, validation_message
 
 PLAN_FORMAT = "hyprune-plan/1"
 
 
 class LayerPlan(BaseModel):
     """What one source block keeps. Which fields are set depends on ``kind``."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key would silently keep everything
 
     # transformer = attention + MLP (dense); "mamba+mlp" / "attention+mlp" = one hybrid decoder layer (Bamba);
     # parallel = attention and Mamba side by side, then MLP (FalconH1); moe = routed experts (+ a shared expert);
@@ -56,6 +58,8 @@ class LayerPlan(BaseModel):
 
 
 class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # unknown keys are refused, as in recipes
+
     format: Literal["hyprune-plan/1"] = PLAN_FORMAT
     family: str
     method: str = "activation"
@@ -82,7 +86,7 @@ class Plan(BaseModel):
         try:
             return cls.model_validate_json(path.read_text())
         except ValidationError as e:
-            raise HypruneError(f"{path} is not a valid hyprune plan:\n{e}") from None
+            raise HypruneError(validation_message(f"{path} is not a valid hyprune plan", e, _plan_keys)) from None
 
     # ---- derived sizes -----------------------------------------------------------------------
     def kept_blocks(self) -> list[int]:
@@ -490,6 +494,42 @@ def identity_plan(family: Family, config) -> Plan:
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
+def _plan_keys(loc: tuple) -> list[str]:
+    """The keys a plan accepts where ``loc`` points (for 'unknown key' messages)."""
+    model = LayerPlan if loc and loc[0] == "layers" else Plan
+    return sorted(model.model_fields)
+
+
+# the plan field whose index lists give each axis its size (for messages)
+_AXIS_LISTS = {"hidden": "hidden", "ffn": "layers[].ffn", "attention_heads": "layers[].query_heads",
+               "kv_heads": "layers[].kv_heads", "mamba_heads": "layers[].heads", "mamba_head_dim": "layers[].head_dim",
+               "ssm_state": "layers[].state", "mamba_groups": "layers[].groups", "experts": "layers[].experts",
+               "expert_ffn": "layers[].expert_ffn", "shared_expert_ffn": "layers[].shared_ffn",
+               "mamba_expand": "layers[].inner"}
+# the LayerPlan field that shows a kept layer has the part an axis sizes (None: every plan has it)
+_AXIS_FIELD = {"hidden": None, "ffn": "ffn", "attention_heads": "query_heads", "kv_heads": "kv_heads",
+               "mamba_heads": "heads", "mamba_head_dim": "head_dim", "ssm_state": "state", "mamba_groups": "groups",
+               "experts": "experts", "expert_ffn": "expert_ffn", "shared_expert_ffn": "shared_ffn",
+               "mamba_expand": "inner"}
+
+
+def _check_target(plan: Plan, family: Family, result: dict[str, int]) -> None:
+    """The sizes the index lists give must be the ones ``target`` states (the saved plan would lie otherwise)."""
+    kept = [plan.layers[i] for i in plan.kept_blocks()]
+    for field_name, value in plan.target.items():
+        for axis in family.field_to_axes(field_name):
+            if axis not in result:
+                continue
+            field = _AXIS_FIELD.get(axis)
+            if field is not None and not any(getattr(lp, field) is not None for lp in kept):
+                continue  # no kept layer has this part: the target cannot show in the lists
+            if result[axis] != value:
+                raise HypruneError(
+                    f"Plan field target.{field_name}: says {value}, but {_AXIS_LISTS.get(axis, axis)} keeps "
+                    f"{result[axis]} indices. Fix the index lists or the target so they agree (or make a new plan with "
+                    "`hyprune plan`).")
+
+
 def _check_indices(where: str, values: list[int] | None, bound: int) -> list[int]:
     if values is None:
         raise HypruneError(f"Plan {where}: missing.")
@@ -614,6 +654,7 @@ def validate_plan(plan: Plan, family: Family, config) -> None:
     if MOE in family.part_kinds(config):
         check_expert_alignment(family, config, plan.result_sizes())
     result = plan.result_sizes()
+    _check_target(plan, family, result)
     _check_shared_fields(family, result)
     for axis, reason in family.fixed_axes.items():
         if result[axis] != s[axis]:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hyprune.distill.train import DistillConfig
-from hyprune.errors import HypruneError
+from hyprune.errors import HypruneError, validation_message
 from hyprune.report import Report, checkpoint_parameters
 from hyprune.report import plots
 from hyprune.io import atomic_write_json, check_output
@@ -163,20 +163,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 
 def _format_errors(source: str, error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc)
-            lines.append(f"  {key}: unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else ""))
-        elif item["type"] == "missing":
-            lines.append(f"  {key}: missing (required)")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {message} (got {item.get('input')!r})" if item["type"] != "value_error"
-                         else f"  {key}: {message}")
-    return f"Invalid recipe {source}:\n" + "\n".join(lines)
+    return validation_message(f"Invalid recipe {source}", error, allowed=_allowed_keys)
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -419,7 +406,11 @@ def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resum
     settings = d.model_dump(exclude={"data", "eval_data", "text_field", "tokens", "seq_len", "batch", "progress"})
     if d.hidden_loss and d.plan is None and d.block_map is None:
         settings["plan"] = str(out / "pruned" / "plan.json")
-    resume = resuming and (out / "distill" / "checkpoints").is_dir()
+    from hyprune.distill.checkpoints import check_checkpoint, list_checkpoints
+
+    # resume only onto a complete checkpoint: `distill --resume` refuses a folder without one
+    resume = resuming and any(check_checkpoint(p, deep=False) is None
+                              for _, p in list_checkpoints(out / "distill" / "checkpoints"))
     return distill_cli(recipe.model, str(out / "pruned"), d.data, d.tokens, d.seq_len, d.batch, str(out / "distill"),
                        resume=resume, eval_data=d.eval_data, text_field=d.text_field, overwrite=not resume,
                        progress=progress, **_load_kwargs(recipe, device_map=False), **settings)

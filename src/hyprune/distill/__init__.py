@@ -93,7 +93,8 @@ def _load(model_id: str, dtype, device, allow_pickle, trust_remote_code):
 def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_len: int, batch: int, out: str,
                 resume: bool = False, *, eval_data: str | None = None, heldout: bool = True, text_field: str = "text",
                 split: str = "train", dtype: str = "float32", device: str | None = None, allow_pickle: bool = False,
-                trust_remote_code: bool = False, overwrite: bool = False, **config) -> dict:
+                trust_remote_code: bool = False, overwrite: bool = False, allow_changed: bool = False,
+                **config) -> dict:
     """``hyprune distill``: load teacher and student, read ``data``, distill, write ``out/final``.
 
     ``data`` is a text file (.txt/.jsonl/.parquet or a datasets name), tokenized with the student's
@@ -102,6 +103,10 @@ def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_l
     ``micro_batch``, ``loss``, ``checkpoint_every``, ``plan``, ...). Writes ``out/final`` (HF
     checkpoint + tokenizer), ``out/checkpoints/step-XXXXXXXX/``, ``out/log.jsonl`` and the run's report
     (``out/report.md``, ``out/report.json``, ``out/training_curves.png``).
+
+    ``resume`` continues ``out``'s newest checkpoint; it is refused when the settings that shape the
+    result or the teacher, student (the path given, not the checkpoint) or data differ from the saved
+    run's, unless ``allow_changed`` (``--resume-changed``), which logs the changes.
     """
     from hyprune.data import check_source
     from hyprune.io import check_output
@@ -143,8 +148,18 @@ def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_l
     load = dict(dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     teacher_model = _load(teacher, **load) if (teacher is not None and not from_cache and cfg.loss != "ce") else None
     student_model = _load(student, **load)
+    from hyprune.resume import file_fingerprint, model_fingerprint
+
+    uses_teacher = teacher is not None and not from_cache and cfg.loss != "ce"
+    fingerprints = {"student": model_fingerprint(student), "data": file_fingerprint(data), "text_field": text_field,
+                    "split": split, "dtype": dtype}
+    if cfg.plan is not None:
+        fingerprints["plan_file"] = file_fingerprint(cfg.plan)
+    if uses_teacher:
+        fingerprints["teacher"] = model_fingerprint(teacher)
     summary = distill(teacher_model, student_model, train_data, cfg, out_path, eval_windows=eval_windows,
-                      resume=resume, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, overwrite=overwrite)
+                      resume=resume, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, overwrite=overwrite,
+                      allow_changed=allow_changed, fingerprints=fingerprints)
     _write_report(out_path)
     return summary
 

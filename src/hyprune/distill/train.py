@@ -47,8 +47,9 @@ from hyprune.distill.batches import as_windows, batch_indices, micro_batches, ra
 from hyprune.distill.cache import TopKCache
 from hyprune.distill.losses import (block_list, block_map_from_plan, capture_block_outputs, combine_with_hidden,
                                     hidden_state_loss, logit_loss, next_token_ce, topk_loss)
-from hyprune.errors import HypruneError
+from hyprune.errors import HypruneError, validation_message
 from hyprune.evaluate import perplexity
+from hyprune.resume import check_resume, describe_changes, tensor_fingerprint
 
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -100,6 +101,17 @@ class DistillConfig(BaseModel):
     def total_steps(self) -> int:
         return max(1, math.ceil(self.tokens / (self.batch * self.seq_len)))
 
+    def resume_settings(self) -> dict:
+        """The settings a resumed run must share with the run it continues (see `NOT_COMPARED_ON_RESUME`)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in NOT_COMPARED_ON_RESUME}
+
+
+# Settings that do not shape the trained weights (how often to save, evaluate and log; memory-saving
+# switches that compute the same steps), so a resumed run may change them freely. Every other field
+# (and every field added later) is compared on resume.
+NOT_COMPARED_ON_RESUME = frozenset({"micro_batch", "checkpoint_every", "keep_last", "eval_every", "eval_windows",
+                                    "eval_batch", "log_every", "activation_checkpointing", "fsdp", "progress"})
+
 
 def make_config(config: DistillConfig | dict | None = None, **overrides) -> DistillConfig:
     """A `DistillConfig` from a config, a dict and/or keyword overrides; bad values are a `HypruneError`."""
@@ -108,7 +120,7 @@ def make_config(config: DistillConfig | dict | None = None, **overrides) -> Dist
     try:
         return DistillConfig(**data)
     except ValidationError as e:
-        raise HypruneError(f"Invalid distillation settings:\n{e}") from None
+        raise HypruneError(validation_message("Invalid distillation settings", e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +128,8 @@ def make_config(config: DistillConfig | dict | None = None, **overrides) -> Dist
 # ---------------------------------------------------------------------------------------------
 def distill(teacher, student, data, config: DistillConfig | dict, out_dir: str | Path,
             eval_windows: torch.Tensor | None = None, resume: bool = False, tokenizer=None,
-            teacher_tokenizer=None, overwrite: bool = False) -> dict:
+            teacher_tokenizer=None, overwrite: bool = False, allow_changed: bool = False,
+            fingerprints: dict | None = None) -> dict:
     """Distill ``teacher`` into ``student`` (trained in place) and save it to ``out_dir/final``.
 
     Args:
@@ -128,26 +141,35 @@ def distill(teacher, student, data, config: DistillConfig | dict, out_dir: str |
         out_dir: receives ``final/``, ``checkpoints/step-XXXXXXXX/``, ``log.jsonl`` (and ``tensorboard/``).
         eval_windows: held-out ``[n, L]`` windows; student perplexity every ``eval_every`` steps and at
             the end, next to the teacher's (computed once).
-        resume: continue from the newest valid checkpoint in ``out_dir/checkpoints``.
+        resume: continue from the newest valid checkpoint in ``out_dir/checkpoints``; refused when there
+            is none, or when the settings that shape the result or the inputs' fingerprints differ from
+            the checkpoint's.
         tokenizer: the student's tokenizer; saved with the final student, and its length is the
             common vocabulary when the two models' embedding tables differ only in padding rows.
         teacher_tokenizer: the teacher's, when it may differ (default: the same as ``tokenizer``).
         overwrite: discard a previous run in ``out_dir`` instead of refusing.
+        allow_changed: with ``resume``, continue even when settings or inputs changed (``--resume-changed``);
+            the changes are printed and recorded in ``log.jsonl`` (an ``"event": "resume_changed"`` line),
+            and the new settings (lr schedule, optimizer settings) take effect from the resumed step.
+        fingerprints: more fingerprints of the inputs to compare on resume (``distill_cli`` passes the
+            teacher, student and data paths'; see `hyprune.resume`). The token windows (or the top-k
+            cache) are always fingerprinted here.
 
     Returns a summary: steps, tokens, final loss, perplexities, paths.
     """
     cfg = make_config(config)
     info = dist_utils.setup()  # the process group (if any) outlives the run: see distill.distributed
     return _run(teacher, student, data, cfg, Path(out_dir), eval_windows, resume, tokenizer, teacher_tokenizer,
-                overwrite, info)
+                overwrite, info, allow_changed, fingerprints or {})
 
 
 def finetune(model, data, config: DistillConfig | dict, out_dir: str | Path, eval_windows: torch.Tensor | None = None,
-             resume: bool = False, tokenizer=None, overwrite: bool = False) -> dict:
+             resume: bool = False, tokenizer=None, overwrite: bool = False, allow_changed: bool = False,
+             fingerprints: dict | None = None) -> dict:
     """Teacher correction: train ``model`` with the plain next-token loss, in the same loop as `distill`."""
     cfg = make_config(config, loss="ce", ce_weight=1.0, hidden_loss=None)
     return distill(None, model, data, cfg, out_dir, eval_windows=eval_windows, resume=resume, tokenizer=tokenizer,
-                   overwrite=overwrite)
+                   overwrite=overwrite, allow_changed=allow_changed, fingerprints=fingerprints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +381,7 @@ class _Inputs:
     channels: torch.Tensor | None  # teacher channels the student kept
     micro: int  # windows per micro-batch on this rank
     eval_windows: torch.Tensor | None
+    fingerprints: dict  # of the inputs, compared on resume (see hyprune.resume)
 
 
 def _check_inputs(teacher, student, data, cfg: DistillConfig, eval_windows, tokenizer, teacher_tokenizer,
@@ -410,30 +433,53 @@ def _check_inputs(teacher, student, data, cfg: DistillConfig, eval_windows, toke
                            "Pick micro_batch as a divisor of batch / processes.")
     if eval_windows is not None:
         eval_windows = as_windows(eval_windows, eval_windows.shape[-1])[: cfg.eval_windows]
+    fingerprints = {"data_windows": (tensor_fingerprint(windows) if windows is not None else
+                                     _file_sha(Path(cache.path) / "manifest.json"))}
+    if teacher is not None and kd:
+        fingerprints["teacher_config"] = _config_fingerprint(teacher.config)
     return _Inputs(kd=kd, cache=cache, windows=windows, num_windows=num_windows, common=common,
-                   hidden_map=hidden_map, channels=channels, micro=micro, eval_windows=eval_windows)
+                   hidden_map=hidden_map, channels=channels, micro=micro, eval_windows=eval_windows,
+                   fingerprints=fingerprints)
 
 
-def _resume_point(root: Path, cfg: DistillConfig, student, info) -> tuple[int, Path | None, dict]:
-    """(first step, checkpoint resumed from or None, its trainer.json); loads the student's weights."""
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _config_fingerprint(config) -> str:
+    """A hash of a model config (without its bookkeeping: name or path, transformers version)."""
+    import hashlib
+
+    data = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _resume_point(root: Path, cfg: DistillConfig, student, info, fingerprints: dict,
+                  allow_changed: bool) -> tuple[int, Path, dict, dict]:
+    """(first step, checkpoint resumed from, its trainer.json, accepted changes); loads the student's weights.
+
+    Refuses when there is no checkpoint (as `search --resume` does) and when a setting that shapes
+    the result or an input's fingerprint differs from the checkpoint's, unless ``allow_changed``.
+    """
     found = None
     if info.is_main:
         ckpt.remove_stale(root)
         found = ckpt.newest_valid_checkpoint(root)
     found = dist_utils.broadcast_object(None if found is None else (str(found[0]), found[1]), info)
     if found is None:
-        _say(info, f"no valid checkpoint in {root}; starting from step 0.")
-        return 0, None, {}
+        raise HypruneError(f"Nothing to resume: {root} holds no complete checkpoint. Drop --resume to start a new "
+                           "run (with --overwrite if the folder holds an earlier one).")
     resumed = Path(found[0])
     saved = json.loads((resumed / ckpt.TRAINER_JSON).read_text())
-    for key in ("seq_len", "batch", "seed"):
-        if saved["config"][key] != getattr(cfg, key):
-            raise HypruneError(
-                f"The checkpoint {resumed} was made with {key}={saved['config'][key]}, this run has "
-                f"{key}={getattr(cfg, key)}: resuming would change the data order. Use the same settings.")
+    was = {**{k: v for k, v in saved["config"].items() if k not in NOT_COMPARED_ON_RESUME}, **saved.get("inputs", {})}
+    changed = check_resume(resumed, was, {**cfg.resume_settings(), **fingerprints}, allow_changed)
     _load_weights(student, resumed / ckpt.WEIGHTS)
     _say(info, f"resuming from {resumed} (step {saved['step']}, {saved['tokens']} tokens).")
-    return int(saved["step"]), resumed, saved
+    if changed:
+        _say(info, f"resuming with changed settings (--resume-changed): {describe_changes(changed)}.")
+    return int(saved["step"]), resumed, saved, changed
 
 
 class _Objective:
@@ -490,7 +536,7 @@ class _Objective:
 
 
 def _save_checkpoint(root: Path, step: int, tokens: int, loss: float, cfg: DistillConfig, wrapped, student,
-                     optimizer, scheduler, mode: str, teacher_ppl, info) -> None:
+                     optimizer, scheduler, mode: str, teacher_ppl, info, fingerprints: dict) -> None:
     """Write ``root/step-N`` atomically on rank 0 (every rank joins the gathers); keep the last K."""
     weights = _full_state_dict(wrapped, student, mode)
     optim_state = _optimizer_state(wrapped, optimizer, mode)
@@ -499,7 +545,8 @@ def _save_checkpoint(root: Path, step: int, tokens: int, loss: float, cfg: Disti
     if info.is_main:
         meta = {"step": step, "tokens": tokens}
         state_json = {"step": step, "tokens": tokens, "loss": loss, "world_size": info.world_size,
-                      "teacher_ppl": teacher_ppl, "config": cfg.model_dump(mode="json")}
+                      "teacher_ppl": teacher_ppl, "config": cfg.model_dump(mode="json"),
+                      "inputs": fingerprints}
         writers = {
             ckpt.WEIGHTS: lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
             ckpt.OPTIMIZER: lambda p: ckpt.save_torch(optim_state, p),
@@ -522,8 +569,9 @@ def _save_checkpoint(root: Path, step: int, tokens: int, loss: float, cfg: Disti
 
 
 def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, resume: bool, tokenizer,
-         teacher_tokenizer, overwrite: bool, info) -> dict:
+         teacher_tokenizer, overwrite: bool, info, allow_changed: bool = False, fingerprints: dict | None = None) -> dict:
     inputs = _check_inputs(teacher, student, data, cfg, eval_windows, tokenizer, teacher_tokenizer, info)
+    fingerprints = {**(fingerprints or {}), **inputs.fingerprints}
     eval_windows = inputs.eval_windows
     _prepare_out_dir(out, resume, overwrite, info)
     total_steps = cfg.total_steps()
@@ -536,7 +584,8 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
             teacher.to(info.device)
     device = next(student.parameters()).device
     root = out / CHECKPOINTS
-    start_step, resumed, saved = _resume_point(root, cfg, student, info) if resume else (0, None, {})
+    start_step, resumed, saved, changed = (_resume_point(root, cfg, student, info, fingerprints, allow_changed)
+                                           if resume else (0, None, {}, {}))
     if info.is_main and resumed is None:
         ckpt.remove_stale(root)
     if resumed is None:
@@ -560,6 +609,8 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
         scheduler.load_state_dict(trainer_state["scheduler"])
         rngs = trainer_state["rng"]
         _set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+        if changed:
+            _apply_settings(optimizer, scheduler, cfg, total_steps)
     objective = _Objective(cfg, inputs, wrapped, student, teacher, device)
 
     # ---- logging and the teacher's perplexity --------------------------------------------------
@@ -569,6 +620,9 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(log_path, start_step)
         writer = _tensorboard(out)
+        if changed:  # the accepted changes, on record next to the steps they affect
+            _log(log_path, None, {"event": "resume_changed", "step": start_step, "from": str(resumed),
+                                  "changed": changed})
     teacher_ppl = saved.get("teacher_ppl")
     if teacher_ppl is None and eval_windows is not None and teacher is not None and info.is_main:
         teacher_ppl = perplexity(teacher, eval_windows, batch_size=cfg.eval_batch)["perplexity"]
@@ -641,13 +695,13 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"ppl": f"{last_ppl:.2f}"} if last_ppl else {}))
             if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or is_last):
                 _save_checkpoint(root, done, tokens, loss, cfg, wrapped, student, optimizer, scheduler, mode,
-                                 teacher_ppl, info)
+                                 teacher_ppl, info, fingerprints)
         # ---- the final student ----------------------------------------------------------------
         if eval_windows is not None and last_ppl is None:
             last_ppl = student_ppl()
         summary = {"steps": total_steps, "tokens": total_steps * tokens_per_step, "loss": last_loss,
                    "student_ppl": last_ppl, "teacher_ppl": teacher_ppl,
-                   "resumed_from": str(resumed) if resumed else None,
+                   "resumed_from": str(resumed) if resumed else None, "changed_on_resume": changed or None,
                    "elapsed_s": time.perf_counter() - started, "world_size": info.world_size,
                    "final": str(out / FINAL), "log": str(log_path), "checkpoints": str(root)}
         weights = _full_state_dict(wrapped, student, mode) if mode == "fsdp" else None
@@ -667,6 +721,21 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
         if cfg.activation_checkpointing:
             _set_activation_checkpointing(student, False)
         student.eval()
+
+
+def _apply_settings(optimizer, scheduler, cfg: DistillConfig, total_steps: int) -> None:
+    """After a resume that accepted changes: the new lr schedule and AdamW settings, from the resumed step.
+
+    The loaded optimizer and scheduler states carry the old run's lr, betas and weight decay; without
+    this the changed values would be ignored (or take effect only in part).
+    """
+    factor = _lr_lambda(cfg, total_steps)
+    scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor(scheduler.last_epoch), betas=tuple(cfg.betas),
+                     weight_decay=decay)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _log(path: Path, writer, record: dict) -> None:

@@ -122,6 +122,8 @@ def distill_report(run_dir: str | Path) -> Report:
     if not log.is_file():
         raise HypruneError(f"{run} holds no log.jsonl: it is not a `hyprune distill` run folder.")
     records = read_log(log)
+    events = [r for r in records if "event" in r]  # e.g. a resume that accepted changed settings
+    records = [r for r in records if "event" not in r]
     final = run / "final"
     saved = _read_json(final / DISTILL_FILE) if (final / DISTILL_FILE).is_file() else {}
     summary, config = saved.get("summary", {}), saved.get("config", {})
@@ -134,6 +136,12 @@ def distill_report(run_dir: str | Path) -> Report:
         + (f" (CE weight {config['ce_weight']})" if config.get("ce_weight") else "")
         + f" for {fmt(last.get('tokens'))} tokens in {fmt(last.get('step'))} steps; the run is {status}. "
         f"Final student: `{final}`; per-step log: `log.jsonl`.")
+    for e in events:
+        if e["event"] == "resume_changed":
+            from hyprune.resume import describe_changes
+
+            report.paragraph(f"Resumed at step {e.get('step')} with changed settings (`--resume-changed`): "
+                             f"{describe_changes(e.get('changed', {}))}.")
     report.heading("Results")
     teacher_ppl = summary.get("teacher_ppl", last.get("teacher_ppl"))
     student_ppl = summary.get("student_ppl", last.get("eval_ppl"))

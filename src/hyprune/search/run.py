@@ -33,9 +33,12 @@ from hyprune.search.space import (Candidate, add_memory, blocks_to_drop, drop_op
 STATE_FILE = "state.json"
 STATE_FORMAT = "hyprune-search-state/1"
 SCORES = ("loss", "kl")
-# settings that change what a finished candidate's numbers mean: a resumed search must keep them
+# settings that change what a finished candidate's numbers mean (kept for reference; a resumed search
+# now compares every setting in its state, see _open_run_dir)
 SCORING_SETTINGS = ("model", "data", "eval_data", "seq_len", "num_samples", "eval_windows", "seed", "score",
                     "depth_method", "distill_tokens", "distill_batch", "distill_lr")
+# settings that only say how fast or how verbosely to work: a resumed search may change them
+NOT_COMPARED_ON_RESUME = ("batch_size",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,20 +91,32 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # The run folder
 # ---------------------------------------------------------------------------------------------
-def _open_run_dir(out: Path, settings: dict, resume: bool, overwrite: bool, inputs: tuple) -> dict:
-    """The state to continue from (empty for a new run); refuses a used folder unless resume/overwrite."""
+def _open_run_dir(out: Path, settings: dict, resume: bool, overwrite: bool, inputs: tuple,
+                  allow_changed: bool = False) -> dict:
+    """The state to continue from (empty for a new run); refuses a used folder unless resume/overwrite.
+
+    A resumed search must have every setting that shapes its result (the budget, the space, the
+    scoring, the short distillation, the latency model) and the same model and data (cheap
+    fingerprints, `hyprune.resume`) as the saved one; a change is refused with the changed keys unless
+    ``allow_changed`` (``--resume-changed``), which records the changes in the state and the notes.
+    """
+    from hyprune.resume import check_resume, describe_changes
+
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
         check_output(out, "dir", inputs=inputs, reuse=True)
         state = json.loads(state_path.read_text())
         if state.get("format") != STATE_FORMAT:
             raise HypruneError(f"{state_path} is not a hyprune search state; pick another --out.")
-        changed = [k for k in SCORING_SETTINGS if state["settings"].get(k) != settings.get(k)]
+        compared = {k: v for k, v in settings.items() if k not in NOT_COMPARED_ON_RESUME}
+        saved = {k: v for k, v in state["settings"].items() if k not in NOT_COMPARED_ON_RESUME}
+        saved.update({k: None for k in SCORING_SETTINGS if k not in saved})  # old states: compare these always
+        changed = check_resume(f"the search in {out}", saved, compared, allow_changed)
         if changed:
-            was = {k: state["settings"].get(k) for k in changed}
-            now = {k: settings.get(k) for k in changed}
-            raise HypruneError(f"The search in {out} was run with {was}; this run has {now}. Its finished candidates "
-                               "would not compare: use the same settings, or --overwrite to start over.")
+            state.setdefault("changed_on_resume", []).append(changed)
+            state.setdefault("notes", []).append(
+                f"Resumed with changed settings (--resume-changed): {describe_changes(changed)}; candidates scored "
+                "before the change keep their earlier scores.")
         state["settings"] = settings
         return state
     if resume:
@@ -156,6 +171,7 @@ def search(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_changed: bool = False,
     **load_kwargs,
 ) -> dict:
     """Search the architectures of ``model`` under a budget; write the results to ``out``.
@@ -166,11 +182,13 @@ def search(
     the ranking (``score`` ``loss`` or ``kl`` on ``eval_windows`` held-out windows; ``top_k``
     candidates distilled for ``distill_tokens`` tokens each, plus the uniform baseline with
     ``distill_uniform``) and the latency model (``latency`` or
-    ``target_latency``). Returns the summary (also the ``data`` of ``out/report.json``).
+    ``target_latency``). ``resume`` continues the search in ``out``; a change of any setting or of the
+    model or data is refused unless ``allow_changed``. Returns the summary (also the ``data`` of ``out/report.json``).
     """
     from hyprune.data import calibration_windows, check_source, heldout_windows
     from hyprune.depth import METHODS as DEPTH_METHODS
     from hyprune.models import load_config, load_model, load_tokenizer
+    from hyprune.resume import file_fingerprint, model_fingerprint
 
     # 1. everything that can be checked from the config -------------------------------------------
     source_kwargs = {"trust_remote_code": load_kwargs.get("trust_remote_code", False),
@@ -210,8 +228,19 @@ def search(
                 "depth_method": depth_method, "distill_tokens": distill_tokens, "distill_batch": distill_batch,
                 "distill_lr": distill_lr, "top_k": top_k, "distill_uniform": distill_uniform, "space": space,
                 "drop_blocks": drop_blocks, "min_fraction": min_fraction, "max_candidates": max_candidates,
-                "budget": budget.describe()}
-    state = _open_run_dir(out_path, settings, resume, overwrite, inputs=(model, data, eval_data))
+                "budget": budget.describe(), "text_field": text_field, "split": split, "batch_size": batch_size,
+                "latency": {"on": bool(latency or budget.latency is not None), "shapes": latency_shapes,
+                            "metric": latency_metric, "context": latency_context, "batch": latency_batch,
+                            "repeats": latency_repeats},
+                "model_fingerprint": model_fingerprint(model), "data_fingerprint": file_fingerprint(data),
+                "eval_data_fingerprint": file_fingerprint(eval_data),
+                "load": {"dtype": str(load_kwargs.get("dtype", "float32")), "gguf_file": load_kwargs.get("gguf_file"),
+                         "trust_remote_code": bool(load_kwargs.get("trust_remote_code", False))}}
+    state = _open_run_dir(out_path, settings, resume, overwrite, inputs=(model, data, eval_data),
+                          allow_changed=allow_changed)
+    for note in state.get("notes", []):
+        if note not in budget.notes:
+            budget.notes.append(note)
     out_path.mkdir(parents=True, exist_ok=True)
     state_path = out_path / STATE_FILE
     atomic_write_json(state_path, state)
