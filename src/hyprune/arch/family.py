@@ -35,9 +35,12 @@ MAMBA1 = "mamba1"  # a Mamba-1 mixer (Jamba): per-channel SSM, no heads or group
 class Part:
     """One pre-norm + mixer pair inside a block, by attribute path (dotted for nested modules)."""
 
-    kind: str  # mamba, attention, mlp or moe
+    kind: str  # mamba, mamba1, attention, mlp or moe (a key of `hyprune.parts.PARTS`)
     norm: str
     mixer: str
+    # role -> tensor or config field name where the family differs from the part kind's defaults
+    # (`hyprune.parts`; Granite's MLP: {"down": "output_linear", "gate_up": "input_linear"})
+    names: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 def single_part(kind: str) -> list[Part]:

@@ -33,11 +33,11 @@ _COUPLED_NOTE = ("Mamba width = mamba_expand * hidden_size: prune mamba_n_heads/
                  "hidden_size.",)
 
 
-def _parts_with(mlp_norm: str, mlp: str, moe: str | None = None):
+def _parts_with(mlp_norm: str, mlp: str, moe: str | None = None, mlp_names: dict[str, str] | None = None):
     def parts(kind: str) -> list[Part]:
         first = Part(MAMBA, "input_layernorm", "mamba") if kind.startswith(MAMBA) else Part(
             ATTENTION, "input_layernorm", "self_attn")
-        rest = [Part(MLP, mlp_norm, mlp)]
+        rest = [Part(MLP, mlp_norm, mlp, dict(mlp_names or {}))]
         if kind.endswith(MOE):
             rest.append(Part(MOE, mlp_norm, moe))
         return [first, *rest]
@@ -65,6 +65,7 @@ register(Family(
 
 
 # ---- GraniteMoeHybrid -----------------------------------------------------------------------
+_GRANITE_MLP_NAMES = {"gate_up": "input_linear", "down": "output_linear"}  # fused [gate; up], down projection
 _GRANITE_ATTENTION = {"full_attention", "attention"}
 
 
@@ -83,7 +84,7 @@ register(Family(
     fields={**MAMBA_N_FIELDS, "ffn": "shared_intermediate_size", "experts": "num_local_experts",
             "expert_ffn": "intermediate_size"},
     block_kinds=_granite_kinds, set_block_kinds=_granite_set_kinds,
-    parts=_parts_with("post_attention_layernorm", "shared_mlp", "block_sparse_moe"), embeddings="embed_tokens",
+    parts=_parts_with("post_attention_layernorm", "shared_mlp", "block_sparse_moe", _GRANITE_MLP_NAMES), embeddings="embed_tokens",
     final_norm="norm", mamba_width_coupled_to_hidden=True, expand_field="mamba_expand",
     notes=_COUPLED_NOTE + ("MoE (num_local_experts > 0): num_local_experts and the expert width intermediate_size "
                            "prune beside the shared MLP (shared_intermediate_size); keep >= num_experts_per_tok "
