@@ -16,7 +16,7 @@ unless the config states it, so pruned configs state it.
 
 from __future__ import annotations
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family, Part, register
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family, Part, Layout, register
 
 MAMBA_MLP, ATTENTION_MLP = "mamba+mlp", "attention+mlp"
 MAMBA_MOE, ATTENTION_MOE = "mamba+moe", "attention+moe"  # Granite layers with experts beside the shared MLP
@@ -29,6 +29,8 @@ MAMBA_N_FIELDS = {
     "ssm_state": "mamba_d_state",
     "mamba_groups": "mamba_n_groups",
 }
+# Mamba projection and conv biases from mamba_proj_bias / mamba_conv_bias (Bamba, Granite, FalconH1, Jamba)
+MAMBA_N_BIASES = dict(mamba_in_bias="mamba_proj_bias", mamba_out_bias="mamba_proj_bias", conv_bias="mamba_conv_bias")
 _COUPLED_NOTE = ("Mamba width = mamba_expand * hidden_size: prune mamba_n_heads/mamba_d_head together with "
                  "hidden_size.",)
 
@@ -61,6 +63,7 @@ register(Family(
     block_kinds=_bamba_kinds, set_block_kinds=_bamba_set_kinds, parts=_parts_with("pre_ff_layernorm", "feed_forward"),
     embeddings="embed_tokens", final_norm="final_layernorm", mamba_width_coupled_to_hidden=True,
     expand_field="mamba_expand", notes=_COUPLED_NOTE,
+    layout=Layout(**MAMBA_N_BIASES, qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias"),
 ))
 
 
@@ -84,8 +87,10 @@ register(Family(
     fields={**MAMBA_N_FIELDS, "ffn": "shared_intermediate_size", "experts": "num_local_experts",
             "expert_ffn": "intermediate_size"},
     block_kinds=_granite_kinds, set_block_kinds=_granite_set_kinds,
-    parts=_parts_with("post_attention_layernorm", "shared_mlp", "block_sparse_moe", _GRANITE_MLP_NAMES), embeddings="embed_tokens",
+    parts=_parts_with("post_attention_layernorm", "shared_mlp", "block_sparse_moe", _GRANITE_MLP_NAMES),
+    embeddings="embed_tokens",
     final_norm="norm", mamba_width_coupled_to_hidden=True, expand_field="mamba_expand",
+    layout=Layout(**MAMBA_N_BIASES, qkv_bias="attention_bias", o_bias="attention_bias"),
     notes=_COUPLED_NOTE + ("MoE (num_local_experts > 0): num_local_experts and the expert width intermediate_size "
                            "prune beside the shared MLP (shared_intermediate_size); keep >= num_experts_per_tok "
                            "experts.",),

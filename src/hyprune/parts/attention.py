@@ -136,5 +136,8 @@ class Attention(BasePart):
     def cache_bytes(self, config, family, i, context, size, ssm_size):
         return {"attention": kv_cache_bytes(config, family, i, context, size)}
 
+    def linear_group(self, sub_name):
+        return "attention"
+
 
 PART = Attention()

@@ -129,6 +129,12 @@ class PartKind(Protocol):
     def cache_bytes(self, config, family, i: int, context: int, size: int, ssm_size: int) -> dict[str, int]:
         """Generation-cache bytes of block ``i``'s part for one sequence after ``context`` tokens."""
 
+    def active_reduction(self, config, layout, sizes: dict[str, int]) -> int:
+        """Parameters of the part that one token does not run through (an MoE's unpicked experts)."""
+
+    def linear_group(self, sub_name: str) -> str:
+        """The `hyprune.methods.sparsity` target group of the mixer's ``nn.Linear`` at ``sub_name``."""
+
 
 def idx(values) -> Index:
     return torch.as_tensor(list(values), dtype=torch.long)
@@ -193,6 +199,12 @@ class BasePart:
 
     def cache_bytes(self, config, family, i, context, size, ssm_size) -> dict[str, int]:
         return {}
+
+    def active_reduction(self, config, layout, sizes) -> int:
+        return 0
+
+    def linear_group(self, sub_name: str) -> str:
+        raise KeyError(self.kind)  # no sparsity target group: unstructured methods cover Mamba-2, attention, MLP
 
 
 CONV_KERNEL_FIELDS = ("conv_kernel", "mamba_d_conv", "d_conv")

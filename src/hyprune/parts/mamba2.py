@@ -195,5 +195,8 @@ class Mamba2(BasePart):
         return {"mamba_conv": (heads * head_dim + 2 * groups * state) * conv_kernel(config) * size,
                 "mamba_ssm": heads * head_dim * state * ssm_size}
 
+    def linear_group(self, sub_name):
+        return sub_name.rsplit(".", 1)[-1]  # in_proj or out_proj
+
 
 PART = Mamba2()

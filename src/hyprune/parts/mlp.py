@@ -70,5 +70,8 @@ class Mlp(BasePart):
         bias = lay.flag(config, lay.mlp_bias) * ((lay.mlp_matrices - 1) * F + d)
         return lay.mlp_matrices * F * d + bias
 
+    def linear_group(self, sub_name):
+        return "mlp"
+
 
 PART = Mlp()
