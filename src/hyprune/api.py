@@ -239,12 +239,9 @@ def inspect_model(model: str, scores: str | None = None, trust_remote_code: bool
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     kinds = family.block_kinds(config)
-    letters = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E", "transformer": "T", "mamba+mlp": "M",
-               "attention+mlp": "*", "mamba+moe": "M", "attention+moe": "*", "parallel": "P",
-               "hybrid": "H"}
     info = {
         "family": family.name,
-        "pattern": "".join(letters[k] for k in kinds),
+        "pattern": "".join(family.letter(k) for k in kinds),
         "blocks": len(kinds),
         "sizes": {family.fields[a]: v for a, v in family.sizes(config).items()},
         "parameters": count_parameters(skeleton, family),

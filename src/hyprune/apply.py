@@ -10,11 +10,8 @@ error instead of a silent mismatch.
 A rule is a list of steps: ``(dim, kept index)`` for an ``index_select``, or a function of the tensor
 (routed experts keep a different set of neurons each, which one index cannot say).
 
-Mamba-2 mixer layout (H heads, P head_dim, G groups, N state, I = H*P), see
-shared/reference/hf-hybrid-layouts.md:
-    in_proj rows  = [z: I | x: I | B: G*N | C: G*N | dt: H]      (inner index h*P+p, B/C index g*N+n)
-    conv channels = [x: I | B: G*N | C: G*N]
-    A_log, D, dt_bias: [H];  norm.weight: [I];  out_proj: [hidden, I]
+How each part kind's tensors slice lives with the kind (`hyprune.parts`: Mamba-2, Mamba-1, attention, MLP,
+MoE); here are the shared loop and the rules around the blocks (embeddings, norms, lm_head).
 """
 
 from __future__ import annotations
@@ -26,175 +23,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MOE, Family, attention_head_dim
+from hyprune.arch.family import Family, attention_head_dim
 from hyprune.errors import HypruneError
+from hyprune.parts import PARTS, names_of
+from hyprune.parts.base import Index, idx as _idx
 from hyprune.plan import LayerPlan, Plan, validate_plan
-
-Index = torch.Tensor  # 1-D long tensor of kept positions
-
-
-def _idx(values) -> Index:
-    return torch.as_tensor(list(values), dtype=torch.long)
-
-
-def mamba_indices(lp: LayerPlan, sizes: dict[str, int]) -> dict[str, Index]:
-    """Kept rows/channels of every Mamba tensor, from kept heads, head channels, groups and states."""
-    H, P, G, N = sizes["mamba_heads"], sizes["mamba_head_dim"], sizes["mamba_groups"], sizes["ssm_state"]
-    inner_size = H * P
-    inner = _idx(h * P + p for h in lp.heads for p in lp.head_dim)  # kept (head, channel) pairs
-    bc = _idx(g * N + n for g in lp.groups for n in lp.state)  # kept (group, state) pairs
-    heads = _idx(lp.heads)
-    return {
-        "in_proj": torch.cat([inner, inner_size + inner, 2 * inner_size + bc, 2 * inner_size + G * N + bc,
-                              2 * inner_size + 2 * G * N + heads]),
-        "conv": torch.cat([inner, inner_size + bc, inner_size + G * N + bc]),
-        "heads": heads,
-        "inner": inner,
-    }
-
-
-def mamba1_rules(lp: LayerPlan, sizes: dict[str, int], h: Index, dt_rank: int):
-    """Rules for a Mamba-1 mixer (Jamba), I inner channels, N states, R = dt_rank:
-
-        in_proj rows = [x: I | z: I];  conv channels, dt_proj rows, A_log rows, D = I
-        x_proj rows = [dt: R | B: N | C: N], columns I;  A_log columns and b/c_layernorm = N
-
-    An inner channel's recurrence is its own; it meets the others only through x_proj's columns (its
-    share of dt, B and C) and out_proj's columns. dt_rank stays.
-    """
-    I, N = sizes["mamba_expand"] * sizes["hidden"], sizes["ssm_state"]
-    inner, state = _idx(lp.inner), _idx(lp.state)
-    both = torch.cat([inner, I + inner])
-    x_rows = torch.cat([torch.arange(dt_rank), dt_rank + state, dt_rank + N + state])
-    return {
-        "in_proj.weight": [(0, both), (1, h)],
-        "in_proj.bias": [(0, both)],
-        "conv1d.weight": [(0, inner)],
-        "conv1d.bias": [(0, inner)],
-        "x_proj.weight": [(0, x_rows), (1, inner)],
-        "dt_proj.weight": [(0, inner)],
-        "dt_proj.bias": [(0, inner)],
-        "A_log": [(0, inner), (1, state)],
-        "D": [(0, inner)],
-        "out_proj.weight": [(0, h), (1, inner)],
-        "out_proj.bias": [(0, h)],
-        "dt_layernorm.weight": [],
-        "b_layernorm.weight": [(0, state)],
-        "c_layernorm.weight": [(0, state)],
-    }
-
-
-def attention_indices(lp: LayerPlan, head_dim: int) -> dict[str, Index]:
-    def rows(heads):
-        return _idx(h * head_dim + d for h in heads for d in range(head_dim))
-
-    return {"q": rows(lp.query_heads), "kv": rows(lp.kv_heads)}
-
-
-def per_expert(experts: Index, neurons: Index, dim: int):
-    """A step that keeps ``experts`` (dim 0) and, inside kept expert j, the rows ``neurons[j]`` along ``dim``.
-
-    For 3-D expert tensors [experts, out, in]; ``neurons`` is [kept experts, kept neurons].
-    """
-
-    def select(tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.index_select(0, experts.to(tensor.device))
-        view = [len(neurons)] + [1] * (tensor.ndim - 1)  # neurons along `dim`, broadcast over the rest
-        view[dim] = neurons.shape[1]
-        size = list(tensor.shape)
-        size[dim] = neurons.shape[1]
-        return tensor.gather(dim, neurons.to(tensor.device).view(view).expand(size))
-
-    return select
-
-
-def moe_rules(lp: LayerPlan, sizes: dict[str, int], h: Index, expert_input_is_hidden: bool):
-    """Rules for an MoE block: router rows, routed experts (each with its own neurons), shared expert.
-
-    Names cover NemotronH (``gate``, ``experts.up_proj``/``down_proj``, ``shared_experts``, optional latent
-    projections) and Granite/Jamba (``router``, ``experts.gate_up_proj`` = [gate; up] per expert).
-    ``expert_input_is_hidden`` is False when the experts work in a latent space (NemotronH
-    ``moe_latent_size``): then only the latent projections meet the hidden channels.
-    """
-    experts = _idx(lp.experts)
-    neurons = torch.tensor(lp.expert_ffn, dtype=torch.long)  # [kept experts, kept neurons]
-    fused = torch.cat([neurons, sizes["expert_ffn"] + neurons], dim=1)  # [gate; up] rows of each expert
-    into = [(2, h)] if expert_input_is_hidden else []
-    out_of = [(1, h)] if expert_input_is_hidden else []
-    rules = {
-        "gate.weight": [(0, experts), (1, h)],
-        "gate.e_score_correction_bias": [(0, experts)],
-        "router.weight": [(0, experts), (1, h)],
-        "experts.up_proj": into + [per_expert(experts, neurons, 1)],
-        "experts.gate_up_proj": into + [per_expert(experts, fused, 1)],
-        "experts.down_proj": out_of + [per_expert(experts, neurons, 2)],
-        "fc1_latent_proj.weight": [(1, h)],
-        "fc1_latent_proj.bias": [],
-        "fc2_latent_proj.weight": [(0, h)],
-        "fc2_latent_proj.bias": [(0, h)],
-    }
-    if lp.shared_ffn is not None:
-        shared = _idx(lp.shared_ffn)
-        rules.update({
-            "shared_experts.up_proj.weight": [(0, shared), (1, h)],
-            "shared_experts.up_proj.bias": [(0, shared)],
-            "shared_experts.down_proj.weight": [(0, h), (1, shared)],
-            "shared_experts.down_proj.bias": [(0, h)],
-        })
-    return rules
-
-
-def _mixer_rules(kind: str, lp: LayerPlan, sizes: dict[str, int], h: Index, config):
-    """Parameter name inside one mixer -> list of steps to slice with (see the module docstring)."""
-    if kind == MAMBA1:
-        return mamba1_rules(lp, sizes, h, int(config.mamba_dt_rank))
-    if kind == MAMBA:
-        ix = mamba_indices(lp, sizes)
-        return {
-            "in_proj.weight": [(0, ix["in_proj"]), (1, h)],
-            "in_proj.bias": [(0, ix["in_proj"])],
-            "conv1d.weight": [(0, ix["conv"])],
-            "conv1d.bias": [(0, ix["conv"])],
-            "A_log": [(0, ix["heads"])],
-            "D": [(0, ix["heads"])],
-            "dt_bias": [(0, ix["heads"])],
-            "norm.weight": [(0, ix["inner"])],
-            "out_proj.weight": [(0, h), (1, ix["inner"])],
-            "out_proj.bias": [(0, h)],
-        }
-    if kind == ATTENTION:
-        ix = attention_indices(lp, attention_head_dim(config))
-        return {
-            "q_proj.weight": [(0, ix["q"]), (1, h)],
-            "k_proj.weight": [(0, ix["kv"]), (1, h)],
-            "v_proj.weight": [(0, ix["kv"]), (1, h)],
-            "o_proj.weight": [(0, h), (1, ix["q"])],
-            "q_proj.bias": [(0, ix["q"])],
-            "k_proj.bias": [(0, ix["kv"])],
-            "v_proj.bias": [(0, ix["kv"])],
-            "o_proj.bias": [(0, h)],
-            "q_norm.weight": [],  # Qwen3: per head_dim, shared by all heads
-            "k_norm.weight": [],
-        }
-    if kind == MOE:
-        # with NemotronH's moe_latent_size the experts see the latent width, not the hidden one
-        return moe_rules(lp, sizes, h, expert_input_is_hidden=getattr(config, "moe_latent_size", None) is None)
-    ffn = _idx(lp.ffn)
-    gate_up = torch.cat([ffn, sizes["ffn"] + ffn])  # fused [gate; up] rows (Granite's input_linear)
-    return {
-        "gate_up_proj.weight": [(0, gate_up), (1, h)],  # Zamba2's fused [gate; up]
-        "gate_up_proj.bias": [(0, gate_up)],
-        "gate_up_proj_adapter_list.*.0.weight": [(1, h)],  # Zamba2's per-use LoRA: hidden -> rank -> [gate; up]
-        "gate_up_proj_adapter_list.*.1.weight": [(0, gate_up)],
-        "input_linear.weight": [(0, gate_up), (1, h)],
-        "output_linear.weight": [(0, h), (1, ffn)],
-        "gate_proj.weight": [(0, ffn), (1, h)],
-        "gate_proj.bias": [(0, ffn)],
-        "up_proj.weight": [(0, ffn), (1, h)],
-        "up_proj.bias": [(0, ffn)],
-        "down_proj.weight": [(0, h), (1, ffn)],
-        "down_proj.bias": [(0, h)],
-    }
 
 
 def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: Index, config):
@@ -202,7 +35,7 @@ def layer_rules(family: Family, lp: LayerPlan, sizes: dict[str, int], hidden: In
     rules = {prefix: [] for prefix in family.unsliced}
     for part in family.parts(lp.kind):
         rules[f"{part.norm}.weight"] = [(0, hidden)]
-        for name, rule in _mixer_rules(part.kind, lp, sizes, hidden, config).items():
+        for name, rule in PARTS[part.kind].rules(lp, sizes, hidden, config, names_of(part)).items():
             rules[f"{part.mixer}.{name}"] = rule
     return rules
 

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hyprune.arch import Family, family_for_config
 from hyprune.errors import HypruneError
+from hyprune.parts import PARTS, components
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
@@ -150,10 +151,8 @@ def count_parameters(model, family: Family) -> dict[str, int]:
 
     The lm_head is counted once even when tied to the embeddings.
     """
-    from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE
-
     kinds = family.block_kinds(model.config)
-    out = {"embeddings": 0, MAMBA: 0, ATTENTION: 0, MLP: 0, MOE: 0, "norms": 0, "lm_head": 0}
+    out = {"embeddings": 0, **dict.fromkeys(components(), 0), "norms": 0, "lm_head": 0}
     seen = set()
 
     def add(key, params):
@@ -167,7 +166,7 @@ def count_parameters(model, family: Family) -> dict[str, int]:
     for block, kind in zip(backbone.layers, kinds):
         for part, norm, mixer in family.block_parts(block, kind):
             add("norms", norm.parameters())
-            add(MAMBA if part.kind == MAMBA1 else part.kind, mixer.parameters())
+            add(PARTS[part.kind].component, mixer.parameters())
     add("norms", getattr(backbone, family.final_norm).parameters())
     add("lm_head", model.lm_head.parameters())
     other = [p for p in model.parameters() if id(p) not in seen]  # outside every part (Zamba2's shared attention)

@@ -10,7 +10,7 @@ patterns), so a family is data (`Family`), not a subclass.
 
 from __future__ import annotations
 
-from hyprune.arch.family import AXES, Family, family_for_config
+from hyprune.arch.family import AXES, Family, family_for_config, registered
 from hyprune.arch import dense as _dense, falcon_h1 as _falcon_h1, hybrid_decoder as _hybrid_decoder, mamba2 as _mamba2, nemotron_h as _nemotron_h, zamba2 as _zamba2, jamba as _jamba  # noqa: F401,E501
 
-__all__ = ["AXES", "Family", "family_for_config"]
+__all__ = ["AXES", "Family", "family_for_config", "registered"]

@@ -8,7 +8,7 @@ per-layer ``layer_types`` list (sliding/full attention) is cut to the kept layer
 
 from __future__ import annotations
 
-from hyprune.arch.family import ATTENTION, MLP, TRANSFORMER, Family, Part, register
+from hyprune.arch.family import ATTENTION, MLP, TRANSFORMER, Family, Part, Layout, register
 
 
 def _block_kinds(config) -> list[str]:
@@ -34,8 +34,15 @@ _FIELDS = {
     "kv_heads": "num_key_value_heads",
 }
 
+_LAYOUTS = {
+    "llama": Layout(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias"),
+    "mistral": Layout(),
+    "qwen2": Layout(qkv_bias=True),
+    "qwen3": Layout(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=True),
+}
+
 for _name in ("llama", "qwen2", "qwen3", "mistral"):
     register(Family(name=_name, base="model", fields=_FIELDS, block_kinds=_block_kinds,
                     set_block_kinds=_set_block_kinds, parts=_parts, embeddings="embed_tokens", final_norm="norm",
-                    hidden_multiple_of_heads=_name == "llama",
+                    hidden_multiple_of_heads=_name == "llama", layout=_LAYOUTS[_name],
                     notes=("LlamaConfig demands hidden_size % num_attention_heads == 0.",) if _name == "llama" else ()))

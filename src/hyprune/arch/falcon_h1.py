@@ -10,8 +10,8 @@ scalars that pruning leaves alone.
 
 from __future__ import annotations
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family, Part, register
-from hyprune.arch.hybrid_decoder import MAMBA_N_FIELDS
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family, Part, Layout, register
+from hyprune.arch.hybrid_decoder import MAMBA_N_BIASES, MAMBA_N_FIELDS
 
 PARALLEL = "parallel"
 
@@ -38,4 +38,7 @@ register(Family(
     fields={**MAMBA_N_FIELDS, "ffn": "intermediate_size"},
     block_kinds=_block_kinds, set_block_kinds=_set_block_kinds, parts=_parts, embeddings="embed_tokens",
     final_norm="final_layernorm", finish_config=_finish_config,
+    layout=Layout(**{**MAMBA_N_BIASES, "mamba_out_bias": "projectors_bias"}, mamba_norm="mamba_rms_norm",
+                  qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias"),
+    letters={PARALLEL: "P"},
 ))

@@ -35,9 +35,38 @@ MAMBA1 = "mamba1"  # a Mamba-1 mixer (Jamba): per-channel SSM, no heads or group
 class Part:
     """One pre-norm + mixer pair inside a block, by attribute path (dotted for nested modules)."""
 
-    kind: str  # mamba, attention, mlp or moe
+    kind: str  # mamba, mamba1, attention, mlp or moe (a key of `hyprune.parts.PARTS`)
     norm: str
     mixer: str
+    # role -> tensor or config field name where the family differs from the part kind's defaults
+    # (`hyprune.parts`; Granite's MLP: {"down": "output_linear", "gate_up": "input_linear"})
+    names: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+
+# one letter per block kind for a model's pattern (`hyprune inspect`); a family adds its compound kinds
+LETTERS = {MAMBA: "M", ATTENTION: "*", MLP: "-", MOE: "E", TRANSFORMER: "T"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per-family facts the parameter counts need beyond the axis sizes (`hyprune.search.counting`): bias
+    flags (a config field name, or a constant), the gated norm's presence, the MLP's and the routed experts'
+    matrix counts, and whether the lm_head can be tied."""
+
+    mamba_in_bias: str | bool = False
+    mamba_out_bias: str | bool = False
+    conv_bias: str | bool = True
+    mamba_norm: str | bool = True
+    qkv_bias: str | bool = False
+    o_bias: str | bool = False
+    qk_norm: bool = False
+    mlp_bias: str | bool = False
+    mlp_matrices: int = 3
+    expert_matrices: int = 3  # gated experts (gate_up fused + down); NemotronH's relu2 experts: 2
+    can_tie: bool = True
+
+    def flag(self, config, value: str | bool) -> bool:
+        return bool(getattr(config, value, False)) if isinstance(value, str) else value
 
 
 def single_part(kind: str) -> list[Part]:
@@ -104,6 +133,16 @@ class Family:
     depth_period: Callable[[Any], int] | None = None
     keep_one: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # parameter-count facts (`Layout`); None: the search cannot count this family's shapes
+    layout: Layout | None = None
+    # (part kinds whose weights blocks share, (config, layout, sizes, kept kinds, count) -> {component: count}),
+    # where count(part kind) counts one such part: shared weights counted once (Zamba2's shared transformer)
+    shared_blocks: tuple[tuple[str, ...], Callable] | None = None
+    # block kinds that run an attention outside their parts (Zamba2's hybrid layers: shared weights, own cache)
+    shared_attention_kinds: tuple[str, ...] = ()
+    # config field that gives the Mamba in_proj and out_proj a bias (ssm-flap writes its compensation there)
+    mamba_proj_bias_field: str | None = None
+    letters: dict[str, str] = field(default_factory=dict)  # block kind -> pattern letter, beyond `LETTERS`
 
     # ---- sizes -------------------------------------------------------------------------------
     def sizes(self, config) -> dict[str, int]:
@@ -143,6 +182,17 @@ class Family:
         """Block kind -> why depth pruning cannot drop it, for this config."""
         return self.undroppable_kinds(config) if self.undroppable_kinds else {}
 
+    def letter(self, kind: str) -> str:
+        """The pattern letter of a block kind (`LETTERS`, or the family's own for its compound kinds)."""
+        letters = {**LETTERS, **self.letters}
+        # a compound kind ("mamba+mlp": a decoder layer of a mixer and an MLP) takes its mixer's letter
+        return letters[kind] if kind in letters else letters[kind.split("+")[0]]
+
+    def mixers(self, model, part_kind: str) -> list[tuple[int, Part, Any]]:
+        """(block index, part, mixer module) of every part of ``part_kind`` in a loaded model, in order."""
+        return [(i, part, mixer) for i, (block, kind) in enumerate(zip(self.layers(model), self.block_kinds(model.config)))
+                for part, _, mixer in self.block_parts(block, kind) if part.kind == part_kind]
+
     def part_kinds(self, config) -> list[str]:
         """Every part kind present in the model (``mamba``, ``attention``, ``mlp``)."""
         return sorted({part.kind for kind in self.block_kinds(config) for part in self.parts(kind)})
@@ -171,6 +221,11 @@ _REGISTRY: dict[str, Family] = {}
 def register(family: Family) -> Family:
     _REGISTRY[family.name] = family
     return family
+
+
+def registered() -> list[Family]:
+    """Every registered family, in registration order."""
+    return list(_REGISTRY.values())
 
 
 def family_for_config(config) -> Family:

@@ -16,7 +16,7 @@ unless the config states it, so pruned configs state it.
 
 from __future__ import annotations
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family, Part, register
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family, Part, Layout, register
 
 MAMBA_MLP, ATTENTION_MLP = "mamba+mlp", "attention+mlp"
 MAMBA_MOE, ATTENTION_MOE = "mamba+moe", "attention+moe"  # Granite layers with experts beside the shared MLP
@@ -29,15 +29,17 @@ MAMBA_N_FIELDS = {
     "ssm_state": "mamba_d_state",
     "mamba_groups": "mamba_n_groups",
 }
+# Mamba projection and conv biases from mamba_proj_bias / mamba_conv_bias (Bamba, Granite, FalconH1, Jamba)
+MAMBA_N_BIASES = dict(mamba_in_bias="mamba_proj_bias", mamba_out_bias="mamba_proj_bias", conv_bias="mamba_conv_bias")
 _COUPLED_NOTE = ("Mamba width = mamba_expand * hidden_size: prune mamba_n_heads/mamba_d_head together with "
                  "hidden_size.",)
 
 
-def _parts_with(mlp_norm: str, mlp: str, moe: str | None = None):
+def _parts_with(mlp_norm: str, mlp: str, moe: str | None = None, mlp_names: dict[str, str] | None = None):
     def parts(kind: str) -> list[Part]:
         first = Part(MAMBA, "input_layernorm", "mamba") if kind.startswith(MAMBA) else Part(
             ATTENTION, "input_layernorm", "self_attn")
-        rest = [Part(MLP, mlp_norm, mlp)]
+        rest = [Part(MLP, mlp_norm, mlp, dict(mlp_names or {}))]
         if kind.endswith(MOE):
             rest.append(Part(MOE, mlp_norm, moe))
         return [first, *rest]
@@ -61,10 +63,12 @@ register(Family(
     block_kinds=_bamba_kinds, set_block_kinds=_bamba_set_kinds, parts=_parts_with("pre_ff_layernorm", "feed_forward"),
     embeddings="embed_tokens", final_norm="final_layernorm", mamba_width_coupled_to_hidden=True,
     expand_field="mamba_expand", notes=_COUPLED_NOTE,
+    layout=Layout(**MAMBA_N_BIASES, qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias"),
 ))
 
 
 # ---- GraniteMoeHybrid -----------------------------------------------------------------------
+_GRANITE_MLP_NAMES = {"gate_up": "input_linear", "down": "output_linear"}  # fused [gate; up], down projection
 _GRANITE_ATTENTION = {"full_attention", "attention"}
 
 
@@ -83,8 +87,10 @@ register(Family(
     fields={**MAMBA_N_FIELDS, "ffn": "shared_intermediate_size", "experts": "num_local_experts",
             "expert_ffn": "intermediate_size"},
     block_kinds=_granite_kinds, set_block_kinds=_granite_set_kinds,
-    parts=_parts_with("post_attention_layernorm", "shared_mlp", "block_sparse_moe"), embeddings="embed_tokens",
+    parts=_parts_with("post_attention_layernorm", "shared_mlp", "block_sparse_moe", _GRANITE_MLP_NAMES),
+    embeddings="embed_tokens",
     final_norm="norm", mamba_width_coupled_to_hidden=True, expand_field="mamba_expand",
+    layout=Layout(**MAMBA_N_BIASES, qkv_bias="attention_bias", o_bias="attention_bias"),
     notes=_COUPLED_NOTE + ("MoE (num_local_experts > 0): num_local_experts and the expert width intermediate_size "
                            "prune beside the shared MLP (shared_intermediate_size); keep >= num_experts_per_tok "
                            "experts.",),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from math import lcm
 
-from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, Part, register
+from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, Part, Layout, register
 from hyprune.errors import HypruneError
 
 
@@ -73,6 +73,7 @@ register(Family(
             "ssm_state": "mamba_d_state", "mamba_expand": "mamba_expand"},
     block_kinds=_block_kinds, set_block_kinds=_set_block_kinds, parts=_parts, embeddings="embed_tokens",
     final_norm="final_layernorm", depth_period=_period, check_sizes=_check_sizes,
+    layout=Layout(mamba_in_bias="mamba_proj_bias", mamba_out_bias="mamba_proj_bias", conv_bias="mamba_conv_bias"),
     notes=("Mamba-1 inner width = mamba_expand * hidden_size with a whole-number mamba_expand: prune it with "
            "mamba_expand (and hidden_size); mamba_d_state free; mamba_dt_rank stays.",
            "intermediate_size is the width of the dense MLPs and of every expert alike; num_experts >= "

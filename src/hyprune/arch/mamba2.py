@@ -7,7 +7,7 @@ cannot shrink independently.
 
 from __future__ import annotations
 
-from hyprune.arch.family import MAMBA, Family, register
+from hyprune.arch.family import MAMBA, Family, Layout, register
 from hyprune.errors import HypruneError
 
 
@@ -36,6 +36,7 @@ MAMBA2 = register(
         block_kinds=_block_kinds,
         set_block_kinds=_set_block_kinds,
         mamba_width_coupled_to_hidden=True,
+        layout=Layout(mamba_in_bias="use_bias", mamba_out_bias="use_bias", conv_bias="use_conv_bias"),
         notes=("Mamba width = expand * hidden_size: prune num_heads/head_dim together with hidden_size.",),
     )
 )

@@ -13,7 +13,7 @@ it out of the choice (the kept weights are renormalised over the chosen ones as 
 
 from __future__ import annotations
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family, register
+from hyprune.arch.family import ATTENTION, MAMBA, MLP, MOE, Family, Layout, register
 
 _KIND = {"linear_attention": MAMBA, "full_attention": ATTENTION, "mlp": MLP, "moe": MOE}
 _HF_TYPE = {kind: hf for hf, kind in _KIND.items()}
@@ -49,6 +49,10 @@ NEMOTRON_H = register(
         block_kinds=_block_kinds,
         set_block_kinds=_set_block_kinds,
         keep_one=(ATTENTION,),
+        # NemotronH never ties (its _tied_weights_keys is empty) and has bias-free attention
+        layout=Layout(mamba_in_bias="use_bias", mamba_out_bias="use_bias", conv_bias="use_conv_bias",
+                      mlp_bias="mlp_bias", mlp_matrices=2, expert_matrices=2, can_tie=False),
+        mamba_proj_bias_field="use_bias",  # only the Mamba projections read it
         notes=("MoE blocks: experts are removed evenly from each of the n_group router groups; every group keeps "
                "at least 2 (the router ranks groups by their two best experts) and topk_group groups must hold "
                "num_experts_per_tok experts.",),

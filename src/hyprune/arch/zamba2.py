@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 
-from hyprune.arch.family import MAMBA, MLP, Family, Part, register
+from hyprune.arch.family import MAMBA, MLP, Family, Layout, Part, attention_head_dim, register
 from hyprune.errors import HypruneError
 
 HYBRID = "hybrid"
@@ -99,6 +99,22 @@ def _tied_mlps(config) -> list[list[int]]:
     return [hybrid[b::blocks] for b in range(blocks) if hybrid[b::blocks]]
 
 
+def _shared_blocks(config, lay: Layout, sizes: dict[str, int], kinds, count) -> dict[str, int]:
+    """Zamba2's shared transformer blocks, once per block however many hybrid layers use them, plus what
+    every use owns (LoRA adapters, the ``linear`` into its Mamba); keys as the built-model counter.
+    ``count(part kind)``: the parameters of one such part (`hyprune.search.counting`)."""
+    uses = sum(1 for kind in kinds if kind == HYBRID)
+    blocks = min(int(config.num_mem_blocks), uses)  # hybrid layer j uses block j % num_mem_blocks
+    d, ffn, rank = sizes["hidden"], sizes["ffn"], int(config.adapter_rank)
+    width, head_dim = 2 * d, attention_head_dim(config)  # attention reads [hidden, embeddings]
+    q, kv = int(config.num_attention_heads) * head_dim, int(config.num_key_value_heads) * head_dim
+    attention = width * (q + 2 * kv) + d * q + width  # q, k, v, o and the 2d input_layernorm
+    attention_adapters = 3 * 2 * width * rank if config.use_shared_attention_adapter else 0
+    return {MLP: blocks * count(MLP) + uses * (rank * d + 2 * ffn * rank),
+            "norms": blocks * d,  # pre_ff_layernorm
+            "other": blocks * attention + uses * (attention_adapters + d * d)}
+
+
 register(Family(
     name="zamba2", base="model",
     fields={"hidden": "hidden_size", "ffn": "intermediate_size", "mamba_heads": "n_mamba_heads",
@@ -110,6 +126,11 @@ register(Family(
                           "size, derived by the config, with the LoRA adapters adding into it), which would need "
                           "attention head-channel pruning."},
     undroppable_kinds=_undroppable, renumber=_renumber, keep_one=(HYBRID,),
+    # add_bias_linear on the Mamba and MLP projections, the conv always with a bias
+    layout=Layout(mamba_in_bias="add_bias_linear", mamba_out_bias="add_bias_linear", mlp_bias="add_bias_linear"),
+    shared_blocks=((MLP,), _shared_blocks),
+    shared_attention_kinds=(HYBRID,),  # the shared transformer's attention: weights shared, cache per layer
+    letters={HYBRID: "H"},
     notes=("Free: n_mamba_heads, mamba_headdim, mamba_d_state, mamba_ngroups (n_mamba_heads * mamba_headdim must be "
            "a multiple of hidden_size: mamba_expand is a whole number and is rewritten), intermediate_size (the "
            "shared MLP, one ranking per shared block over its uses).",

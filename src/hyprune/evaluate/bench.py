@@ -43,9 +43,9 @@ import torch
 
 from hyprune.compat import CachedDecoding
 from hyprune.errors import HypruneError
+from hyprune.parts import PARTS
+from hyprune.parts.attention import kv_cache_bytes
 
-CONV_KERNEL_FIELDS = ("conv_kernel", "mamba_d_conv", "d_conv")
-SLIDING = ("sliding_attention", "hybrid_sliding")
 CACHE_FORMULA = (
     "per sequence and layer: attention 2 (K and V) x kv_heads x head_dim x tokens x bytes(dtype), tokens = "
     "context (min(context, sliding_window - 1) for sliding-window layers); Mamba conv state (heads x head_dim "
@@ -55,9 +55,6 @@ CACHE_FORMULA = (
     "bytes(dtype) and SSM state inner x state x bytes(ssm_dtype), inner = mamba_expand x hidden_size; a Zamba2 "
     "hybrid layer also caches K and V of its use of the shared attention"
 )
-# block kinds whose attention lives outside the family's parts: Zamba2's hybrid layers run the shared
-# transformer's attention (weights shared, cache per layer)
-SHARED_ATTENTION_KINDS = {"zamba2": "hybrid"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +68,6 @@ def cache_bytes(config, family, context: int, dtype: torch.dtype | str = torch.f
     KV grows linearly with ``context``; the Mamba conv and SSM states do not grow at all. The SSM
     state is kept in float32 by transformers' Mamba-2 scan (``ssm_dtype``), even in a bf16 model.
     """
-    from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, attention_head_dim
     from hyprune.models import parse_dtype
 
     dtype = parse_dtype(dtype)
@@ -79,42 +75,16 @@ def cache_bytes(config, family, context: int, dtype: torch.dtype | str = torch.f
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     size, ssm_size = _itemsize(dtype), _itemsize(ssm_dtype)
-    kinds = family.block_kinds(config)
-    layer_types = getattr(config, "layer_types", None)
-    layer_types = layer_types if isinstance(layer_types, list) and len(layer_types) == len(kinds) else None
-    window = getattr(config, "sliding_window", None)
     out = {"attention": 0, "mamba_conv": 0, "mamba_ssm": 0}
-    for i, kind in enumerate(kinds):
-        parts = {part.kind for part in family.parts(kind)}
-        if ATTENTION in parts or SHARED_ATTENTION_KINDS.get(family.name) == kind:
-            tokens = context
-            # as transformers builds its cache: a config without layer_types but with a sliding_window
-            # (Mistral) slides in every layer
-            sliding = layer_types[i] in SLIDING if layer_types else window is not None
-            if sliding and window:
-                tokens = min(context, int(window) - 1)
-            kv_heads = int(getattr(config, family.fields.get("kv_heads", "num_key_value_heads")))
-            out["attention"] += 2 * kv_heads * attention_head_dim(config) * tokens * size
-        if MAMBA in parts:
-            heads, head_dim, groups, state = (int(getattr(config, family.fields[a])) for a in
-                                              ("mamba_heads", "mamba_head_dim", "mamba_groups", "ssm_state"))
-            kernel = _conv_kernel(config)
-            out["mamba_conv"] += (heads * head_dim + 2 * groups * state) * kernel * size
-            out["mamba_ssm"] += heads * head_dim * state * ssm_size
-        if MAMBA1 in parts:  # Jamba: per inner channel a conv window and a state vector
-            inner = int(config.mamba_expand) * int(config.hidden_size)
-            out["mamba_conv"] += inner * _conv_kernel(config) * size
-            out["mamba_ssm"] += inner * int(config.mamba_d_state) * ssm_size
+    for i, kind in enumerate(family.block_kinds(config)):
+        present = {part.kind for part in family.parts(kind)}
+        for part_kind in (k for k in PARTS if k in present):
+            for key, value in PARTS[part_kind].cache_bytes(config, family, i, context, size, ssm_size).items():
+                out[key] += value
+        if kind in family.shared_attention_kinds:  # an attention outside the parts (Zamba2's shared one)
+            out["attention"] += kv_cache_bytes(config, family, i, context, size)
     out["total"] = sum(out.values())
     return out
-
-
-def _conv_kernel(config) -> int:
-    for name in CONV_KERNEL_FIELDS:
-        value = getattr(config, name, None)
-        if value:
-            return int(value)
-    raise HypruneError(f"{type(config).__name__} names no Mamba conv kernel size ({', '.join(CONV_KERNEL_FIELDS)}).")
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -34,7 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family
+from hyprune.arch.family import Family
+from hyprune.parts import PARTS
 from hyprune.errors import HypruneError
 from hyprune.methods import Method, MethodOptions, MethodResult, register
 
@@ -63,12 +64,6 @@ class Target:
 # ---------------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------------
-def _group(part_kind: str, sub_name: str) -> str:
-    if part_kind == MAMBA:
-        return sub_name.rsplit(".", 1)[-1]  # in_proj or out_proj
-    return {ATTENTION: "attention", MLP: "mlp"}[part_kind]
-
-
 def block_linears(model, family: Family) -> list[Target]:
     """Every ``nn.Linear`` inside the blocks, in forward order, with its group."""
     out = []
@@ -78,7 +73,7 @@ def block_linears(model, family: Family) -> list[Target]:
             for sub_name, module in mixer.named_modules():
                 if isinstance(module, nn.Linear):
                     name = f"{family.layer_prefix(i)}.{part.mixer}.{sub_name}.weight"
-                    out.append(Target(name, _group(part.kind, sub_name), module, i))
+                    out.append(Target(name, PARTS[part.kind].linear_group(sub_name), module, i))
     return out
 
 

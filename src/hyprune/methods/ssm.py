@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hyprune.apply import apply_plan, model_from_state_dict
-from hyprune.arch.family import MAMBA, Family
+from hyprune.arch.family import MAMBA, Family, registered
 from hyprune.errors import HypruneError
 from hyprune.methods import Method, MethodOptions, MethodResult, register
 from hyprune.plan import identity_plan, top_k, top_k_within_groups
@@ -43,10 +43,6 @@ STATE_SCORES = {
     "state-magnitude": "L2 norm of the B and C rows",
     "state-random": "uniform random (seeded by --seed)",
 }
-
-# config field that gives the Mamba in_proj and out_proj a bias, per family (ssm-flap writes its
-# compensation there); only the Mamba projections read it in these families
-_PROJ_BIAS_FIELD = {"nemotron_h": "use_bias"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,12 +96,7 @@ def _sizes(family: Family, config) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------
 def mamba_mixers(model, family: Family) -> list[tuple[int, str, torch.nn.Module]]:
     """(block index, mixer attribute name, mixer) of every Mamba part, in order."""
-    found = []
-    for i, (block, kind) in enumerate(zip(family.layers(model), family.block_kinds(model.config))):
-        for part, _, mixer in family.block_parts(block, kind):
-            if part.kind == MAMBA:
-                found.append((i, part.mixer, mixer))
-    return found
+    return [(i, part.mixer, mixer) for i, part, mixer in family.mixers(model, MAMBA)]
 
 
 def _batches(windows: torch.Tensor, batch_size: int, desc: str, progress: bool):
@@ -385,9 +376,10 @@ def _check_flap(family: Family, config, options: MethodOptions) -> None:
     ratio = _check_ratio("ssm-flap", options)
     _check_mamba("ssm-flap", family, config)
     _check_free_heads("ssm-flap", family, "mamba_heads")
-    if family.name not in _PROJ_BIAS_FIELD:
+    if family.mamba_proj_bias_field is None:
+        known = [f.name for f in registered() if f.mamba_proj_bias_field is not None]
         raise HypruneError(f"--method ssm-flap writes its bias compensation into the Mamba out_proj bias, which "
-                           f"hyprune only knows how to enable for {', '.join(_PROJ_BIAS_FIELD)}; not {family.name}.")
+                           f"hyprune only knows how to enable for {', '.join(known)}; not {family.name}.")
     H, _, G, _ = _sizes(family, config)
     fields = f"{family.fields['mamba_heads']} / {family.fields['mamba_groups']}"
     kept_count(H // G, ratio, f"Mamba heads per B/C group ({fields})")
@@ -442,7 +434,7 @@ def with_out_proj_bias(model, family: Family, extra: dict[int, torch.Tensor]):
     (block index -> [hidden]), in_proj bias zero where the source had none. Loads with no custom code."""
     state = dict(model.state_dict())
     config = copy.deepcopy(model.config)
-    setattr(config, _PROJ_BIAS_FIELD[family.name], True)
+    setattr(config, family.mamba_proj_bias_field, True)
     for i, name, mixer in mamba_mixers(model, family):
         prefix = f"{family.layer_prefix(i)}.{name}"
         weight = mixer.out_proj.weight

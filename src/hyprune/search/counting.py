@@ -37,168 +37,42 @@ adapters, its pre-norm and the ``linear`` under ``other``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 
-from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, Family, attention_head_dim
+from hyprune.arch import registered
+from hyprune.arch.family import Family, Layout
 from hyprune.errors import HypruneError
+from hyprune.parts import PARTS, components
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Per-family facts the counts need beyond the axis sizes: bias flags (a config field name, or a
-    constant), the gated norm's presence, the MLP's and the routed experts' matrix counts, and whether
-    the lm_head can be tied."""
-
-    mamba_in_bias: str | bool = False
-    mamba_out_bias: str | bool = False
-    conv_bias: str | bool = True
-    mamba_norm: str | bool = True
-    qkv_bias: str | bool = False
-    o_bias: str | bool = False
-    qk_norm: bool = False
-    mlp_bias: str | bool = False
-    mlp_matrices: int = 3
-    expert_matrices: int = 3  # gated experts (gate_up fused + down); NemotronH's relu2 experts: 2
-    can_tie: bool = True
-
-    def flag(self, config, value: str | bool) -> bool:
-        return bool(getattr(config, value, False)) if isinstance(value, str) else value
-
-
-_MAMBA_N = dict(mamba_in_bias="mamba_proj_bias", mamba_out_bias="mamba_proj_bias", conv_bias="mamba_conv_bias")
-_LLAMA = Layout(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias")
-LAYOUTS: dict[str, Layout] = {
-    # NemotronH never ties (its _tied_weights_keys is empty) and has bias-free attention
-    "nemotron_h": Layout(mamba_in_bias="use_bias", mamba_out_bias="use_bias", conv_bias="use_conv_bias",
-                         mlp_bias="mlp_bias", mlp_matrices=2, expert_matrices=2, can_tie=False),
-    "mamba2": Layout(mamba_in_bias="use_bias", mamba_out_bias="use_bias", conv_bias="use_conv_bias"),
-    "bamba": Layout(**_MAMBA_N, qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias"),
-    "granitemoehybrid": Layout(**_MAMBA_N, qkv_bias="attention_bias", o_bias="attention_bias"),
-    "falcon_h1": Layout(**{**_MAMBA_N, "mamba_out_bias": "projectors_bias"}, mamba_norm="mamba_rms_norm",
-                        qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias"),
-    # Zamba2: add_bias_linear on the Mamba and MLP projections, the conv always with a bias
-    "zamba2": Layout(mamba_in_bias="add_bias_linear", mamba_out_bias="add_bias_linear", mlp_bias="add_bias_linear"),
-    "jamba": Layout(**_MAMBA_N),
-    "llama": _LLAMA,
-    "mistral": Layout(),
-    "qwen2": Layout(qkv_bias=True),
-    "qwen3": Layout(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=True),
-}
+# family -> its parameter-count facts (`Family.layout`, written in the family's file)
+LAYOUTS: dict[str, Layout] = {family.name: family.layout for family in registered() if family.layout is not None}
 
 
 def layout(family: Family) -> Layout:
-    if family.name not in LAYOUTS:
+    """The registered family's `Layout` (looked up by name: a family must be registered to be counted)."""
+    known = {f.name: f.layout for f in registered() if f.layout is not None}
+    if family.name not in known:
         raise HypruneError(f"hyprune has no parameter formula for the {family.name} family yet, so it cannot search "
-                           f"its architectures. Known: {', '.join(sorted(LAYOUTS))}.")
-    return LAYOUTS[family.name]
-
-
-def _conv_kernel(config) -> int:
-    from hyprune.evaluate.bench import _conv_kernel as kernel
-
-    return kernel(config)
-
-
-def mamba_parameters(config, lay: Layout, sizes: dict[str, int]) -> int:
-    d = sizes["hidden"]
-    H, P, G, N = sizes["mamba_heads"], sizes["mamba_head_dim"], sizes["mamba_groups"], sizes["ssm_state"]
-    inner, conv = H * P, H * P + 2 * G * N
-    rows = 2 * inner + 2 * G * N + H
-    count = rows * d + rows * lay.flag(config, lay.mamba_in_bias)
-    count += conv * _conv_kernel(config) + conv * lay.flag(config, lay.conv_bias)
-    count += 3 * H + inner * lay.flag(config, lay.mamba_norm)
-    count += d * inner + d * lay.flag(config, lay.mamba_out_bias)
-    return count
-
-
-def mamba1_parameters(config, lay: Layout, sizes: dict[str, int]) -> int:
-    d, N, R = sizes["hidden"], sizes["ssm_state"], int(config.mamba_dt_rank)
-    inner = sizes["mamba_expand"] * d
-    count = 2 * inner * d + 2 * inner * lay.flag(config, lay.mamba_in_bias)
-    count += inner * _conv_kernel(config) + inner * lay.flag(config, lay.conv_bias)
-    count += (R + 2 * N) * inner + inner * R + inner  # x_proj, dt_proj with its bias
-    count += inner * N + inner + R + 2 * N  # A_log, D, the dt/B/C norms
-    return count + d * inner + d * lay.flag(config, lay.mamba_out_bias)
-
-
-def attention_parameters(config, lay: Layout, sizes: dict[str, int]) -> int:
-    d, D = sizes["hidden"], attention_head_dim(config)
-    q, kv = sizes["attention_heads"] * D, sizes["kv_heads"] * D
-    count = 2 * q * d + 2 * kv * d
-    count += (q + 2 * kv) * lay.flag(config, lay.qkv_bias) + d * lay.flag(config, lay.o_bias)
-    return count + 2 * D * lay.qk_norm
-
-
-def mlp_parameters(config, lay: Layout, sizes: dict[str, int]) -> int:
-    d, F = sizes["hidden"], sizes["ffn"]
-    bias = lay.flag(config, lay.mlp_bias) * ((lay.mlp_matrices - 1) * F + d)
-    return lay.mlp_matrices * F * d + bias
-
-
-def routed_expert_parameters(config, lay: Layout, sizes: dict[str, int]) -> int:
-    """One routed expert: its matrices over the latent width (NemotronH ``moe_latent_size``) or hidden."""
-    latent = getattr(config, "moe_latent_size", None) or sizes["hidden"]
-    return lay.expert_matrices * sizes["expert_ffn"] * latent
-
-
-def moe_parameters(config, lay: Layout, sizes: dict[str, int]) -> int:
-    """A whole MoE block: router, routed experts, shared expert and latent projections (NemotronH)."""
-    d, bias = sizes["hidden"], lay.flag(config, lay.mlp_bias)
-    count = sizes["experts"] * (d + routed_expert_parameters(config, lay, sizes))  # router rows + experts
-    if "shared_expert_ffn" in sizes:  # NemotronH's shared expert (up, down); Granite's is its own MLP part
-        shared = sizes["shared_expert_ffn"]
-        count += 2 * shared * d + bias * (shared + d)
-    latent = getattr(config, "moe_latent_size", None)
-    if latent:
-        count += 2 * latent * d + bias * (latent + d)
-    return count
-
-
-_PART_COUNT = {MAMBA: mamba_parameters, MAMBA1: mamba1_parameters, ATTENTION: attention_parameters,
-               MLP: mlp_parameters, MOE: moe_parameters}
-
-
-def zamba2_shared_blocks(config, lay: Layout, sizes: dict[str, int], kinds: Sequence[str]) -> dict[str, int]:
-    """Zamba2's shared transformer blocks, once per block however many hybrid layers use them, plus what
-    every use owns (LoRA adapters, the ``linear`` into its Mamba); keys as the built-model counter."""
-    uses = sum(1 for kind in kinds if kind == "hybrid")
-    blocks = min(int(config.num_mem_blocks), uses)  # hybrid layer j uses block j % num_mem_blocks
-    d, ffn, rank = sizes["hidden"], sizes["ffn"], int(config.adapter_rank)
-    width, head_dim = 2 * d, attention_head_dim(config)  # attention reads [hidden, embeddings]
-    q, kv = int(config.num_attention_heads) * head_dim, int(config.num_key_value_heads) * head_dim
-    attention = width * (q + 2 * kv) + d * q + width  # q, k, v, o and the 2d input_layernorm
-    attention_adapters = 3 * 2 * width * rank if config.use_shared_attention_adapter else 0
-    return {MLP: blocks * mlp_parameters(config, lay, sizes) + uses * (rank * d + 2 * ffn * rank),
-            "norms": blocks * d,  # pre_ff_layernorm
-            "other": blocks * attention + uses * (attention_adapters + d * d)}
-
-
-# family -> (part kinds whose weights are shared between blocks, the function that counts them once)
-SHARED_BLOCKS = {"zamba2": ((MLP,), zamba2_shared_blocks)}
+                           f"its architectures. Known: {', '.join(sorted(known))}.")
+    return known[family.name]
 
 
 def check_countable(family: Family, config) -> None:
     """Refuse, with a clear message, a model whose blocks the formulas do not cover."""
     layout(family)
     parts = {part.kind for kind in family.block_kinds(config) for part in family.parts(kind)}
-    missing = sorted(parts - set(_PART_COUNT))
+    missing = sorted(parts - set(PARTS))
     if missing:
         raise HypruneError(f"hyprune cannot count the parameters of {', '.join(missing)} blocks yet, so it cannot "
                            f"search the architectures of this {family.name} model (only "
-                           f"{', '.join(sorted(_PART_COUNT))} blocks).")
+                           f"{', '.join(sorted(PARTS))} blocks).")
 
 
 def is_tied(family: Family, config) -> bool:
     return layout(family).can_tie and bool(getattr(config, "tie_word_embeddings", False))
-
-
-def _component(part_kind: str) -> str:
-    """The key a part's parameters go under (the built-model counter files Mamba-1 under ``mamba``)."""
-    return MAMBA if part_kind == MAMBA1 else part_kind
 
 
 def count_parameters(family: Family, config, sizes: dict[str, int] | None = None,
@@ -212,19 +86,21 @@ def count_parameters(family: Family, config, sizes: dict[str, int] | None = None
     lay = layout(family)
     sizes = family.sizes(config) if sizes is None else sizes
     kinds = family.block_kinds(config) if kinds is None else kinds
-    shared_parts, count_shared = SHARED_BLOCKS.get(family.name, ((), None))
+    shared_parts, count_shared = family.shared_blocks or ((), None)
     d, vocab = sizes["hidden"], int(config.vocab_size)
-    out = {"embeddings": vocab * d, MAMBA: 0, ATTENTION: 0, MLP: 0, MOE: 0, "norms": d, "lm_head": 0, "other": 0}
+    out = {"embeddings": vocab * d, **dict.fromkeys(components(), 0), "norms": d, "lm_head": 0, "other": 0}
     per_kind: dict[str, list[tuple[str, int]]] = {}
     for kind in set(kinds):
         parts = [part for part in family.parts(kind) if part.kind not in shared_parts]
-        per_kind[kind] = [(_component(part.kind), _PART_COUNT[part.kind](config, lay, sizes)) for part in parts]
+        per_kind[kind] = [(PARTS[part.kind].component, PARTS[part.kind].parameters(config, lay, sizes))
+                          for part in parts]
         per_kind[kind].append(("norms", d * len({part.norm for part in parts})))
     for kind in kinds:
         for key, count in per_kind[kind]:
             out[key] += count
     if count_shared is not None:
-        for key, count in count_shared(config, lay, sizes, kinds).items():
+        for key, count in count_shared(config, lay, sizes, kinds,
+                                       lambda part_kind: PARTS[part_kind].parameters(config, lay, sizes)).items():
             out[key] += count
     out["lm_head"] = 0 if is_tied(family, config) else vocab * d
     out["total"] = sum(out.values())
@@ -240,11 +116,9 @@ def active_parameters(family: Family, config, sizes: dict[str, int] | None = Non
     kinds = family.block_kinds(config) if kinds is None else kinds
     if total is None:
         total = count_parameters(family, config, sizes, kinds)["total"]
-    moe_blocks = sum(1 for kind in kinds for part in family.parts(kind) if part.kind == MOE)
-    if not moe_blocks:
-        return total
-    skipped = sizes["experts"] - int(config.num_experts_per_tok)
-    return total - moe_blocks * skipped * routed_expert_parameters(config, layout(family), sizes)
+    lay = layout(family)
+    return total - sum(PARTS[part.kind].active_reduction(config, lay, sizes) for kind in kinds
+                       for part in family.parts(kind))
 
 
 def shaped_config(family: Family, config, sizes: dict[str, int], kept: Sequence[int]):

@@ -28,7 +28,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hyprune.arch.family import ATTENTION, MAMBA, MAMBA1, MLP, MOE, MOE_AXES, Family, expert_groups
+from hyprune.arch.family import MOE, MOE_AXES, Family, expert_groups
+from hyprune.parts import kinds_with_axis
 from hyprune.depth import protected_kinds
 from hyprune.errors import HypruneError
 from hyprune.plan import EXPERT_ALIGNMENT, resolve_target
@@ -158,13 +159,7 @@ def parse_space(family: Family, config, space: str | dict | None, min_fraction: 
 def _axis_in_model(axis: str, part_kinds: set[str]) -> bool:
     """Whether the model has the part an axis sizes (a NemotronH config names attention fields even
     when its pattern holds no attention block)."""
-    if axis.startswith(("mamba", "ssm")):
-        return bool({MAMBA, MAMBA1} & part_kinds)
-    if axis in ("attention_heads", "kv_heads"):
-        return ATTENTION in part_kinds
-    if axis in MOE_AXES:
-        return MOE in part_kinds
-    return axis == "hidden" or (axis == "ffn" and MLP in part_kinds)
+    return axis == "hidden" or bool(kinds_with_axis(axis) & part_kinds)
 
 
 # ---------------------------------------------------------------------------------------------
