@@ -19,6 +19,7 @@ Checks, for every family:
 from __future__ import annotations
 
 import copy
+import functools
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -47,7 +48,8 @@ VOCAB = 64
 # ---- the two Mamba-1 families' fixtures and masked reference ----------------------------------------
 def mamba1(config_class, seed=0, **overrides):
     torch.manual_seed(seed)
-    kwargs = dict(vocab_size=VOCAB, hidden_size=16, expand=2, state_size=6, num_hidden_layers=3, conv_kernel=4,
+    # hidden 32: time_step_rank "auto" resolves to 2, and must stay 2 when hidden shrinks (auto would give 1)
+    kwargs = dict(vocab_size=VOCAB, hidden_size=32, expand=2, state_size=6, num_hidden_layers=3, conv_kernel=4,
                   time_step_rank="auto", use_bias=True, use_cache=False, pad_token_id=0, bos_token_id=0,
                   eos_token_id=0, tie_word_embeddings=False)
     kwargs.update(overrides)
@@ -172,6 +174,15 @@ def case(name) -> Case:
     return CASES[name]
 
 
+@functools.cache
+def built(name):
+    """(model, random plan, pruned model) of a family's case, built once for the tests below (none mutates them)."""
+    c = case(name)
+    model = c.make()
+    plan = c.plan(model, random.Random(name))
+    return model, plan, apply_plan(model, plan)
+
+
 @pytest.fixture
 def ids():
     return torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -187,12 +198,9 @@ def test_identity_plan_is_bit_exact(name, ids):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_random_plan_matches_reference_and_roundtrips(name, ids, tmp_path):
-    c = case(name)
-    model = c.make()
-    plan = c.plan(model, random.Random(name))
-    pruned = apply_plan(model, plan)
+    model, plan, pruned = built(name)
     assert pruned.num_parameters() < model.num_parameters()
-    assert rel_err(pruned(ids).logits, c.reference(model, plan, ids)) < 1e-5
+    assert rel_err(pruned(ids).logits, case(name).reference(model, plan, ids)) < 1e-5
     assert_roundtrip_generates(pruned, tmp_path / "pruned", vocab=VOCAB)
 
 
@@ -202,9 +210,7 @@ def test_cli_prune_with_plan_roundtrips(name, tmp_path, tiny_tokenizer):
 
     from hyprune.cli import app
 
-    c = case(name)
-    model = c.make()
-    plan = c.plan(model, random.Random(name))
+    model, plan, pruned = built(name)
     model.save_pretrained(tmp_path / "source")
     tiny_tokenizer.save_pretrained(tmp_path / "source")  # the CLI copies it to the output
     plan.save(tmp_path / "plan.json")
@@ -213,8 +219,7 @@ def test_cli_prune_with_plan_roundtrips(name, tmp_path, tiny_tokenizer):
     assert result.exit_code == 0, result.output
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    expected = apply_plan(AutoModelForCausalLM.from_pretrained(tmp_path / "source"), plan).state_dict()
-    got = loaded.state_dict()
+    expected, got = pruned.state_dict(), loaded.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
@@ -232,11 +237,11 @@ def test_mamba1_scores_plan_and_count(name, tmp_path):
     family = family_for_config(model.config)
     windows = torch.randint(1, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
     scores = activation_scores(model, windows, family, progress=False)
-    assert scores["layers.0.mamba1_inner"].shape == (32,) and scores["layers.0.mamba1_bc"].shape == (2, 6)
+    assert scores["layers.0.mamba1_inner"].shape == (64,) and scores["layers.0.mamba1_bc"].shape == (2, 6)
     plan = make_plan(family, model.config, scores, {"hidden_size": 8, "expand": 1, "state_size": 3})
     pruned = apply_plan(model, plan)
     c = pruned.config
-    assert (c.hidden_size, c.expand, c.intermediate_size, c.state_size, c.time_step_rank) == (8, 1, 8, 3, 1)
+    assert (c.hidden_size, c.expand, c.intermediate_size, c.state_size, c.time_step_rank) == (8, 1, 8, 3, 2)
     nonzero = lambda counts: {k: v for k, v in counts.items() if v}  # noqa: E731
     for m in (model, pruned):
         assert nonzero(analytic(family, m.config)) == nonzero(count_parameters(m, family))
