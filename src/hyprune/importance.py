@@ -11,7 +11,7 @@ What each hook reads (shared/reference/methods.md, section 1):
     Mamba heads/dims  x slice of in_proj output, [heads, head_dim] -> ``layers.i.mamba_x``
     SSM states        B and C slices of in_proj output            -> ``layers.i.mamba_bc`` [2, groups, state]
     Mamba-1 channels  input of out_proj (gated scan output)       -> ``layers.i.mamba1_inner`` [inner]
-    Mamba-1 states    outputs of b_layernorm and c_layernorm      -> ``layers.i.mamba1_bc`` [2, state]
+    Mamba-1 states    outputs of b/c_layernorm (or x_proj's B, C) -> ``layers.i.mamba1_bc`` [2, state]
     expert neurons    input of each routed expert's down projection,
                       times the token's routing weight            -> ``layers.i.expert_ffn`` [experts, ffn]
     whole experts     L2 norm of each routed expert's output,

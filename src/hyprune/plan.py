@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hyprune.arch.family import MAMBA, Family
+from hyprune.arch import registered
+from hyprune.arch.family import LETTERS, MAMBA, Family
 from hyprune.errors import HypruneError, validation_message
 from hyprune.parts import PARTS, Context
 from hyprune.parts import mamba2
@@ -35,6 +36,11 @@ from hyprune.parts.base import check_indices as _check_indices, top_k, top_k_wit
 from hyprune.parts.moe import EXPERT_ALIGNMENT, check_expert_alignment, check_router  # noqa: F401 (re-exported)
 
 PLAN_FORMAT = "hyprune-plan/1"
+
+
+def block_kind_words() -> set[str]:
+    """The words block kinds are made of: the shared kinds and every registered family's own (`Family.letters`)."""
+    return set(LETTERS) | {kind for family in registered() for kind in family.letters}
 
 
 class LayerPlan(BaseModel):
@@ -46,8 +52,8 @@ class LayerPlan(BaseModel):
     # parallel = attention and Mamba side by side, then MLP (FalconH1); moe = routed experts (+ a shared expert);
     # "mamba+moe" / "attention+moe" = a Granite layer whose shared MLP runs beside routed experts
     # hybrid = a Mamba layer that first runs a shared transformer block (Zamba2)
-    kind: Literal["mamba", "attention", "mlp", "moe", "transformer", "mamba+mlp", "attention+mlp", "mamba+moe",
-                  "attention+moe", "parallel", "hybrid"]
+    # a block kind of a registered family: a base kind, a family's own (parallel, hybrid), or a "mixer+ffn" pair
+    kind: str
     heads: list[int] | None = None  # Mamba heads
     head_dim: list[int] | None = None  # Mamba head channels, shared by every kept head
     state: list[int] | None = None  # SSM state channels, shared by every kept group
@@ -58,7 +64,16 @@ class LayerPlan(BaseModel):
     experts: list[int] | None = None  # routed experts of an MoE block
     expert_ffn: list[list[int]] | None = None  # FFN neurons of each kept expert, in the order of ``experts``
     shared_ffn: list[int] | None = None  # FFN neurons of the MoE block's shared expert (NemotronH)
-    inner: list[int] | None = None  # Mamba-1 inner channels (Jamba); ``state`` holds its SSM states
+    inner: list[int] | None = None  # Mamba-1 inner channels (Jamba, Mamba); ``state`` holds its SSM states
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        known = block_kind_words()
+        if not 1 <= len(kind.split("+")) <= 2 or not set(kind.split("+")) <= known:
+            raise ValueError(f"unknown block kind '{kind}'; a kind is one of {', '.join(sorted(known))} or two "
+                             "of them joined by '+'")
+        return kind
 
 
 class Plan(BaseModel):

@@ -5,12 +5,19 @@ holding one or more pre-norm + mixer pairs (`Part`: a Mamba-2 or Mamba-1 mixer, 
 MoE block, at an attribute path such as ``norm``/``mixer`` or ``mamba_decoder.mamba``), a final norm and
 ``lm_head``. What differs between families is the names, the config fields, how the layer pattern is
 written and what the config cannot express (fixed axes, blocks that cannot be dropped, periodic
-patterns), so a family is data (`Family`), not a subclass.
+patterns), so a family is data (`Family`), not a subclass. A new family is one new module here that
+calls `register` (README, "Adding a family"); nothing else names it.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from hyprune.arch.family import AXES, Family, family_for_config, registered
-from hyprune.arch import dense as _dense, falcon_h1 as _falcon_h1, hybrid_decoder as _hybrid_decoder, mamba2 as _mamba2, nemotron_h as _nemotron_h, zamba2 as _zamba2, jamba as _jamba  # noqa: F401,E501
+
+# A family registers itself when its module loads: every module of this package is one (or a few) families.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["AXES", "Family", "family_for_config", "registered"]

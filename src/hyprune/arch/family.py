@@ -50,8 +50,9 @@ LETTERS = {MAMBA: "M", ATTENTION: "*", MLP: "-", MOE: "E", TRANSFORMER: "T"}
 @dataclass(frozen=True)
 class Layout:
     """Per-family facts the parameter counts need beyond the axis sizes (`hyprune.search.counting`): bias
-    flags (a config field name, or a constant), the gated norm's presence, the MLP's and the routed experts'
-    matrix counts, and whether the lm_head can be tied."""
+    flags (a config field name, or a constant), whether the mixer's norms hold weights (Mamba-2's gated norm,
+    Mamba-1's dt/B/C norms), the MLP's and the routed experts' matrix counts, and whether the lm_head can be
+    tied."""
 
     mamba_in_bias: str | bool = False
     mamba_out_bias: str | bool = False

@@ -23,6 +23,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from hyprune.arch import family_for_config
 from hyprune.errors import HypruneError
 
 LogitLoss = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -249,13 +250,9 @@ def teacher_channels_from_plan(plan) -> list[int]:
 # Capturing block outputs
 # ---------------------------------------------------------------------------------------------
 def block_list(model) -> torch.nn.ModuleList:
-    """The list of residual blocks of a causal LM (``model.layers`` or ``backbone.layers``)."""
+    """The list of residual blocks of a causal LM, as its family names it (`hyprune.arch.family.Family.layers`)."""
     inner = getattr(model, "module", model)  # DDP
-    for base in ("model", "backbone", "transformer"):
-        layers = getattr(getattr(inner, base, None), "layers", None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise HypruneError(f"Could not find the block list of {type(inner).__name__} for the intermediate-state loss.")
+    return family_for_config(inner.config).layers(inner)
 
 
 @contextmanager

@@ -1,15 +1,20 @@
-"""The Mamba-1 mixer (Jamba): a per-channel selective scan, no heads or groups.
+"""The Mamba-1 mixer (Jamba, Mamba, FalconMamba): a per-channel selective scan, no heads or groups.
 
 Layout (I inner channels = ``mamba_expand * hidden``, N states, R = dt_rank)::
 
     in_proj rows = [x: I | z: I];  conv channels, dt_proj rows, A_log rows, D = I
     x_proj rows = [dt: R | B: N | C: N], columns I;  A_log columns and b/c_layernorm = N
 
+The dt/B/C RMSNorms are optional: Jamba's carry weights, FalconMamba's are weightless (a non-persistent
+buffer, nothing in the state dict) and Mamba has none. A family without them names ``b_norm``/``c_norm``
+as "" in `Part.names`, and the states are then scored from x_proj's B and C rows instead. Both norms
+take their statistic over the states, so a pruned model normalises over the kept states only.
+
 An inner channel's recurrence is its own; it meets the others only through x_proj's columns (its
 share of dt, B and C) and out_proj's columns. dt_rank stays.
 
 Scores: ``layers.i.mamba1_inner`` [I] (input of out_proj, the gated scan output) and
-``layers.i.mamba1_bc`` [2, N] (outputs of b_layernorm and c_layernorm).
+``layers.i.mamba1_bc`` [2, N] (outputs of b_layernorm and c_layernorm, or x_proj's B and C rows).
 """
 
 from __future__ import annotations
@@ -25,18 +30,37 @@ def inner_size(sizes: dict[str, int]) -> int:
     return sizes["mamba_expand"] * sizes["hidden"]
 
 
+DT_RANK_FIELDS = ("mamba_dt_rank", "time_step_rank")  # Jamba's, Mamba's and FalconMamba's
+
+
+def dt_rank(config) -> int:
+    """The rank of dt's projection, which pruning keeps (whichever of `DT_RANK_FIELDS` the config has)."""
+    for name in DT_RANK_FIELDS:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise HypruneError(f"{type(config).__name__} names no Mamba-1 dt rank ({', '.join(DT_RANK_FIELDS)}).")
+
+
 class Mamba1(BasePart):
     kind = MAMBA1
     component = MAMBA  # the parameter counts file Mamba-1 mixers under ``mamba``
     axes = ("mamba_expand", "ssm_state")
     # the config fields a Mamba-1 family names (a family may override them in `Part.names`)
-    names = {"dt_rank": "mamba_dt_rank", "expand": "mamba_expand", "state": "mamba_d_state"}
+    # b_norm / c_norm: the mixer's B and C norm modules ("" where it has none: Mamba)
+    names = {"dt_rank": "mamba_dt_rank", "expand": "mamba_expand", "state": "mamba_d_state",
+             "b_norm": "b_layernorm", "c_norm": "c_layernorm"}
 
     # ---- scoring -------------------------------------------------------------------------------
     def hooks(self, mixer, i, stat, names):
-        return [mixer.out_proj.register_forward_pre_hook(input_hook(stat(f"layers.{i}.mamba1_inner"))),
-                mixer.b_layernorm.register_forward_hook(output_hook(stat(f"layers.{i}.mamba1_b"))),
-                mixer.c_layernorm.register_forward_hook(output_hook(stat(f"layers.{i}.mamba1_c")))]
+        handles = [mixer.out_proj.register_forward_pre_hook(input_hook(stat(f"layers.{i}.mamba1_inner")))]
+        if names["b_norm"]:
+            return handles + [getattr(mixer, names[f"{x}_norm"]).register_forward_hook(
+                output_hook(stat(f"layers.{i}.mamba1_{x}"))) for x in "bc"]
+        N = int(mixer.ssm_state_size)  # x_proj rows = [dt | B | C]: the last 2N rows, without norms
+        return handles + [
+            mixer.x_proj.register_forward_hook(output_hook(stat(f"layers.{i}.mamba1_b"), lambda y: y[..., -2 * N:-N])),
+            mixer.x_proj.register_forward_hook(output_hook(stat(f"layers.{i}.mamba1_c"), lambda y: y[..., -N:]))]
 
     def scores(self, stat, i, mixer, config):
         return {f"layers.{i}.mamba1_inner": stat(f"layers.{i}.mamba1_inner").score(),
@@ -99,12 +123,12 @@ class Mamba1(BasePart):
         }
 
     def parameters(self, config, lay, sizes):
-        d, N, R = sizes["hidden"], sizes["ssm_state"], int(getattr(config, self.names["dt_rank"]))
+        d, N, R = sizes["hidden"], sizes["ssm_state"], dt_rank(config)
         inner = sizes["mamba_expand"] * d
         count = 2 * inner * d + 2 * inner * lay.flag(config, lay.mamba_in_bias)
         count += inner * conv_kernel(config) + inner * lay.flag(config, lay.conv_bias)
         count += (R + 2 * N) * inner + inner * R + inner  # x_proj, dt_proj with its bias
-        count += inner * N + inner + R + 2 * N  # A_log, D, the dt/B/C norms
+        count += inner * N + inner + (R + 2 * N) * lay.flag(config, lay.mamba_norm)  # A_log, D, the dt/B/C norms
         return count + d * inner + d * lay.flag(config, lay.mamba_out_bias)
 
     def cache_bytes(self, config, family, i, context, size, ssm_size):
