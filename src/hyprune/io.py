@@ -113,9 +113,10 @@ def check_output(
     return out
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or folder's entry to disk (best effort: some file systems refuse it for folders)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -141,7 +142,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -175,4 +176,4 @@ def atomic_dir(out: str | os.PathLike):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)

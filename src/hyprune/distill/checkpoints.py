@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from hyprune.io import atomic_dir
+from hyprune.io import atomic_dir, fsync_path
 from hyprune.distill.cache import sha256_file
 from hyprune.errors import HypruneError
 
@@ -55,19 +55,6 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
         if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_checkpoint(path: str | Path, deep: bool = True) -> str | None:
@@ -124,14 +111,14 @@ def write_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[P
         files = {}
         for name, write in writers.items():
             write(tmp / name)
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
             files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
         manifest = {"format": CHECKPOINT_FORMAT, **meta, "files": files}
         part = tmp / (MANIFEST + ".part")
         part.write_text(json.dumps(manifest, indent=1) + "\n")
-        _fsync(part)
+        fsync_path(part)
         os.replace(part, tmp / MANIFEST)
-    _fsync(root)
+    fsync_path(root)
     return final
 
 
