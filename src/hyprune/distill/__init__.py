@@ -4,7 +4,7 @@
     cfg = DistillConfig(tokens=2_000_000, seq_len=256, batch=32, lr=2e-4, checkpoint_every=200)
     summary = distill(teacher, student, train_windows, cfg, "runs/kd", eval_windows=heldout)
 
-``distill_cli`` / ``finetune_cli`` / ``cache_topk_cli`` take paths (the CLI commands are thin shells
+``run_distill`` / ``run_finetune`` / ``cache_teacher`` take paths (the CLI commands are thin shells
 over them): they check every input before loading weights, read and pack the data, and run the loop.
 """
 
@@ -20,10 +20,11 @@ from hyprune.distill.cache import TopKCache, cache_teacher_topk
 from hyprune.distill.losses import (block_map_from_plan, forward_kl, generalized_jsd, hidden_state_loss, logit_loss,
                                     reverse_kl, teacher_channels_from_plan, topk_forward_kl, topk_loss)
 from hyprune.distill.train import DistillConfig, check_vocab, distill, finetune, make_config
+from hyprune.config import CacheConfig, LoadConfig, resolve
 from hyprune.errors import HypruneError
 
-__all__ = ["DistillConfig", "TopKCache", "block_map_from_plan", "cache_teacher_topk", "cache_topk_cli",
-           "check_vocab", "distill", "distill_cli", "finetune", "finetune_cli", "forward_kl", "generalized_jsd",
+__all__ = ["DistillConfig", "TopKCache", "block_map_from_plan", "cache_teacher", "cache_teacher_topk",
+           "check_vocab", "distill", "finetune", "forward_kl", "generalized_jsd", "run_distill", "run_finetune",
            "hidden_state_loss", "logit_loss", "make_config", "reverse_kl", "teacher_channels_from_plan",
            "topk_forward_kl", "topk_loss"]
 
@@ -90,7 +91,7 @@ def _load(model_id: str, dtype, device, allow_pickle, trust_remote_code):
     return model
 
 
-def distill_cli(teacher: str | None, student: str, data: str, tokens: int, seq_len: int, batch: int, out: str,
+def run_distill(teacher: str | None, student: str, data: str, tokens: int, seq_len: int, batch: int, out: str,
                 resume: bool = False, *, eval_data: str | None = None, heldout: bool = True, text_field: str = "text",
                 split: str = "train", dtype: str = "float32", device: str | None = None, allow_pickle: bool = False,
                 trust_remote_code: bool = False, overwrite: bool = False, allow_changed: bool = False,
@@ -179,28 +180,30 @@ def _heldout(tokenizer, eval_data, cfg, text_field, split):
     return heldout_windows(tokenizer, eval_data, cfg.seq_len, cfg.eval_windows, text_field=text_field, split=split)
 
 
-def finetune_cli(model: str, data: str, tokens: int, seq_len: int, batch: int, out: str, resume: bool = False,
+def run_finetune(model: str, data: str, tokens: int, seq_len: int, batch: int, out: str, resume: bool = False,
                  **more) -> dict:
     """``hyprune finetune`` (teacher correction): the plain LM loss on ``data``, same loop and outputs."""
     more = {k: v for k, v in more.items() if k not in ("loss", "ce_weight", "hidden_loss")}
-    return distill_cli(None, model, data, tokens, seq_len, batch, out, resume, loss="ce", ce_weight=1.0, **more)
+    return run_distill(None, model, data, tokens, seq_len, batch, out, resume, loss="ce", ce_weight=1.0, **more)
 
 
-def cache_topk_cli(teacher: str, data: str, seq_len: int, k: int, out: str, tokens: int | None = None,
-                   batch_size: int = 8, shard_windows: int = 1024, cache_dtype: str = "float16",
-                   text_field: str = "text", split: str = "train", dtype: str = "float32", device: str | None = None,
-                   allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False,
-                   progress: bool = True) -> Path:
-    """``hyprune cache-teacher``: the teacher's top-``k`` log-probs over ``data`` (its own tokenizer) into ``out``."""
+def cache_teacher(teacher: str, config: CacheConfig | None = None, *, out: str, load: LoadConfig | None = None,
+                  overwrite: bool = False, progress: bool = True, **fields) -> Path:
+    """``hyprune cache-teacher``: the teacher's top-``k`` log-probs over ``data`` (its own tokenizer) into ``out``.
+
+    ``fields`` are `CacheConfig` fields (data, seq_len, k, tokens, batch_size, ...) and `LoadConfig`
+    fields (dtype, device, allow_pickle, trust_remote_code), or pass the configs.
+    """
     from hyprune.data import check_source
     from hyprune.io import check_output
     from hyprune.models import load_config, load_tokenizer
 
-    load_config(teacher, trust_remote_code)
-    check_source(data)
-    check_output(out, "dir", overwrite, inputs=(teacher, data))
-    tokenizer = load_tokenizer(teacher, trust_remote_code)
-    windows = _windows(tokenizer, data, seq_len, tokens, text_field, split)
-    model = _load(teacher, dtype, device, allow_pickle, trust_remote_code)
-    return cache_teacher_topk(model, windows, k, out, batch_size=batch_size, shard_windows=shard_windows,
-                              dtype=cache_dtype, overwrite=overwrite, progress=progress)
+    c, load = resolve("cache-teacher", {**fields, "model": teacher}, (CacheConfig, config), (LoadConfig, load))
+    load_config(teacher, load.trust_remote_code)
+    check_source(c.data)
+    check_output(out, "dir", overwrite, inputs=(teacher, c.data))
+    tokenizer = load_tokenizer(teacher, load.trust_remote_code)
+    windows = _windows(tokenizer, c.data, c.seq_len, c.tokens, c.text_field, c.split)
+    model = _load(teacher, load.dtype, load.device, load.allow_pickle, load.trust_remote_code)
+    return cache_teacher_topk(model, windows, c.k, out, batch_size=c.batch_size, shard_windows=c.shard_windows,
+                              dtype=c.cache_dtype, overwrite=overwrite, progress=progress)
