@@ -66,8 +66,9 @@ def run_case(src: Path, name: str, args: list[str], work: Path) -> Path:
     filled = [a.format(model=TEACHER, data=TRAIN, out=out, work=work) for a in args]
     env = {**os.environ, "PYTHONPATH": str(src / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "hyprune", "--threads", "1", *filled, "--quiet"] if _has_threads(src) else \
-        [sys.executable, "-m", "hyprune", *filled, "--quiet"]
+    quiet = [] if args[0] == "plan" else ["--quiet"]  # plan prints one line and has no --quiet
+    threads = ["--threads", "1"] if _has_threads(src) else []
+    cmd = [sys.executable, "-m", "hyprune", *threads, *filled, *quiet]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed with {src}:\n{done.stderr[-3000:]}")

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
@@ -20,7 +21,7 @@ TINY = dict(max_train_bytes=300_000, max_test_bytes=60_000, calib_windows=8, eva
 
 def _run(out, **kw):
     buffer = io.StringIO()
-    results = run_demo(str(out), train_minutes=0.05, console=Console(file=buffer, width=200), **TINY, **kw)
+    results = run_demo(str(out), train_tokens=64 * 8 * 6, console=Console(file=buffer, width=200), **TINY, **kw)
     return results, buffer.getvalue()
 
 
@@ -80,5 +81,24 @@ def test_demo_trains_prunes_distills_and_reuses_everything(tmp_path, capsys):
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(HypruneError, match="does not look like a hyprune demo folder"):
-        run_demo(str(tmp_path), train_minutes=0.05, overwrite=True, progress=False)
+        run_demo(str(tmp_path), train_tokens=64 * 8 * 6, overwrite=True, progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_demo_is_deterministic(tmp_path):
+    """Two runs from scratch train the same teacher and print the same table (only the times differ)."""
+    from safetensors.torch import load_file
+
+    first, text_a = _run(tmp_path / "a", bench=False)
+    second, text_b = _run(tmp_path / "b", bench=False)
+    weights = [load_file(next((tmp_path / name / "teacher").glob("*.safetensors"))) for name in ("a", "b")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [r["perplexity"] for r in first["models"]] == [r["perplexity"] for r in second["models"]]
+    training = [{k: v for k, v in r["teacher"]["training"].items() if k != "seconds"} for r in (first, second)]
+    assert training[0] == training[1] and training[0]["steps"] == 6  # 64 * 8 * 6 tokens of 8 x 64
+
+    def table(text: str) -> str:
+        return text[text.index("hyprune demo:"): text.index("pruned: ")]
+
+    assert table(text_a) == table(text_b) and "decode tokens/s (rough)" in table(text_a)

@@ -487,7 +487,8 @@ def report_command(
 @app.command()
 def demo(
     out: str = typer.Option("hyprune-demo", "--out", help="Folder for the demo's models and results."),
-    train_minutes: float = typer.Option(4.0, "--train-minutes", help="Training time for the small teacher."),
+    train_tokens: int = typer.Option(2_457_600, "--train-tokens",
+                                     help="Training budget of the small teacher in tokens (steps of 16 x 128)."),
     distill_tokens: int = typer.Option(600_000, "--distill-tokens", help="Distillation budget in tokens."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start from scratch (a new teacher, a new run)."),
     quiet: bool = Quiet,
@@ -496,7 +497,7 @@ def demo(
     from hyprune.demo import run_demo
 
     with _hf_progress(not quiet):
-        _run(run_demo, out, train_minutes=train_minutes, overwrite=overwrite, distill_tokens=distill_tokens,
+        _run(run_demo, out, train_tokens=train_tokens, overwrite=overwrite, distill_tokens=distill_tokens,
              progress=not quiet)
 
 

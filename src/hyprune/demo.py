@@ -5,13 +5,15 @@
    every machine with the same Python, and written to ``OUT/data/{train,test}.txt`` with documents
    joined by ``<|endoftext|>``.
 2. Teacher: a byte-level BPE tokenizer (2048 tokens) and a small NemotronH (pattern ``M-M*-M-``:
-   Mamba-2, MLP and attention blocks) trained from scratch for a few minutes of wall time. It is
-   cached in ``OUT/teacher`` and reused by later runs.
+   Mamba-2, MLP and attention blocks) trained from a seeded random init for a fixed number of
+   tokens (``--train-tokens``) through `hyprune.distill.finetune`, the loop distillation uses, so
+   its weights, and every perplexity after it, are the same on every machine; only the time differs.
+   It is cached in ``OUT/teacher`` and reused by later runs.
 3. The tiny recipe (`demo_recipe`, shipped as ``recipes/demo.yaml``) through `hyprune.recipe`, the
    code path of ``hyprune run``, in ``OUT/run``: prune to about half the parameters (group-aware
    Minitron-SSM), distill briefly from the teacher (forward KL), evaluate teacher, pruned and
    distilled model on the held-out files, benchmark their speed, and write ``OUT/run/report.md``.
-4. A table of the three models and the path of the report.
+4. A table of the three models and the path of the report (its decode column is a rough speed).
 
 A rerun reuses the corpus, the teacher and every finished stage; ``--overwrite`` starts from scratch.
 """
@@ -25,8 +27,10 @@ import os
 import random
 import shutil
 import sysconfig
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,8 +68,10 @@ SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2
              "pydoc_data", "__pycache__", "ensurepip", "venv"}
 DEMO_ENTRIES = {"data", "teacher", "run"}
 TEST_SHARE = 10  # one file in TEST_SHARE goes to the held-out set
-# Budgets for a quiet 2-core CPU (see README): teacher training in wall time, distillation in tokens.
-TRAIN_MINUTES = 4.0
+# Budgets in tokens, so the demo's result is the same on every machine (see README, "Demo timing").
+TRAIN_TOKENS = 2_457_600  # 1,200 teacher steps of 16 x 128 tokens
+PEAK_LR = 3e-3  # the teacher's
+LOSS_TAIL = 50  # the teacher's "final train loss" is the mean over its last steps
 DISTILL_TOKENS = 600_000
 
 
@@ -169,58 +175,43 @@ def _token_tensor(tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _lr(frac: float, peak: float, warmup: float = 0.05, floor: float = 0.1) -> float:
-    """Linear warmup over the first ``warmup`` of the time budget, then cosine down to ``floor * peak``."""
-    if frac < warmup:
-        return peak * max(frac / warmup, 0.02)
-    t = min(1.0, (frac - warmup) / (1 - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+def teacher_training_config(tokens: int, seq_len: int, batch_size: int, seed: int, progress: bool = True):
+    """The teacher's settings for `hyprune.distill.finetune` (plain LM loss, the loop distillation uses).
+
+    AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak lr 3e-3 with a linear warmup over the
+    first 5% of the steps, cosine down to 10% of the peak, gradient clipping at 1.0; no checkpoints and
+    no held-out checks during training (the recipe's eval stage measures the teacher). Two differences
+    from the demo's earlier hand-written loop: the loop decays every matrix, the embedding table too
+    (the old loop left it out), and it samples whole consecutive windows of the stream in a seeded
+    epoch order (`distill.batches`) instead of windows at random offsets.
+    """
+    from hyprune.distill import make_config
+
+    steps = max(1, math.ceil(tokens / (batch_size * seq_len)))
+    return make_config(tokens=tokens, seq_len=seq_len, batch=batch_size, lr=PEAK_LR, min_lr=PEAK_LR * 0.1,
+                       warmup_steps=max(1, round(0.05 * steps)), weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
+                       checkpoint_every=0, eval_every=0, log_every=1, seed=seed, precision="fp32", progress=progress)
 
 
-def train_teacher(model, stream: torch.Tensor, minutes: float, seq_len: int, batch_size: int, seed: int,
-                  peak_lr: float = 3e-3, progress: bool = True, console=None) -> dict:
-    """AdamW on random packed windows of ``stream`` for ``minutes`` of wall time (at least one step)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def train_teacher(model, stream: torch.Tensor, tokens: int, seq_len: int, batch_size: int, seed: int, work_dir: Path,
+                  progress: bool = True) -> dict:
+    """Train ``model`` (in place) on ``tokens`` tokens of ``stream`` through `hyprune.distill.finetune`.
+
+    The run's folder (``log.jsonl``, the loop's own final copy) is ``work_dir``; the record returned
+    holds the steps, tokens and the mean training loss of the last steps, all machine-independent,
+    and the seconds it took.
+    """
+    from hyprune.distill import finetune
 
     if len(stream) <= seq_len + 1:
         raise HypruneError(f"The demo training text holds only {len(stream)} tokens; it needs more than {seq_len}.")
-    gen = torch.Generator().manual_seed(seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embeddings" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embeddings" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=peak_lr, betas=(0.9, 0.95))
-    budget = max(1e-3, minutes * 60.0)
-    offsets = torch.arange(seq_len)
-    model.train()
-    step, tokens, smooth = 0, 0, None
-    start = time.perf_counter()
-    columns = [TextColumn("training teacher"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TextColumn("/"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=budget, info="")
-        while True:
-            elapsed = time.perf_counter() - start
-            if step > 0 and elapsed >= budget:
-                break
-            for group in opt.param_groups:
-                group["lr"] = _lr(elapsed / budget, peak_lr)
-            starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen)
-            batch = stream[starts[:, None] + offsets]
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            tokens += batch.numel()
-            value = loss.item()
-            smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-            bar.update(task, completed=min(budget, time.perf_counter() - start),
-                       info=f"step {step}  loss {smooth:.3f}")
-    model.eval()
-    seconds = time.perf_counter() - start
-    return {"steps": step, "tokens_seen": tokens, "seconds": round(seconds, 1), "final_loss": round(smooth, 4),
-            "batch_size": batch_size, "seq_len": seq_len, "peak_lr": peak_lr, "train_tokens": len(stream)}
+    cfg = teacher_training_config(tokens, seq_len, batch_size, seed, progress)
+    summary = finetune(model, stream, cfg, work_dir)
+    losses = [json.loads(line)["loss"] for line in (work_dir / "log.jsonl").read_text().splitlines()]
+    tail = losses[-LOSS_TAIL:]
+    return {"steps": summary["steps"], "tokens_seen": summary["tokens"], "seconds": round(summary["elapsed_s"], 1),
+            "final_loss": round(sum(tail) / len(tail), 4), "batch_size": batch_size, "seq_len": seq_len,
+            "peak_lr": PEAK_LR, "train_tokens": len(stream)}
 
 
 def _teacher_ready(path: Path) -> bool:
@@ -261,35 +252,37 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # The demo
 # ---------------------------------------------------------------------------------------------
-def run_demo(
-    out: str,
-    train_minutes: float = TRAIN_MINUTES,
-    overwrite: bool = False,
-    distill_tokens: int = DISTILL_TOKENS,
-    *,
-    max_train_bytes: int = 6_000_000,
-    max_test_bytes: int = 600_000,
-    vocab_size: int = 2048,
-    seq_len: int = 128,
-    batch_size: int = 16,
-    calib_windows: int = 64,
-    eval_windows: int = 128,
-    seed: int = 0,
-    bench: bool = True,
-    progress: bool = True,
-    console=None,
-) -> dict:
+@dataclass(frozen=True)
+class DemoSizes:
+    """The demo's sizes; `run_demo` takes them as keyword arguments (tests and experiments shrink them)."""
+
+    max_train_bytes: int = 6_000_000
+    max_test_bytes: int = 600_000
+    vocab_size: int = 2048
+    seq_len: int = 128
+    batch_size: int = 16
+    calib_windows: int = 64
+    eval_windows: int = 128
+    seed: int = 0
+    bench: bool = True
+
+
+def run_demo(out: str, train_tokens: int = TRAIN_TOKENS, overwrite: bool = False,
+             distill_tokens: int = DISTILL_TOKENS, *, progress: bool = True, console=None, **sizes) -> dict:
     """Train (or reuse) a small NemotronH teacher on the stdlib source, then run the tiny recipe on it.
 
     Returns the teacher's training record, a row per model (parameters, held-out perplexity, speed),
     the sizes before and after pruning, the stage timings and the report path. The keyword-only
-    arguments exist for tests and experiments (a smaller corpus, fewer windows); the defaults are the demo.
+    arguments (the fields of `DemoSizes`) exist for tests and experiments (a smaller corpus, fewer
+    windows); the defaults are the demo.
+    Everything but the timings (and the decode column, a speed) is the same on every run with the same
+    arguments: the teacher trains for ``train_tokens`` tokens, not for a length of time.
     """
     from rich.console import Console
-    from transformers import AutoModelForCausalLM
 
-    if train_minutes <= 0:
-        raise HypruneError(f"--train-minutes must be positive, got {train_minutes}.")
+    size = DemoSizes(**sizes)
+    if train_tokens < 1:
+        raise HypruneError(f"--train-tokens must be positive, got {train_tokens}.")
     if distill_tokens < 1:
         raise HypruneError(f"--distill-tokens must be positive, got {distill_tokens}.")
     console = console or Console()
@@ -298,69 +291,88 @@ def run_demo(
     check_output(out, "dir", reuse=True)  # a file, or a place that cannot be written: before anything is deleted
     _prepare_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, teacher_dir = out / "data", out / "teacher"
-    train_txt, test_txt = data_dir / "train.txt", data_dir / "test.txt"
     wall = time.perf_counter()
-    torch.manual_seed(seed)
-    random.seed(seed)
-
+    torch.manual_seed(size.seed)
+    random.seed(size.seed)
     with _quiet_transformers():
-        # 1. corpus --------------------------------------------------------------------------
-        if train_txt.is_file() and test_txt.is_file():
-            corpus = {s: {"files": None, "chars": len(p.read_text(encoding="utf-8"))}
-                      for s, p in (("train", train_txt), ("test", test_txt))}
-            console.print(f"corpus: reusing {data_dir}")
-        else:
-            corpus = build_corpus(data_dir, max_train_bytes, max_test_bytes)
-            console.print(f"corpus: {corpus['train']['files']} stdlib files for training "
-                          f"({corpus['train']['chars'] / 1e6:.1f} M chars), {corpus['test']['files']} held out "
-                          f"({corpus['test']['chars'] / 1e6:.2f} M chars) -> {data_dir}")
-
-        # 2. teacher -------------------------------------------------------------------------
-        reused = _teacher_ready(teacher_dir)
-        if reused:
-            console.print(f"teacher: reusing the model trained earlier in {teacher_dir} "
-                          "(pass --overwrite to train a new one)")
-            info_file = teacher_dir / "demo_training.json"
-            training = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        else:
-            train_docs = _read_docs(train_txt)
-            t0 = time.perf_counter()
-            tokenizer = train_tokenizer(train_docs, vocab_size)
-            stream = _token_tensor(tokenizer, train_docs)
-            console.print(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; {len(stream):,} training tokens "
-                          f"({time.perf_counter() - t0:.0f} s)")
-            config = teacher_config(len(tokenizer), seq_len)
-            model = AutoModelForCausalLM.from_config(config)
-            console.print(f"teacher: NemotronH, pattern {config.hybrid_override_pattern}, "
-                          f"{sum(p.numel() for p in model.parameters()):,} parameters; "
-                          f"training for {train_minutes:g} min on {torch.get_num_threads()} CPU threads")
-            training = train_teacher(model, stream, train_minutes, seq_len, batch_size, seed,
-                                     progress=progress, console=status)
-            training["minutes"] = train_minutes
-            with atomic_dir(teacher_dir) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                (tmp / "demo_training.json").write_text(json.dumps(training, indent=1) + "\n")
-            console.print(f"teacher: {training['steps']} steps, {training['tokens_seen']:,} tokens, "
-                          f"final train loss {training['final_loss']:.3f} -> {teacher_dir}")
-            del model
-
-        # 3. prune -> distill -> eval -> report: the tiny recipe --------------------------------
-        recipe = demo_recipe(out, seq_len=seq_len, calib_windows=calib_windows, eval_windows=eval_windows,
-                             distill_tokens=distill_tokens, batch_size=batch_size, bench=bench)
+        corpus = _corpus(out / "data", size.max_train_bytes, size.max_test_bytes, console)
+        teacher = _teacher(out, train_tokens, size, progress, console)
+        recipe = demo_recipe(out, seq_len=size.seq_len, calib_windows=size.calib_windows,
+                             eval_windows=size.eval_windows, distill_tokens=distill_tokens,
+                             batch_size=size.batch_size, bench=size.bench)
         record = run_recipe(recipe, restart=True, progress=progress, console=status)
-
-    run_dir = Path(recipe.output)
-    rows = model_rows(recipe, run_dir, record)
-    summary = json.loads((run_dir / "pruned" / "hyprune_summary.json").read_text())
-    results = {"teacher": {"path": str(teacher_dir), "reused": reused, "training": training},
-               "corpus": {"train": str(train_txt), "test": str(test_txt), **corpus},
-               "models": rows, "sizes": {"before": summary["before"], "after": summary["after"]},
-               "stages": {k: {"status": v["status"], "seconds": v["seconds"]} for k, v in record.stages.items()},
-               "report": str(run_dir / "report.md"), "seconds": round(time.perf_counter() - wall, 1)}
-    _print_summary(console, rows, summary, recipe, results)
+    results = _results(out, recipe, record, corpus, teacher, wall)
+    _print_summary(console, recipe, results)
     return results
+
+
+def _corpus(data_dir: Path, max_train_bytes: int, max_test_bytes: int, console) -> dict:
+    """Step 1: the train / held-out text files (reused when present)."""
+    train_txt, test_txt = data_dir / "train.txt", data_dir / "test.txt"
+    if train_txt.is_file() and test_txt.is_file():
+        console.print(f"corpus: reusing {data_dir}")
+        return {s: {"files": None, "chars": len(p.read_text(encoding="utf-8"))}
+                for s, p in (("train", train_txt), ("test", test_txt))}
+    corpus = build_corpus(data_dir, max_train_bytes, max_test_bytes)
+    console.print(f"corpus: {corpus['train']['files']} stdlib files for training "
+                  f"({corpus['train']['chars'] / 1e6:.1f} M chars), {corpus['test']['files']} held out "
+                  f"({corpus['test']['chars'] / 1e6:.2f} M chars) -> {data_dir}")
+    return corpus
+
+
+def _teacher(out: Path, train_tokens: int, size: DemoSizes, progress: bool, console) -> dict:
+    """Step 2: the tokenizer and the teacher in ``out/teacher`` (reused when present); its record."""
+    seq_len, batch_size, seed = size.seq_len, size.batch_size, size.seed
+    teacher_dir = out / "teacher"
+    if _teacher_ready(teacher_dir):
+        info_file = teacher_dir / "demo_training.json"
+        training = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        console.print(f"teacher: reusing the model trained earlier in {teacher_dir} "
+                      "(pass --overwrite to train a new one)")
+        if training.get("tokens") not in (None, train_tokens):
+            console.print(f"teacher: it was trained on {training['tokens']:,} tokens, not the {train_tokens:,} "
+                          "asked for now; --overwrite trains a new one")
+        return {"path": str(teacher_dir), "reused": True, "training": training}
+    from transformers import AutoModelForCausalLM
+
+    train_docs = _read_docs(out / "data" / "train.txt")
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(train_docs, size.vocab_size)
+    stream = _token_tensor(tokenizer, train_docs)
+    console.print(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; {len(stream):,} training tokens "
+                  f"({time.perf_counter() - t0:.0f} s)")
+    config = teacher_config(len(tokenizer), seq_len)
+    torch.manual_seed(seed)  # the same initial weights on every run
+    model = AutoModelForCausalLM.from_config(config)
+    steps = teacher_training_config(train_tokens, seq_len, batch_size, seed).total_steps()
+    console.print(f"teacher: NemotronH, pattern {config.hybrid_override_pattern}, "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters; training on {train_tokens:,} tokens "
+                  f"({steps:,} steps of {batch_size} x {seq_len}) on {torch.get_num_threads()} CPU threads")
+    with tempfile.TemporaryDirectory(prefix=".teacher-training-", dir=out) as work:
+        training = train_teacher(model, stream, train_tokens, seq_len, batch_size, seed, Path(work),
+                                 progress=progress)
+        training["tokens"] = train_tokens
+        with atomic_dir(teacher_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "demo_training.json").write_text(json.dumps(training, indent=1) + "\n")
+            shutil.copyfile(Path(work) / "log.jsonl", tmp / "training_log.jsonl")
+    console.print(f"teacher: {training['steps']} steps, {training['tokens_seen']:,} tokens in "
+                  f"{training['seconds']:.0f} s, train loss {training['final_loss']:.3f} (mean of the last "
+                  f"{min(LOSS_TAIL, training['steps'])} steps) -> {teacher_dir}")
+    return {"path": str(teacher_dir), "reused": False, "training": training}
+
+
+def _results(out: Path, recipe: Recipe, record, corpus: dict, teacher: dict, wall: float) -> dict:
+    """Step 4: what `run_demo` returns (and prints)."""
+    run_dir = Path(recipe.output)
+    summary = json.loads((run_dir / "pruned" / "hyprune_summary.json").read_text())
+    return {"teacher": teacher,
+            "corpus": {"train": str(out / "data" / "train.txt"), "test": str(out / "data" / "test.txt"), **corpus},
+            "models": model_rows(recipe, run_dir, record),
+            "sizes": {"before": summary["before"], "after": summary["after"]},
+            "stages": {k: {"status": v["status"], "seconds": v["seconds"]} for k, v in record.stages.items()},
+            "report": str(run_dir / "report.md"), "seconds": round(time.perf_counter() - wall, 1)}
 
 
 def demo_recipe(out: str | Path = "hyprune-demo", *, seq_len: int = 128, calib_windows: int = 64,
@@ -387,12 +399,13 @@ def demo_recipe(out: str | Path = "hyprune-demo", *, seq_len: int = 128, calib_w
     return parse_recipe(data, "the demo recipe")
 
 
-def _print_summary(console, rows: list[dict], summary: dict, recipe: Recipe, results: dict) -> None:
+def _print_summary(console, recipe: Recipe, results: dict) -> None:
     from rich.table import Table
 
+    rows, sizes = results["models"], results["sizes"]
     table = Table(title="hyprune demo: NemotronH on the stdlib source, pruned to ~50%, distilled")
     for name, justify in (("model", "left"), ("parameters", "right"), ("kept", "right"),
-                          ("held-out perplexity", "right"), ("decode tokens/s", "right")):
+                          ("held-out perplexity", "right"), ("decode tokens/s (rough)", "right")):
         table.add_column(name, justify=justify)
     teacher_params = rows[0]["parameters"]
     for r in rows:
@@ -400,10 +413,14 @@ def _print_summary(console, rows: list[dict], summary: dict, recipe: Recipe, res
                       f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-",
                       f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "-")
     console.print(table)
-    changed = [f"{axis} {summary['before'][axis]}->{summary['after'][axis]}" for axis in summary["before"]
-               if summary["before"][axis] != summary["after"][axis]]
+    changed = [f"{axis} {sizes['before'][axis]}->{sizes['after'][axis]}" for axis in sizes["before"]
+               if sizes["before"][axis] != sizes["after"][axis]]
     console.print("pruned: " + ", ".join(changed))
     console.print(f"held-out perplexity: {recipe.eval.num_windows} windows x {recipe.eval.seq_len} tokens of "
                   f"{recipe.eval.data}; distilled on {recipe.distill.tokens:,} tokens of {recipe.distill.data}. "
                   f"Stages: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in results["stages"].items()) + ".")
+    if any(r["tokens_per_s"] is not None for r in rows):
+        console.print("decode tokens/s: median of a few short runs at this machine's current load (the pruned "
+                      "and the distilled model share one architecture, so one figure); a rough speed, unlike "
+                      "the perplexities, which are the same on every machine. `hyprune bench` measures properly.")
     console.print(f"report: {results['report']}")

@@ -159,8 +159,12 @@ def distill(teacher, student, data, config: DistillConfig | dict, out_dir: str |
     """
     cfg = make_config(config)
     info = dist_utils.setup()  # the process group (if any) outlives the run: see distill.distributed
-    return _run(teacher, student, data, cfg, Path(out_dir), eval_windows, resume, tokenizer, teacher_tokenizer,
-                overwrite, info, allow_changed, fingerprints or {})
+    out = Path(out_dir)
+    inputs = _check_inputs(teacher, student, data, cfg, eval_windows, tokenizer, teacher_tokenizer, info)
+    _prepare_out_dir(out, resume, overwrite, info)
+    run = _setup(teacher, student, cfg, inputs, out, info, resume, allow_changed,
+                 {**(fingerprints or {}), **inputs.fingerprints})
+    return _train(run, tokenizer)
 
 
 def finetune(model, data, config: DistillConfig | dict, out_dir: str | Path, eval_windows: torch.Tensor | None = None,
@@ -535,49 +539,50 @@ class _Objective:
         return {"loss": total, **parts}
 
 
-def _save_checkpoint(root: Path, step: int, tokens: int, loss: float, cfg: DistillConfig, wrapped, student,
-                     optimizer, scheduler, mode: str, teacher_ppl, info, fingerprints: dict) -> None:
-    """Write ``root/step-N`` atomically on rank 0 (every rank joins the gathers); keep the last K."""
-    weights = _full_state_dict(wrapped, student, mode)
-    optim_state = _optimizer_state(wrapped, optimizer, mode)
-    rngs = dist_utils.gather_objects(_rng_state(), info)
-    error = None
-    if info.is_main:
-        meta = {"step": step, "tokens": tokens}
-        state_json = {"step": step, "tokens": tokens, "loss": loss, "world_size": info.world_size,
-                      "teacher_ppl": teacher_ppl, "config": cfg.model_dump(mode="json"),
-                      "inputs": fingerprints}
-        writers = {
-            ckpt.WEIGHTS: lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
-            ckpt.OPTIMIZER: lambda p: ckpt.save_torch(optim_state, p),
-            ckpt.TRAINER_STATE: lambda p: ckpt.save_torch({"scheduler": scheduler.state_dict(), "rng": rngs}, p),
-            ckpt.TRAINER_JSON: lambda p: p.write_text(json.dumps(state_json, indent=1) + "\n"),
-        }
-        try:
-            ckpt.write_checkpoint(root, step, writers, meta)
-            ckpt.prune_checkpoints(root, cfg.keep_last)
-        except OSError as e:
-            previous = ckpt.list_checkpoints(root)
-            kept = (f"The previous checkpoint {previous[-1][1]} is intact" if previous
-                    else "No earlier checkpoint exists")
-            error = (f"Could not write the checkpoint of step {step} under {root}: {e}. {kept}. Free disk space "
-                     "(or pick another --out) and rerun with --resume.")
-    error = dist_utils.broadcast_object(error, info)
-    dist_utils.barrier(info)
-    if error:
-        raise HypruneError(error)
+@dataclass
+class _Run:
+    """What every step of one run shares, set up once by `_setup`."""
+
+    cfg: DistillConfig
+    inputs: _Inputs
+    info: object  # distill.distributed.DistInfo
+    mode: str  # "single", "ddp" or "fsdp"
+    out: Path
+    student: object
+    teacher: object
+    wrapped: object  # the student as the optimizer sees it (DDP wrapper, FSDP-sharded, or itself)
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    objective: _Objective
+    fingerprints: dict
+    start_step: int
+    resumed: Path | None
+    saved: dict  # the resumed checkpoint's trainer.json ({} for a new run)
+    changed: dict  # settings changed on resume (--resume-changed)
+    writer: object = None  # TensorBoard (rank 0, when installed)
+    teacher_ppl: float | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.out / CHECKPOINTS
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / LOG_FILE
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.total_steps()
 
 
-def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, resume: bool, tokenizer,
-         teacher_tokenizer, overwrite: bool, info, allow_changed: bool = False, fingerprints: dict | None = None) -> dict:
-    inputs = _check_inputs(teacher, student, data, cfg, eval_windows, tokenizer, teacher_tokenizer, info)
-    fingerprints = {**(fingerprints or {}), **inputs.fingerprints}
-    eval_windows = inputs.eval_windows
-    _prepare_out_dir(out, resume, overwrite, info)
-    total_steps = cfg.total_steps()
+LOSS_PARTS = ["loss", "kd", "ce", "hidden"]  # the order of the per-step sums
+
+
+def _setup(teacher, student, cfg: DistillConfig, inputs: _Inputs, out: Path, info, resume: bool,
+           allow_changed: bool, fingerprints: dict) -> _Run:
+    """Devices, the resumed weights and states (or a fresh seed), wrapping, AdamW and the schedule, the log."""
     mode = "fsdp" if (cfg.fsdp and info.enabled) else ("ddp" if info.enabled else "single")
-
-    # ---- devices, resume weights, wrapping ---------------------------------------------------
     if info.device is not None:
         student.to(info.device)
         if teacher is not None:
@@ -602,7 +607,7 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.total_steps()))
     if resumed is not None:
         _load_optimizer(wrapped, optimizer, ckpt.load_torch(resumed / ckpt.OPTIMIZER), mode)
         trainer_state = ckpt.load_torch(resumed / ckpt.TRAINER_STATE)
@@ -610,117 +615,178 @@ def _run(teacher, student, data, cfg: DistillConfig, out: Path, eval_windows, re
         rngs = trainer_state["rng"]
         _set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
         if changed:
-            _apply_settings(optimizer, scheduler, cfg, total_steps)
-    objective = _Objective(cfg, inputs, wrapped, student, teacher, device)
+            _apply_settings(optimizer, scheduler, cfg, cfg.total_steps())
+    run = _Run(cfg, inputs, info, mode, out, student, teacher, wrapped, params, optimizer, scheduler,
+               _Objective(cfg, inputs, wrapped, student, teacher, device), fingerprints, start_step, resumed,
+               saved, changed)
+    _open_log(run)
+    return run
 
-    # ---- logging and the teacher's perplexity --------------------------------------------------
-    log_path = out / LOG_FILE
-    writer = None
+
+def _open_log(run: _Run) -> None:
+    """Rank 0: the log (trimmed to the resumed step) and TensorBoard; every rank: the teacher's perplexity."""
+    info, eval_windows = run.info, run.inputs.eval_windows
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _trim_log(log_path, start_step)
-        writer = _tensorboard(out)
-        if changed:  # the accepted changes, on record next to the steps they affect
-            _log(log_path, None, {"event": "resume_changed", "step": start_step, "from": str(resumed),
-                                  "changed": changed})
-    teacher_ppl = saved.get("teacher_ppl")
-    if teacher_ppl is None and eval_windows is not None and teacher is not None and info.is_main:
-        teacher_ppl = perplexity(teacher, eval_windows, batch_size=cfg.eval_batch)["perplexity"]
-    teacher_ppl = dist_utils.broadcast_object(teacher_ppl, info)
+        run.out.mkdir(parents=True, exist_ok=True)
+        _trim_log(run.log_path, run.start_step)
+        run.writer = _tensorboard(run.out)
+        if run.changed:  # the accepted changes, on record next to the steps they affect
+            _log(run.log_path, None, {"event": "resume_changed", "step": run.start_step, "from": str(run.resumed),
+                                      "changed": run.changed})
+    teacher_ppl = run.saved.get("teacher_ppl")
+    if teacher_ppl is None and eval_windows is not None and run.teacher is not None and info.is_main:
+        teacher_ppl = perplexity(run.teacher, eval_windows, batch_size=run.cfg.eval_batch)["perplexity"]
+    run.teacher_ppl = dist_utils.broadcast_object(teacher_ppl, info)
 
-    def student_ppl() -> float | None:
-        if eval_windows is None:
-            return None
-        value = None
-        if mode == "fsdp" or info.is_main:  # FSDP needs every rank in the forward
-            module = student if mode != "ddp" else wrapped.module
-            module.eval()
-            value = perplexity(module, eval_windows, batch_size=cfg.eval_batch)["perplexity"]
-            module.train()
-        return dist_utils.broadcast_object(value, info)
 
-    # ---- the loop -------------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, initial=start_step, desc="distill" if inputs.kd else "finetune", unit="step",
-               disable=not (cfg.progress and info.is_main), dynamic_ncols=True)
-    tokens_per_step = cfg.batch * cfg.seq_len
-    names = ["loss", "kd", "ce", "hidden"]
-    active = {"kd": inputs.kd, "ce": not inputs.kd or cfg.ce_weight > 0, "hidden": bool(inputs.hidden_map)}
-    last_loss, last_ppl, started = saved.get("loss"), None, time.perf_counter()
+def _train(run: _Run, tokenizer) -> dict:
+    """The loop: one `_step` per optimizer step, then `_after_step` (log, evaluate, checkpoint); `_finish`."""
+    cfg, info = run.cfg, run.info
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="distill" if run.inputs.kd else "finetune",
+               unit="step", disable=not (cfg.progress and info.is_main), dynamic_ncols=True)
+    last_loss, last_ppl, started = run.saved.get("loss"), None, time.perf_counter()
     try:
-        for step in range(start_step, total_steps):
+        for step in range(run.start_step, run.total_steps):
             t0 = time.perf_counter()
-            done = step + 1
-            share = rank_slice(batch_indices(step, cfg.batch, inputs.num_windows, cfg.seed), info.rank,
-                               info.world_size)
-            chunks = micro_batches(share, inputs.micro)
-            optimizer.zero_grad(set_to_none=True)
-            sums = torch.zeros(len(names), dtype=torch.float64)
-            for m, chunk in enumerate(chunks):
-                ids, cached = objective.fetch(chunk)
-                with _grad_sync(wrapped, mode, sync=m == len(chunks) - 1):
-                    parts = objective(ids, cached)
-                    (parts["loss"] * (len(chunk) / len(share))).backward()
-                for i, name in enumerate(names):
-                    if name in parts:
-                        sums[i] += parts[name].detach().double().cpu() * (len(chunk) / len(share))
-            sums = dist_utils.all_reduce_mean(sums, info)
-            loss = float(sums[0])
-            if not math.isfinite(loss):
-                raise HypruneError(_nan_message("loss", loss, done, root))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if not math.isfinite(grad_norm):
-                raise HypruneError(_nan_message("gradient norm", grad_norm, done, root))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            last_loss = loss
-            tokens = done * tokens_per_step
-            elapsed = time.perf_counter() - t0
-            record = {"step": done, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)}
-            for i, name in enumerate(names[1:], 1):
-                if active[name]:
-                    record[f"{name}_loss"] = float(sums[i])
-            is_last = done == total_steps
-            if eval_windows is not None and (is_last or (cfg.eval_every and done % cfg.eval_every == 0)):
-                last_ppl = student_ppl()
-                record["eval_ppl"] = last_ppl
-                if teacher_ppl is not None:
-                    record["teacher_ppl"] = teacher_ppl
-            record["elapsed_s"] = time.perf_counter() - started
-            if info.is_main and (done % cfg.log_every == 0 or is_last or "eval_ppl" in record):
-                _log(log_path, writer, record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"ppl": f"{last_ppl:.2f}"} if last_ppl else {}))
-            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or is_last):
-                _save_checkpoint(root, done, tokens, loss, cfg, wrapped, student, optimizer, scheduler, mode,
-                                 teacher_ppl, info, fingerprints)
-        # ---- the final student ----------------------------------------------------------------
-        if eval_windows is not None and last_ppl is None:
-            last_ppl = student_ppl()
-        summary = {"steps": total_steps, "tokens": total_steps * tokens_per_step, "loss": last_loss,
-                   "student_ppl": last_ppl, "teacher_ppl": teacher_ppl,
-                   "resumed_from": str(resumed) if resumed else None, "changed_on_resume": changed or None,
-                   "elapsed_s": time.perf_counter() - started, "world_size": info.world_size,
-                   "final": str(out / FINAL), "log": str(log_path), "checkpoints": str(root)}
-        weights = _full_state_dict(wrapped, student, mode) if mode == "fsdp" else None
-        if info.is_main:
-            with atomic_dir(out / FINAL) as tmp:
-                student.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
-                (tmp / "hyprune_distill.json").write_text(
-                    json.dumps({"summary": summary, "config": cfg.model_dump(mode="json")}, indent=1) + "\n")
-        dist_utils.barrier(info)
-        return summary
+            sums, grad_norm, lr = _step(run, step)
+            last_loss = float(sums[0])
+            last_ppl = _after_step(run, step + 1, sums, grad_norm, lr, time.perf_counter() - t0, started,
+                                   last_ppl, bar)
+        return _finish(run, tokenizer, last_loss, last_ppl, started)
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
+        if run.writer is not None:
+            run.writer.close()
         if cfg.activation_checkpointing:
-            _set_activation_checkpointing(student, False)
-        student.eval()
+            _set_activation_checkpointing(run.student, False)
+        run.student.eval()
+
+
+def _step(run: _Run, step: int) -> tuple[torch.Tensor, float, float]:
+    """One optimizer step (0-based ``step``) on every rank: (loss parts averaged over ranks, grad norm, lr)."""
+    cfg, info = run.cfg, run.info
+    done = step + 1
+    share = rank_slice(batch_indices(step, cfg.batch, run.inputs.num_windows, cfg.seed), info.rank, info.world_size)
+    chunks = micro_batches(share, run.inputs.micro)
+    run.optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(len(LOSS_PARTS), dtype=torch.float64)
+    for m, chunk in enumerate(chunks):
+        ids, cached = run.objective.fetch(chunk)
+        with _grad_sync(run.wrapped, run.mode, sync=m == len(chunks) - 1):
+            parts = run.objective(ids, cached)
+            (parts["loss"] * (len(chunk) / len(share))).backward()
+        for i, name in enumerate(LOSS_PARTS):
+            if name in parts:
+                sums[i] += parts[name].detach().double().cpu() * (len(chunk) / len(share))
+    sums = dist_utils.all_reduce_mean(sums, info)
+    loss = float(sums[0])
+    if not math.isfinite(loss):
+        raise HypruneError(_nan_message("loss", loss, done, run.root))
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not math.isfinite(grad_norm):
+        raise HypruneError(_nan_message("gradient norm", grad_norm, done, run.root))
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    return sums, grad_norm, lr
+
+
+def _after_step(run: _Run, done: int, sums: torch.Tensor, grad_norm: float, lr: float, seconds: float,
+                started: float, last_ppl: float | None, bar) -> float | None:
+    """Log step ``done`` (1-based), evaluate and checkpoint when due; returns the latest student perplexity."""
+    cfg, inputs = run.cfg, run.inputs
+    loss, tokens_per_step = float(sums[0]), cfg.batch * cfg.seq_len
+    tokens = done * tokens_per_step
+    record = {"step": done, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "tokens_per_s": tokens_per_step / max(seconds, 1e-9)}
+    active = {"kd": inputs.kd, "ce": not inputs.kd or cfg.ce_weight > 0, "hidden": bool(inputs.hidden_map)}
+    for i, name in enumerate(LOSS_PARTS[1:], 1):
+        if active[name]:
+            record[f"{name}_loss"] = float(sums[i])
+    is_last = done == run.total_steps
+    if inputs.eval_windows is not None and (is_last or (cfg.eval_every and done % cfg.eval_every == 0)):
+        last_ppl = _student_ppl(run)
+        record["eval_ppl"] = last_ppl
+        if run.teacher_ppl is not None:
+            record["teacher_ppl"] = run.teacher_ppl
+    record["elapsed_s"] = time.perf_counter() - started
+    if run.info.is_main and (done % cfg.log_every == 0 or is_last or "eval_ppl" in record):
+        _log(run.log_path, run.writer, record)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"ppl": f"{last_ppl:.2f}"} if last_ppl else {}))
+    if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or is_last):
+        _save_checkpoint(run, done, tokens, loss)
+    return last_ppl
+
+
+def _student_ppl(run: _Run) -> float | None:
+    """The student's held-out perplexity (None without held-out windows), the same on every rank."""
+    if run.inputs.eval_windows is None:
+        return None
+    value = None
+    if run.mode == "fsdp" or run.info.is_main:  # FSDP needs every rank in the forward
+        module = run.student if run.mode != "ddp" else run.wrapped.module
+        module.eval()
+        value = perplexity(module, run.inputs.eval_windows, batch_size=run.cfg.eval_batch)["perplexity"]
+        module.train()
+    return dist_utils.broadcast_object(value, run.info)
+
+
+def _finish(run: _Run, tokenizer, last_loss: float | None, last_ppl: float | None, started: float) -> dict:
+    """Evaluate the final student if no step did, save it to ``out/final``; the run's summary."""
+    cfg, info = run.cfg, run.info
+    if run.inputs.eval_windows is not None and last_ppl is None:
+        last_ppl = _student_ppl(run)
+    summary = {"steps": run.total_steps, "tokens": run.total_steps * cfg.batch * cfg.seq_len, "loss": last_loss,
+               "student_ppl": last_ppl, "teacher_ppl": run.teacher_ppl,
+               "resumed_from": str(run.resumed) if run.resumed else None, "changed_on_resume": run.changed or None,
+               "elapsed_s": time.perf_counter() - started, "world_size": info.world_size,
+               "final": str(run.out / FINAL), "log": str(run.log_path), "checkpoints": str(run.root)}
+    weights = _full_state_dict(run.wrapped, run.student, run.mode) if run.mode == "fsdp" else None
+    if info.is_main:
+        with atomic_dir(run.out / FINAL) as tmp:
+            run.student.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / "hyprune_distill.json").write_text(
+                json.dumps({"summary": summary, "config": cfg.model_dump(mode="json")}, indent=1) + "\n")
+    dist_utils.barrier(info)
+    return summary
+
+
+def _save_checkpoint(run: _Run, step: int, tokens: int, loss: float) -> None:
+    """Write ``root/step-N`` atomically on rank 0 (every rank joins the gathers); keep the last K."""
+    cfg, info, root = run.cfg, run.info, run.root
+    weights = _full_state_dict(run.wrapped, run.student, run.mode)
+    optim_state = _optimizer_state(run.wrapped, run.optimizer, run.mode)
+    rngs = dist_utils.gather_objects(_rng_state(), info)
+    error = None
+    if info.is_main:
+        meta = {"step": step, "tokens": tokens}
+        state_json = {"step": step, "tokens": tokens, "loss": loss, "world_size": info.world_size,
+                      "teacher_ppl": run.teacher_ppl, "config": cfg.model_dump(mode="json"),
+                      "inputs": run.fingerprints}
+        scheduler = run.scheduler
+        writers = {
+            ckpt.WEIGHTS: lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
+            ckpt.OPTIMIZER: lambda p: ckpt.save_torch(optim_state, p),
+            ckpt.TRAINER_STATE: lambda p: ckpt.save_torch({"scheduler": scheduler.state_dict(), "rng": rngs}, p),
+            ckpt.TRAINER_JSON: lambda p: p.write_text(json.dumps(state_json, indent=1) + "\n"),
+        }
+        try:
+            ckpt.write_checkpoint(root, step, writers, meta)
+            ckpt.prune_checkpoints(root, cfg.keep_last)
+        except OSError as e:
+            previous = ckpt.list_checkpoints(root)
+            kept = (f"The previous checkpoint {previous[-1][1]} is intact" if previous
+                    else "No earlier checkpoint exists")
+            error = (f"Could not write the checkpoint of step {step} under {root}: {e}. {kept}. Free disk space "
+                     "(or pick another --out) and rerun with --resume.")
+    error = dist_utils.broadcast_object(error, info)
+    dist_utils.barrier(info)
+    if error:
+        raise HypruneError(error)
 
 
 def _apply_settings(optimizer, scheduler, cfg: DistillConfig, total_steps: int) -> None:
