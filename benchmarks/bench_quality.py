@@ -365,7 +365,8 @@ def measure_speed(args, results, folders: dict[str, Path]) -> None:
     distinct = ["width", "depth", "nossm"]
     models = [args.model] + [str(folders[r]) for r in distinct]
     t0 = time.perf_counter()
-    raw = bench(models, batch_sizes=args.bench_batch_sizes, context_lengths=[args.bench_context],
+    raw = bench(models, batch_sizes=[int(b) for b in args.bench_batch_sizes.split(",")],
+                context_lengths=[args.bench_context],
                 decode_tokens=args.bench_decode_tokens, repeats=args.bench_repeats, progress=False)
     teacher_runs = raw["models"][0]["runs"]
     speed = {"device": raw["device"], "device_name": raw["device_name"], "threads": raw["threads"],

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hyprune.distill import (DistillConfig, TopKCache, block_map_from_plan, cache_teacher_topk, check_vocab, distill,
-                             distill_cli, finetune, forward_kl, generalized_jsd, hidden_state_loss, reverse_kl,
+                             run_distill, finetune, forward_kl, generalized_jsd, hidden_state_loss, reverse_kl,
                              make_config, topk_forward_kl, topk_loss)
 from hyprune.distill import checkpoints as ckpt
 from hyprune.distill import train as distill_train
@@ -465,16 +465,16 @@ def test_topk_cache_trains_without_teacher(tmp_path):
 
 def test_distill_cli_from_files(tmp_path, nemotron_dir, calib_txt):
     out = tmp_path / "kd"
-    summary = distill_cli(str(nemotron_dir), str(nemotron_dir), str(calib_txt), tokens=3 * 2 * 32, seq_len=32,
+    summary = run_distill(str(nemotron_dir), str(nemotron_dir), str(calib_txt), tokens=3 * 2 * 32, seq_len=32,
                           batch=2, out=str(out), checkpoint_every=2, progress=False, eval_windows=2)
     assert (out / "final" / "tokenizer.json").exists() and (out / "log.jsonl").exists()
     assert summary["steps"] == 3 and summary["student_ppl"] is not None
     assert summary["student_ppl"] == pytest.approx(summary["teacher_ppl"], rel=1e-2)
     assert _log(out)[0]["loss"] < 1e-6  # the student is the teacher
     with pytest.raises(HypruneError, match="--resume"):
-        distill_cli(str(nemotron_dir), str(nemotron_dir), str(calib_txt), tokens=64, seq_len=32, batch=2, out=str(out))
+        run_distill(str(nemotron_dir), str(nemotron_dir), str(calib_txt), tokens=64, seq_len=32, batch=2, out=str(out))
     with pytest.raises(HypruneError, match="lr"):
-        distill_cli(str(nemotron_dir), str(nemotron_dir), str(calib_txt), tokens=64, seq_len=32, batch=2,
+        run_distill(str(nemotron_dir), str(nemotron_dir), str(calib_txt), tokens=64, seq_len=32, batch=2,
                     out=str(tmp_path / "x"), lr=-1)
     assert DistillConfig(tokens=10, seq_len=2).total_steps() == 1
 

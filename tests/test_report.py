@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from hyprune import api
 from hyprune.cli import app
-from hyprune.distill import distill_cli
+from hyprune.distill import run_distill
 from hyprune.errors import HypruneError
 from hyprune.evaluate import evaluate
 from hyprune.report import REPORT_FORMAT, Report, compare_reports, load_report, markdown_table
@@ -24,7 +24,7 @@ def _is_png(path) -> bool:
 
 def test_prune_writes_a_report_with_bars_heatmap_and_depth_plot(nemotron_dir, calib_txt, tmp_path):
     out = tmp_path / "pruned"
-    summary = api.prune(str(nemotron_dir), str(out), data=str(calib_txt), target="hidden_size=24,mamba_num_heads=4",
+    summary = api.prune(str(nemotron_dir), str(out), data=str(calib_txt), target={"hidden_size": 24, "mamba_num_heads": 4},
                         drop_blocks=1, seq_len=32, num_samples=4, progress=False)
     for png in ("parameters.png", "importance.png", "block_scores.png"):
         assert _is_png(out / png), png
@@ -42,7 +42,7 @@ def test_distill_report_has_curves_and_the_students_size(nemotron_dir, calib_txt
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "kd"
-    distill_cli(str(nemotron_dir), str(nemotron_dir), str(calib_txt), 32 * 2 * 4, 32, 2, str(run), eval_every=2,
+    run_distill(str(nemotron_dir), str(nemotron_dir), str(calib_txt), 32 * 2 * 4, 32, 2, str(run), eval_every=2,
                 checkpoint_every=0, progress=False)
     assert _is_png(run / "training_curves.png")
     data = load_report(run / "report.json")

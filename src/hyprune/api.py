@@ -1,4 +1,4 @@
-"""The public workflow: score -> plan -> prune, and inspect.
+"""The public workflow: score -> write_plan -> prune, and inspect.
 
 Each function checks everything it can (paths, config, target, plan, data file) before it loads
 weights or runs a forward pass, so a mistake costs seconds, not a sweep over a large model.
@@ -8,6 +8,7 @@ The CLI (`hyprune.cli`) is a thin shell over these functions.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -16,62 +17,55 @@ from transformers import AutoModelForCausalLM
 from hyprune.apply import apply_plan
 from hyprune.checkpoint import save_pruned
 from hyprune.compat import probe_generate
+from hyprune.config import DataConfig, LoadConfig, PruneConfig, resolve
 from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
 from hyprune.io import atomic_dir, check_output
 from hyprune.importance import activation_scores, load_scores, save_scores, summarize_scores
-from hyprune.methods import Method, MethodOptions, get_method
+from hyprune.methods import Method, get_method
 from hyprune.models import count_parameters, load_config, load_model, load_tokenizer, savable
 from hyprune.plan import Plan, load_plan_for, make_plan, parse_target, resolve_target, summarize
 from hyprune.report import write_run_report
 
 
-def _source(load_kwargs: dict) -> dict:
-    """The keyword arguments that say where a model's config and tokenizer come from."""
-    return {"trust_remote_code": load_kwargs.get("trust_remote_code", False), "gguf_file": load_kwargs.get("gguf_file")}
+def score(model: str, data: str, out: str | None = None, *, calibration: DataConfig | None = None,
+          load: LoadConfig | None = None, overwrite: bool = False, progress: bool = True,
+          **fields) -> dict[str, torch.Tensor]:
+    """Activation importance of every prunable structure of ``model`` on ``data``; saved to ``out`` if given.
 
-
-def score(
-    model: str,
-    data: str,
-    out: str | None = None,
-    seq_len: int = 256,
-    num_samples: int = 64,
-    batch_size: int = 8,
-    seed: int = 0,
-    text_field: str = "text",
-    split: str = "train",
-    overwrite: bool = False,
-    progress: bool = True,
-    **load_kwargs,
-) -> dict[str, torch.Tensor]:
-    """Activation importance of every prunable structure of ``model`` on ``data``; saved to ``out`` if given."""
-    config, family = load_config(model, **_source(load_kwargs))
+    ``fields`` are `DataConfig` (seq_len, num_samples, batch_size, seed, ...) and `LoadConfig` (dtype,
+    device, ...) fields, or pass ``calibration`` / ``load`` configs.
+    """
+    calibration, load = resolve("score", {**fields, "data": data, "model": model}, (DataConfig, calibration),
+                                (LoadConfig, load))
+    config, family = load_config(model, **load.source())
     check_source(data)
     if out is not None:
         check_output(out, "dir", overwrite, inputs=(model, data))
-    tokenizer = load_tokenizer(model, **_source(load_kwargs))
-    windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field, split=split)
-    loaded, family = load_model(model, **load_kwargs)
-    scores = activation_scores(loaded, windows, family, batch_size=batch_size, progress=progress)
+    tokenizer = load_tokenizer(model, **load.source())
+    windows = calibration_windows(tokenizer, data, **calibration.window_kwargs())
+    loaded, family = load_model(model, **load.load_kwargs())
+    scores = activation_scores(loaded, windows, family, batch_size=calibration.batch_size, progress=progress)
     if out is not None:
         summary = summarize_scores(scores, family, loaded.config)
-        summary["calibration"] = {"data": str(data), "seq_len": seq_len, "windows": len(windows), "seed": seed}
+        summary["calibration"] = {"data": str(data), "seq_len": calibration.seq_len, "windows": len(windows),
+                                  "seed": calibration.seed}
         with atomic_dir(out) as tmp:
             save_scores(scores, tmp, summary)
     return scores
 
 
-def plan(model: str, scores: str, target: str | dict, out: str | None = None, drop_blocks: list[int] | None = None,
-         trust_remote_code: bool = False, gguf_file: str | None = None, overwrite: bool = False) -> Plan:
-    """Write a plan from saved scores and a target (``"hidden_size=128,mamba_num_heads=8"``).
+def write_plan(model: str, scores: str, target: dict[str, int], out: str | None = None,
+               drop_blocks: list[int] | None = None, trust_remote_code: bool = False, gguf_file: str | None = None,
+               overwrite: bool = False) -> Plan:
+    """A plan from saved scores and a ``target`` (``{"hidden_size": 128, "mamba_num_heads": 8}``), written to ``out``.
 
     ``out`` (a JSON file) must not exist unless ``overwrite``, and is never the model or the scores.
     """
     config, family = load_config(model, trust_remote_code, gguf_file)
     if out is not None:
         check_output(out, "file", overwrite, inputs=(model, scores))
-    target = parse_target(target)
+    target = parse_target(target)  # checks a dict's values are whole numbers
     resolve_target(family, config, target)
     result = make_plan(family, config, load_scores(scores, family, config), target, drop_blocks=drop_blocks)
     if out is not None:
@@ -79,129 +73,145 @@ def plan(model: str, scores: str, target: str | dict, out: str | None = None, dr
     return result
 
 
-def prune(
-    model: str,
-    out: str,
-    data: str | None = None,
-    target: str | dict | None = None,
-    scores: str | None = None,
-    plan_file: str | None = None,
-    drop_blocks: int | None = None,
-    drop_block_list: str | list[int] | None = None,
-    depth_method: str = "block_influence",
-    depth_mode: str = "lowest",
-    method: str = "activation",
-    options: MethodOptions | None = None,
-    seq_len: int = 256,
-    num_samples: int = 64,
-    batch_size: int = 8,
-    seed: int = 0,
-    text_field: str = "text",
-    split: str = "train",
-    overwrite: bool = False,
-    progress: bool = True,
-    **load_kwargs,
-) -> dict:
+@dataclass
+class _PruneJob:
+    """One `prune` call, its three configs resolved and the source config read."""
+
+    out: str
+    prune: PruneConfig
+    calibration: DataConfig
+    load: LoadConfig
+    overwrite: bool
+    progress: bool
+    config: object = None
+    family: object = None
+
+    @property
+    def model(self) -> str:
+        return self.load.model
+
+
+def prune(model: str, out: str, config: PruneConfig | None = None, *, calibration: DataConfig | None = None,
+          load: LoadConfig | None = None, overwrite: bool = False, progress: bool = True, **fields) -> dict:
     """Plan (width from ``target``, depth from ``drop_blocks``/``drop_block_list``) or take ``plan_file``,
     apply it and save the pruned checkpoint at ``out``.
 
     Width scores come from ``scores`` or a sweep over ``data``; depth scores (``depth_method``, on the
     unpruned model) from ``data``. ``method`` picks how (see `hyprune.methods`); the registered methods
-    take their settings from ``options``. Returns the summary written to ``out/hyprune_summary.json``.
+    take their settings from the `PruneConfig` fields sparsity, nm, targets and ratio. ``fields`` are
+    fields of `PruneConfig`, `DataConfig` and `LoadConfig` (or pass the configs). Returns the summary
+    written to ``out/hyprune_summary.json``.
     """
+    config, calibration, load = resolve("prune", {**fields, "model": model}, (PruneConfig, config),
+                                        (DataConfig, calibration), (LoadConfig, load))
+    job = _PruneJob(str(out) if not isinstance(out, str) else out, config, calibration, load, overwrite, progress)
+    job.config, job.family = load_config(model, **load.source())
+    check_output(out, "dir", overwrite, inputs=(model, calibration.data, config.scores, config.plan_file))
+    registered = get_method(config.method)
+    if registered is not None:
+        return _prune_with_method(registered, job)
+    return _prune_with_plan(job)
+
+
+def _check_plan_request(job: _PruneJob) -> None:
+    """The combinations `prune` refuses, and the target and depth request checked against the config."""
     from hyprune import depth
 
-    source = _source(load_kwargs)
-    config, family = load_config(model, **source)
-    check_output(out, "dir", overwrite, inputs=(model, data, scores, plan_file))
-    registered = get_method(method)
-    if registered is not None:
-        if target or scores or plan_file or drop_blocks or drop_block_list:
-            raise HypruneError(f"--method {method} decides what to cut itself; do not combine it with "
-                               "--target, --scores, --plan or --drop-blocks.")
-        return _prune_with_method(registered, model, out, data, options or MethodOptions(), config, family,
-                                  dict(seq_len=seq_len, num_samples=num_samples, seed=seed, text_field=text_field,
-                                       split=split), batch_size, overwrite, progress, load_kwargs)
-    if method == "group-blind" and not target:
+    p, family, config = job.prune, job.family, job.config
+    if p.method == "group-blind" and not p.target:
         raise HypruneError("--method group-blind ranks Mamba heads for a width --target; pass one.")
-    the_plan = None
-    target_dict = parse_target(target)
-    if plan_file is not None:
-        if target_dict or drop_blocks or drop_block_list:
+    if p.plan_file is not None:
+        if p.target or p.drop_blocks or p.drop_block_list:
             raise HypruneError("--plan already says what to cut; do not combine it with --target or --drop-blocks.")
-        the_plan = load_plan_for(plan_file, family, config)
-    elif not (target_dict or drop_blocks or drop_block_list):
+    elif not (p.target or p.drop_blocks or p.drop_block_list):
         raise HypruneError("Nothing to prune: pass --target KEY=VALUE[,...], --drop-blocks N or --plan PLAN.json.")
-    if drop_blocks and drop_block_list:
+    if p.drop_blocks and p.drop_block_list:
         raise HypruneError("Pass either --drop-blocks N (scored) or --drop-block-list I,J,... (explicit), not both.")
-    if target_dict:
-        resolve_target(family, config, target_dict)
-    if drop_blocks:
-        depth.check_depth_request(family, config, drop_blocks, depth_method, depth_mode)
-    if drop_block_list:
-        drop_block_list = depth.drop_blocks_from_list(drop_block_list, len(family.block_kinds(config)))
-    width_sweep = bool(target_dict) and scores is None
-    needs_data = width_sweep or bool(drop_blocks)
-    if target_dict and scores is not None:
-        saved = load_scores(scores, family, config)
-    if needs_data:
-        tokenizer, windows = _calibration(
-            model, data, source, "Scoring needs calibration text: pass --data FILE (or --scores / --plan).",
-            seq_len=seq_len, num_samples=num_samples, seed=seed, text_field=text_field, split=split)
+    if p.target:
+        resolve_target(family, config, parse_target(p.target))
+    if p.drop_blocks:
+        depth.check_depth_request(family, config, p.drop_blocks, p.depth_method, p.depth_mode)
+
+
+def _prune_with_plan(job: _PruneJob) -> dict:
+    """`prune` by a plan: loaded (``plan_file``) or made from width scores and/or depth scores."""
+    from hyprune import depth
+
+    _check_plan_request(job)
+    p, family = job.prune, job.family
+    target = parse_target(p.target)
+    drop_list = (depth.drop_blocks_from_list(p.drop_block_list, len(family.block_kinds(job.config)))
+                 if p.drop_block_list else None)
+    the_plan = load_plan_for(p.plan_file, family, job.config) if p.plan_file is not None else None
+    width_sweep = bool(target) and p.scores is None
+    saved = load_scores(p.scores, family, job.config) if target and p.scores is not None else None
+    if width_sweep or p.drop_blocks:
+        tokenizer, windows = _calibration(job, "Scoring needs calibration text: pass --data FILE "
+                                               "(or --scores / --plan).")
     else:
-        tokenizer, windows = _optional_tokenizer(model, source), None
-    loaded, family = load_model(model, **load_kwargs)
+        tokenizer, windows = _optional_tokenizer(job), None
+    loaded, family = load_model(job.model, **job.load.load_kwargs())
+    block_scores = None
     if the_plan is None:
-        if target_dict:
+        if target:
             if width_sweep:
-                saved = activation_scores(loaded, windows, family, batch_size=batch_size, progress=progress)
-            the_plan = make_plan(family, loaded.config, saved, target_dict, method=method,
-                                 group_aware=method != "group-blind")
-        if drop_blocks:
-            the_plan, block_scores = depth.depth_plan(loaded, drop_blocks, depth_method, depth_mode,
-                                                      windows=windows, plan=the_plan, batch_size=batch_size,
-                                                      progress=progress)
-        elif drop_block_list:
-            the_plan = depth.with_dropped_blocks(the_plan, drop_block_list, family, loaded.config)
-    before = count_parameters(loaded, family)
-    pruned = apply_plan(loaded, the_plan, family)
-    after = count_parameters(pruned, family)
-    summary = {"source": str(model), "method": {"name": method}, "parameters": {"before": before, "after": after},
-               **summarize(the_plan), "generate": generate_check(pruned)}
-    if target_dict:
-        summary["importance"] = summarize_scores(saved, family, loaded.config)
-    save_pruned(pruned, tokenizer, out, {"plan.json": the_plan.model_dump(exclude_none=True),
-                                         "hyprune_summary.json": summary}, overwrite=overwrite)
-    if drop_blocks:
-        depth.save_block_scores(block_scores, out)
-    write_run_report(out)
+                saved = activation_scores(loaded, windows, family, batch_size=job.calibration.batch_size,
+                                          progress=job.progress)
+            the_plan = make_plan(family, loaded.config, saved, target, method=p.method,
+                                 group_aware=p.method != "group-blind")
+        if p.drop_blocks:
+            the_plan, block_scores = depth.depth_plan(loaded, p.drop_blocks, p.depth_method, p.depth_mode,
+                                                      windows=windows, plan=the_plan,
+                                                      batch_size=job.calibration.batch_size, progress=job.progress)
+        elif drop_list:
+            the_plan = depth.with_dropped_blocks(the_plan, drop_list, family, loaded.config)
+    summary = _apply_and_save(job, loaded, family, the_plan, tokenizer,
+                              summarize_scores(saved, family, loaded.config) if target else None)
+    if block_scores is not None:
+        depth.save_block_scores(block_scores, job.out)
+    write_run_report(job.out)
     return summary
 
 
-def _prune_with_method(method: Method, model: str, out: str, data: str | None, options: MethodOptions, config,
-                       family, window_kwargs: dict, batch_size: int, overwrite: bool, progress: bool,
-                       load_kwargs: dict) -> dict:
-    """`prune` for a registered method: check, (calibrate,) run, save."""
-    method.check(family, config, options)
-    source = _source(load_kwargs)
-    if method.needs_data:
-        tokenizer, windows = _calibration(model, data, source,
-                                          f"--method {method.name} needs calibration text: pass --data FILE.",
-                                          **window_kwargs)
-    else:
-        tokenizer, windows = _optional_tokenizer(model, source), None
-    loaded, family = load_model(model, **load_kwargs)
+def _apply_and_save(job: _PruneJob, loaded, family, the_plan: Plan, tokenizer, importance: dict | None) -> dict:
     before = count_parameters(loaded, family)
-    result = method.run(loaded, family, windows, options, batch_size=batch_size, progress=progress)
-    summary = {"source": str(model), "method": {"name": method.name, **result.report},
+    pruned = apply_plan(loaded, the_plan, family)
+    after = count_parameters(pruned, family)
+    summary = {"source": str(job.model), "method": {"name": job.prune.method},
+               "parameters": {"before": before, "after": after}, **summarize(the_plan),
+               "generate": generate_check(pruned)}
+    if importance is not None:
+        summary["importance"] = importance
+    save_pruned(pruned, tokenizer, job.out, {"plan.json": the_plan.model_dump(exclude_none=True),
+                                             "hyprune_summary.json": summary}, overwrite=job.overwrite)
+    return summary
+
+
+def _prune_with_method(method: Method, job: _PruneJob) -> dict:
+    """`prune` for a registered method: check, (calibrate,) run, save."""
+    p = job.prune
+    if p.target or p.scores or p.plan_file or p.drop_blocks or p.drop_block_list:
+        raise HypruneError(f"--method {method.name} decides what to cut itself; do not combine it with "
+                           "--target, --scores, --plan or --drop-blocks.")
+    options = p.method_options(seed=job.calibration.seed)
+    method.check(job.family, job.config, options)
+    if method.needs_data:
+        tokenizer, windows = _calibration(job, f"--method {method.name} needs calibration text: pass --data FILE.")
+    else:
+        tokenizer, windows = _optional_tokenizer(job), None
+    loaded, family = load_model(job.model, **job.load.load_kwargs())
+    before = count_parameters(loaded, family)
+    result = method.run(loaded, family, windows, options, batch_size=job.calibration.batch_size,
+                        progress=job.progress)
+    summary = {"source": str(job.model), "method": {"name": method.name, **result.report},
                "parameters": {"before": before, "after": count_parameters(result.model, family)},
                "generate": generate_check(result.model)}
     extra = {"hyprune_summary.json": summary}
     if result.plan is not None:
         extra["plan.json"] = result.plan.model_dump(exclude_none=True)
         summary.update(summarize(result.plan))
-    save_pruned(savable(result.model), tokenizer, out, extra, overwrite=overwrite)
-    write_run_report(out)
+    save_pruned(savable(result.model), tokenizer, job.out, extra, overwrite=job.overwrite)
+    write_run_report(job.out)
     return summary
 
 
@@ -214,21 +224,22 @@ def generate_check(model) -> dict:
     return {"transformers": transformers.__version__, "stock_generate_error": probe_generate(model)}
 
 
-def _calibration(model: str, data: str | None, source: dict, missing: str, **window_kwargs):
-    """The model's tokenizer and the calibration windows of ``data``; ``missing`` is the error without data."""
+def _calibration(job: _PruneJob, missing: str):
+    """The model's tokenizer and the calibration windows of the job's data; ``missing`` is the error without data."""
+    data = job.calibration.data
     if data is None:
         raise HypruneError(missing)
     check_source(data)
-    tokenizer = load_tokenizer(model, **source)
-    return tokenizer, calibration_windows(tokenizer, data, **window_kwargs)
+    tokenizer = load_tokenizer(job.model, **job.load.source())
+    return tokenizer, calibration_windows(tokenizer, data, **job.calibration.window_kwargs())
 
 
-def _optional_tokenizer(model: str, source: dict):
+def _optional_tokenizer(job: _PruneJob):
     """The tokenizer to copy into the output, or None (with a warning) when the source has none."""
     try:
-        return load_tokenizer(model, **source)
+        return load_tokenizer(job.model, **job.load.source())
     except HypruneError as e:
-        warnings.warn(f"No tokenizer copied to the output: {e}", stacklevel=3)
+        warnings.warn(f"No tokenizer copied to the output: {e}", stacklevel=4)
         return None
 
 

@@ -6,9 +6,13 @@ from the file system (read-only folder, disk full, ...), as one line naming the 
 
 from __future__ import annotations
 
+import functools
+import inspect as pyinspect
 import json
 import os
 import sys
+import types
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -17,6 +21,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pydantic import BaseModel
+
+from hyprune.config import (BenchConfig, CacheConfig, DataConfig, EvalConfig, LoadConfig, PruneConfig, SearchConfig,
+                            TrainData, build, cli_meta, flag_of)
+from hyprune.distill.train import DistillConfig
 from hyprune.errors import HypruneError
 
 app = typer.Typer(help="Compress hybrid Mamba-2 / attention language models (Minitron-SSM).", no_args_is_help=True,
@@ -54,23 +63,98 @@ def _os_error_line(e: OSError) -> str:
     return f"could not write {target}: {reason}. Check the --out location (space, permissions) and retry."
 
 
-# Shared options ------------------------------------------------------------------------------
+# Options from the configs ----------------------------------------------------------------------
+# A command's options are the fields of the workflow configs it takes (`hyprune.config`): a parameter
+# annotated with a config class stands for all of that class's fields (less `skip`), each an option
+# ``--field-name`` (or its `Cli` flag) with the field's default and description. The command receives
+# the validated config; a new option is written once, as a field.
 ModelArg = typer.Argument(..., help="A local HF checkpoint folder or a hub id.")
-DataOpt = typer.Option(None, "--data", help=".txt(.gz), .jsonl, .parquet file or a datasets name.")
-SeqLen = typer.Option(256, "--seq-len", help="Tokens per calibration window.")
-NumSamples = typer.Option(64, "--num-samples", help="Number of calibration windows.")
-BatchSize = typer.Option(8, "--batch-size", help="Windows per forward pass.")
-Seed = typer.Option(0, "--seed", help="Seed for the choice of calibration documents.")
-TextField = typer.Option("text", "--text-field", help="Field holding the text in .jsonl/.parquet/datasets.")
-Split = typer.Option("train", "--split", help="Split of a datasets dataset.")
-Dtype = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or auto.")
-Device = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: where from_pretrained puts it).")
-DeviceMap = typer.Option(None, "--device-map", help="'auto' to spread a large model over devices.")
-AllowPickle = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights.")
-TrustRemote = typer.Option(False, "--trust-remote-code", help="Run the checkpoint's own modeling code.")
 Overwrite = typer.Option(False, "--overwrite", help="Replace an existing output (file or non-empty folder).")
 Quiet = typer.Option(False, "--quiet", help="No progress bars.")
-GgufFile = typer.Option(None, "--gguf-file", help="Load this GGUF file from the MODEL folder (needs `gguf`).")
+
+
+def _cli_type(annotation):
+    """The type typer parses a field as: its own for plain ones, ``str`` for the rest (parsed later)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if len(args) == 1 and typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else annotation
+    plain = base in (str, int, float, bool)
+    return (base if plain else str), (len(args) < len(typing.get_args(annotation)) or not plain)
+
+
+def field_option(cls, name: str, default=pyinspect.Parameter.empty) -> pyinspect.Parameter:
+    """The typer parameter of field ``name`` of ``cls`` (``default`` overrides the field's)."""
+    field, cli = cls.model_fields[name], cli_meta(cls.model_fields[name])
+    kind, optional = _cli_type(field.annotation)
+    if default is pyinspect.Parameter.empty:
+        default = (cli.default if cli and cli.default is not None else None if field.default_factory else
+                   ... if field.is_required() else field.default)
+    help_text = field.description
+    if cli and cli.argument:  # positional arguments are required
+        info = typer.Argument(..., help=help_text)
+        default = ...
+    else:
+        info = typer.Option(default, flag_of(cls, name), help=help_text)
+    return pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, default=info,
+                             annotation=Optional[kind] if optional or default is None else kind)
+
+
+def _field_value(cls, name: str, value):
+    cli = cli_meta(cls.model_fields[name])
+    return cli.parse(value) if cli and cli.parse and isinstance(value, str) else value
+
+
+def config_command(name: str | None = None, skip: dict | None = None, defaults: dict | None = None,
+                   unvalidated: tuple = ()):
+    """`app.command` for a function whose config-annotated parameters become their fields' options.
+
+    ``skip``: per config class, fields it has no option for (each list commented where it is given);
+    ``defaults``: CLI defaults that differ from the field's; ``unvalidated``: classes passed on as a
+    dict of the given values, for a callee that validates them itself (with its own message).
+    """
+    skip, defaults = skip or {}, defaults or {}
+
+    def decorate(fn):
+        hints = typing.get_type_hints(fn)
+        params, sections = [], {}
+        for pname, param in pyinspect.signature(fn).parameters.items():
+            cls = hints.get(pname)
+            if isinstance(cls, type) and issubclass(cls, BaseModel):
+                names = [f for f in cls.model_fields if f not in skip.get(cls, ())]
+                sections[pname] = (cls, names)
+                params += [field_option(cls, f, defaults.get(f, pyinspect.Parameter.empty))
+                           for f in names if f not in {p.name for p in params}]
+            else:
+                params.append(param.replace(annotation=hints.get(pname, param.annotation),
+                                            kind=pyinspect.Parameter.KEYWORD_ONLY))
+        params.sort(key=lambda p: not isinstance(p.default, typer.models.ArgumentInfo))
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            configs = {}
+            for pname, (cls, names) in sections.items():
+                given = {f: _run(_field_value, cls, f, kwargs[f]) for f in names
+                         if not (kwargs[f] is None and cls.model_fields[f].default_factory)}
+                configs[pname] = (given if cls in unvalidated else
+                                  _run(build, cls, None, f"hyprune {name or fn.__name__}", **given))
+            used = {f for _, names in sections.values() for f in names}
+            return fn(**configs, **{k: v for k, v in kwargs.items() if k not in used})
+
+        command.__signature__ = pyinspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__wrapped_fields__ = sections  # for the coverage test
+        return app.command(name)(command)
+
+    return decorate
+
+
+TrustRemote = field_option(LoadConfig, "trust_remote_code").default  # for the commands without a LoadConfig
+GgufFile = field_option(LoadConfig, "gguf_file").default
+
+
+def cli_fields(command) -> dict[type, list[str]]:
+    """Per config class, the fields ``command`` (a `config_command`) has options for."""
+    return {cls: names for cls, names in command.__wrapped_fields__.values()}
 
 
 @contextmanager
@@ -88,38 +172,28 @@ def _hf_progress(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
-def _load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file=None):
-    return dict(dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
-                trust_remote_code=trust_remote_code, gguf_file=gguf_file)
-
-
-@app.command()
+@config_command()
 def score(
-    model: str = ModelArg,
-    data: Optional[str] = DataOpt,
+    load: LoadConfig, calibration: DataConfig,
     out: str = typer.Option(..., "--out", help="Folder for scores.safetensors and scores.json."),
-    seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
-    text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
-    device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
     overwrite: bool = Overwrite, quiet: bool = Quiet,
     depth: Optional[str] = typer.Option(None, "--depth", help="Score whole blocks instead: block_influence, "
                                         "angular, kl or lm_loss (writes block_scores.json and a plot)."),
     window: int = typer.Option(1, "--window", help="With --depth angular: blocks per scored window."),
-    gguf_file: Optional[str] = GgufFile,
 ):
     """Score every prunable structure from activations (one forward sweep), or whole blocks (--depth)."""
     from hyprune import api, depth as depth_lib
 
-    if data is None:
+    if calibration.data is None:
         _run(_fail, "score needs calibration text: pass --data FILE.")
-    common = dict(seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed, text_field=text_field,
-                  split=split, overwrite=overwrite, progress=not quiet,
-                  **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file))
     with _hf_progress(not quiet):
         if depth is None:
-            _run(api.score, model, data, out, **common)
+            _run(api.score, load.model, calibration.data, out, calibration=calibration, load=load,
+                 overwrite=overwrite, progress=not quiet)
         else:
-            result = _run(depth_lib.score_depth, model, data, depth, out, window=window, **common)
+            common = dict(**calibration.model_dump(exclude={"data"}), **load.load_kwargs(), overwrite=overwrite,
+                          progress=not quiet)
+            result = _run(depth_lib.score_depth, load.model, calibration.data, depth, out, window=window, **common)
             out_console.print(depth_lib.format_block_table(result))
     out_console.print(f"scores written to {out}")
 
@@ -135,51 +209,30 @@ def plan(
 ):
     """Write a pruning plan from saved scores and a target architecture."""
     from hyprune import api
+    from hyprune.plan import parse_target
 
-    result = _run(api.plan, model, scores, target, out, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
-                  overwrite=overwrite)
+    result = _run(api.write_plan, model, scores, _run(parse_target, target), out, trust_remote_code=trust_remote_code,
+                  gguf_file=gguf_file, overwrite=overwrite)
     sizes = result.result_sizes()
     out_console.print(f"plan written to {out}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
 
 
-@app.command()
+@config_command()
 def prune(
-    model: str = ModelArg,
-    data: Optional[str] = DataOpt,
-    target: Optional[str] = typer.Option(None, "--target", help="KEY=VALUE[,KEY=VALUE...] target sizes."),
+    load: LoadConfig, calibration: DataConfig, config: PruneConfig,
     out: str = typer.Option(..., "--out", help="Output folder: the pruned HF checkpoint."),
-    scores: Optional[str] = typer.Option(None, "--scores", help="Reuse saved scores instead of a sweep."),
-    plan_file: Optional[str] = typer.Option(None, "--plan", help="Apply this plan (no scoring)."),
-    drop_blocks: Optional[int] = typer.Option(None, "--drop-blocks", help="Drop this many blocks (depth pruning)."),
-    drop_block_list: Optional[str] = typer.Option(None, "--drop-block-list", help="Drop these blocks: I,J,..."),
-    depth_method: str = typer.Option("block_influence", "--depth-method",
-                                     help="block_influence, angular, kl or lm_loss (for --drop-blocks)."),
-    depth_mode: str = typer.Option("lowest", "--depth-mode", help="lowest (any blocks) or contiguous (one window)."),
-    method: str = typer.Option("activation", "--method", help="activation (default), group-blind, or a registered method; a wrong name lists them all."),
-    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Unstructured methods: fraction of zeros."),
-    nm: Optional[str] = typer.Option(None, "--nm", help="Unstructured methods: N:M sparsity, e.g. 2:4."),
-    targets: Optional[str] = typer.Option(
-        None, "--targets", help="Sparsity methods: groups (in_proj,out_proj,mamba,attention,mlp) or a regex over "
-                                "parameter names; default every linear layer inside the blocks."),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="Structured SSM methods: fraction removed."),
-    gguf_file: Optional[str] = GgufFile,
-    seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
-    text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
-    device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
     overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Score, plan and apply in one go (or apply --plan) and save an ordinary HF checkpoint."""
     from hyprune import api
-    from hyprune.methods import MethodOptions, parse_nm
 
-    options = _run(lambda: MethodOptions(sparsity=sparsity, nm=parse_nm(nm), targets=targets, ratio=ratio, seed=seed))
     with _hf_progress(not quiet):
-        summary = _run(api.prune, model, out, data=data, target=target, scores=scores, plan_file=plan_file,
-                       drop_blocks=drop_blocks, drop_block_list=drop_block_list, depth_method=depth_method,
-                       depth_mode=depth_mode, method=method, options=options,
-                       seq_len=seq_len, num_samples=num_samples, batch_size=batch_size, seed=seed,
-                       text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
-                       **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file))
+        summary = _run(api.prune, load.model, out, config, calibration=calibration, load=load, overwrite=overwrite,
+                       progress=not quiet)
+    _print_prune_summary(summary, out)
+
+
+def _print_prune_summary(summary: dict, out: str) -> None:
     table = Table(title=f"pruned checkpoint: {out}")
     table.add_column("parameters")
     table.add_column("before", justify="right")
@@ -261,28 +314,17 @@ def inspect(
 
 
 # Distillation ---------------------------------------------------------------------------------
-Tokens = typer.Option(..., "--tokens", help="Training budget in tokens of --data.")
-TrainBatch = typer.Option(8, "--batch", help="Global batch in windows per optimizer step.")
-MicroBatch = typer.Option(None, "--micro-batch", help="Windows per forward pass (gradient accumulation).")
-Lr = typer.Option(1e-4, "--lr", help="Peak learning rate (cosine with warmup).")
-MinLr = typer.Option(1e-5, "--min-lr", help="Learning rate at the end of the cosine.")
-Warmup = typer.Option(40, "--warmup-steps")
-CkptEvery = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints (0: final only).")
-KeepLast = typer.Option(2, "--keep-last", help="Checkpoints kept.")
-EvalEvery = typer.Option(200, "--eval-every", help="Steps between held-out perplexity evaluations.")
-EvalData = typer.Option(None, "--eval-data", help="Held-out text (default: the tail of --data).")
-Resume = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in --out.")
 ResumeChanged = typer.Option(False, "--resume-changed", help="--resume even though settings or inputs changed "
                              "since the saved run (the changes are printed and logged).")
-ActCkpt = typer.Option(False, "--activation-checkpointing", help="Recompute activations in backward.")
-Precision = typer.Option("auto", "--precision", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-
-
-def _train_options(micro_batch, lr, min_lr, warmup_steps, checkpoint_every, keep_last, eval_every,
-                   activation_checkpointing, precision, seed, quiet):
-    return dict(micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-                checkpoint_every=checkpoint_every, keep_last=keep_last, eval_every=eval_every,
-                activation_checkpointing=activation_checkpointing, precision=precision, seed=seed, progress=not quiet)
+# DistillConfig fields without an option: set from Python or a recipe only (optimizer details, the block
+# map a --plan gives, evaluation batch, log cadence); `progress` is --quiet
+DISTILL_NOT_ON_CLI = ("weight_decay", "betas", "grad_clip", "hidden_alpha", "block_map", "teacher_channels",
+                      "eval_windows", "eval_batch", "log_every", "progress")
+# fine-tuning is the plain LM loss on one model: no loss settings, no teacher plan, no FSDP option
+FINETUNE_NOT_ON_CLI = DISTILL_NOT_ON_CLI + ("loss", "temperature", "beta", "ce_weight", "hidden_loss", "plan",
+                                            "fsdp")
+# the models are --teacher/--student (distill) or the MODEL argument (finetune); one device, no GGUF
+TRAIN_LOAD_NOT_ON_CLI = ("model", "device_map", "gguf_file")
 
 
 def _print_training_summary(summary: dict, out: str) -> None:
@@ -292,127 +334,76 @@ def _print_training_summary(summary: dict, out: str) -> None:
     out_console.print(f"final model: {out}/final   log: {out}/log.jsonl   report: {out}/report.md", soft_wrap=True)
 
 
-@app.command()
+@config_command(skip={LoadConfig: TRAIN_LOAD_NOT_ON_CLI, DistillConfig: DISTILL_NOT_ON_CLI,
+                      }, unvalidated=(DistillConfig,))
 def distill(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint (not needed with a top-k cache)."),
     student: str = typer.Option(..., "--student", help="Student checkpoint, e.g. the output of `hyprune prune`."),
-    data: str = typer.Option(..., "--data", help="Training text, or a folder written by `hyprune cache-teacher`."),
-    tokens: int = Tokens,
-    seq_len: int = typer.Option(..., "--seq-len", help="Tokens per training window."),
-    batch: int = TrainBatch,
+    load: LoadConfig = None, text: TrainData = None, settings: DistillConfig = None,
     out: str = typer.Option(..., "--out", help="Run folder: final/, checkpoints/, log.jsonl."),
-    resume: bool = Resume, resume_changed: bool = ResumeChanged,
-    loss: str = typer.Option("forward_kl", "--loss", help="forward_kl, reverse_kl, jsd or ce."),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    beta: float = typer.Option(0.5, "--beta", help="JSD mixture weight."),
-    ce_weight: float = typer.Option(0.0, "--ce-weight", help="L = (1-w) KD + w CE."),
-    hidden_loss: Optional[str] = typer.Option(None, "--hidden-loss", help="cosine or mse on matched blocks."),
-    plan_file: Optional[str] = typer.Option(None, "--plan", help="Pruning plan: block map and kept channels."),
-    eval_data: Optional[str] = EvalData,
-    micro_batch: Optional[int] = MicroBatch, lr: float = Lr, min_lr: float = MinLr, warmup_steps: int = Warmup,
-    checkpoint_every: int = CkptEvery, keep_last: int = KeepLast, eval_every: int = EvalEvery,
-    activation_checkpointing: bool = ActCkpt, precision: str = Precision, fsdp: bool = typer.Option(
-        False, "--fsdp", help="Shard the student with FSDP2 under torchrun."),
-    seed: int = Seed, text_field: str = TextField, split: str = Split, dtype: str = Dtype,
-    device: Optional[str] = Device, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
-    overwrite: bool = Overwrite, quiet: bool = Quiet,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in --out."),
+    resume_changed: bool = ResumeChanged, overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Distill a (pruned) student from its teacher with logit KD (forward KL by default)."""
-    from hyprune.distill import distill_cli
+    from hyprune.distill import run_distill
 
-    if teacher is None and not (data and Path(data).is_dir()):
+    if teacher is None and not (text.data and Path(text.data).is_dir()):
         _run(_fail, "distill needs --teacher (or --data pointing at a top-k cache from `hyprune cache-teacher`).")
     with _hf_progress(not quiet):
-        summary = _run(distill_cli, teacher, student, data, tokens, seq_len, batch, out, resume or resume_changed,
-                       allow_changed=resume_changed, eval_data=eval_data,
-                       text_field=text_field, split=split, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, overwrite=overwrite, loss=loss, temperature=temperature,
-                       beta=beta, ce_weight=ce_weight, hidden_loss=hidden_loss, plan=plan_file, fsdp=fsdp,
-                       **_train_options(micro_batch, lr, min_lr, warmup_steps, checkpoint_every, keep_last,
-                                        eval_every, activation_checkpointing, precision, seed, quiet))
+        summary = _run(run_distill, teacher, student, text.data, out=out, resume=resume or resume_changed,
+                       allow_changed=resume_changed, eval_data=text.eval_data, text_field=text.text_field,
+                       split=text.split, overwrite=overwrite, **load.load_kwargs(exclude=TRAIN_LOAD_NOT_ON_CLI),
+                       **settings, progress=not quiet)
     _print_training_summary(summary, out)
 
 
-@app.command()
+@config_command(skip={LoadConfig: TRAIN_LOAD_NOT_ON_CLI, DistillConfig: FINETUNE_NOT_ON_CLI,
+                      }, unvalidated=(DistillConfig,))
 def finetune(
     model: str = ModelArg,
-    data: str = typer.Option(..., "--data", help="Training text."),
-    tokens: int = Tokens,
-    seq_len: int = typer.Option(..., "--seq-len", help="Tokens per training window."),
-    batch: int = TrainBatch,
+    load: LoadConfig = None, text: TrainData = None, settings: DistillConfig = None,
     out: str = typer.Option(..., "--out", help="Run folder: final/, checkpoints/, log.jsonl."),
-    resume: bool = Resume, resume_changed: bool = ResumeChanged, eval_data: Optional[str] = EvalData,
-    micro_batch: Optional[int] = MicroBatch, lr: float = Lr, min_lr: float = MinLr, warmup_steps: int = Warmup,
-    checkpoint_every: int = CkptEvery, keep_last: int = KeepLast, eval_every: int = EvalEvery,
-    activation_checkpointing: bool = ActCkpt, precision: str = Precision,
-    seed: int = Seed, text_field: str = TextField, split: str = Split, dtype: str = Dtype,
-    device: Optional[str] = Device, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
-    overwrite: bool = Overwrite, quiet: bool = Quiet,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in --out."),
+    resume_changed: bool = ResumeChanged, overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Teacher correction: fine-tune a model with the plain LM loss on the distillation data."""
-    from hyprune.distill import finetune_cli
+    from hyprune.distill import run_finetune
 
     with _hf_progress(not quiet):
-        summary = _run(finetune_cli, model, data, tokens, seq_len, batch, out, resume or resume_changed,
-                       allow_changed=resume_changed, eval_data=eval_data,
-                       text_field=text_field, split=split, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, overwrite=overwrite,
-                       **_train_options(micro_batch, lr, min_lr, warmup_steps, checkpoint_every, keep_last,
-                                        eval_every, activation_checkpointing, precision, seed, quiet))
+        summary = _run(run_finetune, model, text.data, out=out, resume=resume or resume_changed,
+                       allow_changed=resume_changed, eval_data=text.eval_data, text_field=text.text_field,
+                       split=text.split, overwrite=overwrite, **load.load_kwargs(exclude=TRAIN_LOAD_NOT_ON_CLI),
+                       **settings, progress=not quiet)
     _print_training_summary(summary, out)
 
 
-@app.command("cache-teacher")
+@config_command("cache-teacher", skip={LoadConfig: ("device_map", "gguf_file")})
 def cache_teacher(
-    teacher: str = ModelArg,
-    data: str = typer.Option(..., "--data", help="Text to run the teacher over."),
-    seq_len: int = typer.Option(..., "--seq-len"),
-    k: int = typer.Option(100, "--top-k", help="Logits kept per token."),
+    load: LoadConfig, config: CacheConfig,
     out: str = typer.Option(..., "--out", help="Cache folder (sharded safetensors + manifest)."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", help="Tokens to cache (default: all of --data)."),
-    batch_size: int = BatchSize, text_field: str = TextField, split: str = Split, dtype: str = Dtype,
-    device: Optional[str] = Device, allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote,
     overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Precompute the teacher's top-k log-probabilities, to distill without the teacher in memory."""
-    from hyprune.distill import cache_topk_cli
+    from hyprune.distill import cache_teacher as run_cache
 
     with _hf_progress(not quiet):
-        path = _run(cache_topk_cli, teacher, data, seq_len, k, out, tokens=tokens, batch_size=batch_size,
-                    text_field=text_field, split=split, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                    trust_remote_code=trust_remote_code, overwrite=overwrite, progress=not quiet)
-    out_console.print(f"teacher top-{k} cache written to {path}")
+        path = _run(run_cache, load.model, config, out=out, load=load, overwrite=overwrite, progress=not quiet)
+    out_console.print(f"teacher top-{config.k} cache written to {path}")
 
 
 # Evaluation ------------------------------------------------------------------------------------
-@app.command("eval")
+@config_command("eval", skip={LoadConfig: ()})
 def eval_command(
-    model: str = ModelArg,
-    data: Optional[str] = typer.Option(None, "--data", help="Text for token-level perplexity."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per perplexity window."),
+    load: LoadConfig, config: EvalConfig,
     out: str = typer.Option(..., "--out", help="RESULTS.json (perplexity, tokens, tasks...)."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Overlapping windows S tokens apart."),
-    num_windows: Optional[int] = typer.Option(None, "--num-windows", help="Read at most this many windows."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks: piqa,arc_easy,..."),
-    shots: Optional[int] = typer.Option(None, "--shots", help="Few-shot examples (default: each task's)."),
-    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (or a fraction < 1)."),
-    task_paths: Optional[str] = typer.Option(None, "--task-paths", help="Folder of local task YAMLs."),
-    batch_size: int = BatchSize, text_field: str = TextField, split: str = Split, dtype: str = Dtype,
-    device: Optional[str] = Device, device_map: Optional[str] = DeviceMap, allow_pickle: bool = AllowPickle,
-    trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile, overwrite: bool = Overwrite,
-    quiet: bool = Quiet,
+    overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Perplexity on local text and/or lm-evaluation-harness tasks, as JSON (and a report next to it)."""
     from hyprune.evaluate import evaluate
     from hyprune.report import eval_report_paths
 
-    if limit is not None and limit >= 1:
-        limit = int(limit)
     with _hf_progress(not quiet):
-        result = _run(evaluate, model, data=data, seq_len=seq_len, out=out, stride=stride, num_windows=num_windows,
-                      tasks=tasks, shots=shots, limit=limit, task_paths=task_paths, batch_size=batch_size,
-                      text_field=text_field, split=split, overwrite=overwrite, progress=not quiet,
-                      **_load_kwargs(dtype, device, device_map, allow_pickle, trust_remote_code, gguf_file))
+        result = _run(evaluate, load.model, config, out=out, load=load, overwrite=overwrite, progress=not quiet)
     if result.get("perplexity") is not None:
         out_console.print(f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} tokens")
     for name, task in (result.get("tasks") or {}).items():
@@ -422,17 +413,14 @@ def eval_command(
     out_console.print(f"results written to {out}   report: {folder / stem}.md", soft_wrap=True)
 
 
-@app.command()
+# bench loads every model alike: no MODEL argument of the LoadConfig (the models are an argument list),
+# and no --device-map (the models are measured on one device)
+@config_command(skip={LoadConfig: ("model", "device_map")})
 def bench(
     models: list[str] = typer.Argument(..., help="One model, or two to compare (ratios B / A)."),
+    load: LoadConfig = None, config: BenchConfig = None,
     out: str = typer.Option(..., "--out", help="BENCH.json."),
-    batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes."),
-    context_lengths: str = typer.Option("128,512", "--context-lengths", help="Comma-separated prompt lengths."),
-    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Tokens decoded with the cache."),
-    repeats: int = typer.Option(3, "--repeats", help="Measurements per setting (medians reported)."),
-    dtype: str = Dtype, device: Optional[str] = Device, allow_pickle: bool = AllowPickle,
-    trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile, overwrite: bool = Overwrite,
-    quiet: bool = Quiet,
+    overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Prefill and decode speed, latency, peak memory and cache bytes; two models side by side."""
     from hyprune.evaluate import bench as run_bench, format_bench_table
@@ -440,10 +428,7 @@ def bench(
     if len(models) > 2:
         _run(_fail, f"bench compares at most two models; got {len(models)}.")
     with _hf_progress(not quiet):
-        result = _run(run_bench, models, batch_sizes=batch_sizes, context_lengths=context_lengths,
-                      decode_tokens=decode_tokens, repeats=repeats, device=device, dtype=dtype, out=out,
-                      overwrite=overwrite, progress=not quiet, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        result = _run(run_bench, models, config, out=out, load=load, overwrite=overwrite, progress=not quiet)
     out_console.print(format_bench_table(result))
 
 
@@ -517,76 +502,23 @@ def demo(
 
 
 # Architecture search ---------------------------------------------------------------------------
-@app.command()
+# search reads one model on one device: no --device-map, no --gguf-file
+@config_command(skip={LoadConfig: ("device_map", "gguf_file")})
 def search(
-    model: str = ModelArg,
-    data: Optional[str] = DataOpt,
+    load: LoadConfig, calibration: DataConfig, config: SearchConfig,
     out: str = typer.Option(..., "--out", help="Run folder: plan.json, candidates.json, report.md/json, ranking.png."),
-    target_params: Optional[float] = typer.Option(None, "--target-params", help="Parameter budget (e.g. 4e9)."),
-    target_ratio: Optional[float] = typer.Option(None, "--target-ratio", help="Budget as a fraction of the source."),
-    target_active_params: Optional[float] = typer.Option(None, "--target-active-params",
-                                                         help="Active-parameter budget (MoE: per token, top-k of "
-                                                              "the routed experts; dense: = total)."),
-    target_memory: Optional[float] = typer.Option(None, "--target-memory",
-                                                  help="Bytes of weights + cache at --memory-context tokens."),
-    target_latency: Optional[float] = typer.Option(None, "--target-latency",
-                                                   help="Milliseconds, as the fitted latency model predicts."),
-    tolerance: float = typer.Option(0.05, "--tolerance", help="Parameters within +-T of the budget; memory and "
-                                    "latency within [1-T, 1] of the limit."),
-    memory_context: int = typer.Option(2048, "--memory-context", help="Context length of the memory budget."),
-    memory_dtype: str = typer.Option("bfloat16", "--memory-dtype", help="Weights and cache dtype of the memory budget."),
-    memory_batch: int = typer.Option(1, "--memory-batch", help="Sequences in the cache of the memory budget."),
-    space: Optional[str] = typer.Option(None, "--space", help="FIELD=MIN:MAX[:STEP] or FIELD=VALUE, comma-separated "
-                                        "(config field names); unlisted axes automatic."),
-    min_fraction: float = typer.Option(0.5, "--min-fraction", help="Lower bound of automatic axes, of the source."),
-    drop_blocks: Optional[str] = typer.Option(None, "--drop-blocks", help="MIN:MAX blocks dropped (default 0:L/5)."),
-    depth_method: str = typer.Option("block_influence", "--depth-method", help="Which blocks of a kind go: "
-                                     "block_influence, angular, kl or lm_loss."),
-    max_candidates: int = typer.Option(64, "--max-candidates", help="Evaluate at most this many (seeded sample)."),
-    score: str = typer.Option("loss", "--score", help="Ranking score: loss (LM loss) or kl (KL to the teacher)."),
-    top_k: int = typer.Option(4, "--top-k", help="Candidates given a short distillation."),
-    distill_tokens: int = typer.Option(0, "--distill-tokens", help="Tokens of short distillation per top-k "
-                                       "candidate (0: rank by the zero-shot score only)."),
-    distill_uniform: bool = typer.Option(False, "--distill-uniform", help="Also distill the uniform baseline "
-                                         "(every axis cut alike, no blocks dropped), for comparison."),
-    distill_batch: int = typer.Option(8, "--distill-batch", help="Windows per distillation step."),
-    distill_lr: float = typer.Option(1e-4, "--distill-lr", help="Peak learning rate of the short distillation."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: windows of --data "
-                                            "not used for calibration or distillation)."),
-    eval_windows: int = typer.Option(32, "--eval-windows", help="Held-out windows for the ranking score."),
-    latency: bool = typer.Option(False, "--latency", help="Fit the latency model and report every candidate's."),
-    latency_shapes: int = typer.Option(12, "--latency-shapes", help="Shapes measured for the latency model."),
-    latency_metric: str = typer.Option("decode", "--latency-metric", help="decode (ms per step) or prefill (ms)."),
-    latency_context: int = typer.Option(128, "--latency-context", help="Context length of the latency model."),
-    latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size of the latency model."),
-    latency_repeats: int = typer.Option(3, "--latency-repeats", help="Timings per measured shape (medians)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the search in --out; finished candidates are kept."),
-    resume_changed: bool = ResumeChanged,
-    seq_len: int = SeqLen, num_samples: int = NumSamples, batch_size: int = BatchSize, seed: int = Seed,
-    text_field: str = TextField, split: str = Split, dtype: str = Dtype, device: Optional[str] = Device,
-    allow_pickle: bool = AllowPickle, trust_remote_code: bool = TrustRemote, overwrite: bool = Overwrite,
-    quiet: bool = Quiet,
+    resume_changed: bool = ResumeChanged, overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Search the best pruned architecture under a budget; the winner's plan goes to --out/plan.json."""
     from hyprune.search import search as run_search
 
-    if data is None:
+    if calibration.data is None:
         _run(_fail, "search needs calibration text: pass --data FILE.")
     with _hf_progress(not quiet):
-        report = _run(run_search, model, data, out, target_params=target_params, target_ratio=target_ratio,
-                      target_active_params=target_active_params, target_memory=target_memory,
-                      target_latency=target_latency, tolerance=tolerance, memory_context=memory_context,
-                      memory_dtype=memory_dtype, memory_batch=memory_batch, space=space, min_fraction=min_fraction,
-                      drop_blocks=drop_blocks, depth_method=depth_method, max_candidates=max_candidates, score=score,
-                      top_k=top_k, distill_tokens=distill_tokens, distill_uniform=distill_uniform,
-                      distill_batch=distill_batch, distill_lr=distill_lr,
-                      eval_data=eval_data, eval_windows=eval_windows, seq_len=seq_len, num_samples=num_samples,
-                      batch_size=batch_size, seed=seed, latency=latency, latency_shapes=latency_shapes,
-                      latency_metric=latency_metric, latency_context=latency_context, latency_batch=latency_batch,
-                      latency_repeats=latency_repeats, text_field=text_field, split=split,
-                      resume=resume or resume_changed, allow_changed=resume_changed,
-                      overwrite=overwrite, progress=not quiet,
-                      **_load_kwargs(dtype, device, None, allow_pickle, trust_remote_code))
+        report = _run(run_search, load.model, calibration.data, out, config, calibration=calibration, load=load,
+                      resume=resume or resume_changed, allow_changed=resume_changed, overwrite=overwrite,
+                      progress=not quiet)
     for note in report["notes"]:
         out_console.print(f"note: {note}")
     winner = report["winner"]

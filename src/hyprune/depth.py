@@ -463,6 +463,20 @@ def choose_blocks_to_drop(scores, n: int, mode: str = "lowest", keep_kinds: Sequ
     return list(range(best, best + n))
 
 
+def parse_block_list(text: str) -> list[int]:
+    """``"3,5,7"`` -> [3, 5, 7] (the text of ``--drop-block-list``; checked by `drop_blocks_from_list`)."""
+    items = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            items.append(int(part))
+        except ValueError:
+            raise HypruneError(f"Block index '{part}' is not a whole number. Example: 3,5,7") from None
+    return items
+
+
 def drop_blocks_from_list(blocks: str | Iterable[int], num_blocks: int) -> list[int]:
     """Parse and check an explicit list (``"3,5,7"`` or ``[3, 5, 7]``); returns it sorted.
 
@@ -470,15 +484,7 @@ def drop_blocks_from_list(blocks: str | Iterable[int], num_blocks: int) -> list[
     a list that removes every block.
     """
     if isinstance(blocks, str):
-        items = []
-        for part in blocks.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                items.append(int(part))
-            except ValueError:
-                raise HypruneError(f"Block index '{part}' is not a whole number. Example: 3,5,7") from None
+        items = parse_block_list(blocks)
     else:
         items = list(blocks)
         for b in items:
@@ -771,7 +777,7 @@ def score_depth(
 
 __all__ = [
     "BLOCK_PLOT_FILE", "BLOCK_SCORES_FILE", "METHODS", "MODES", "BlockScores", "block_importance",
-    "block_importance_all", "check_depth_request", "choose_blocks_to_drop", "depth_plan", "drop_blocks_from_list",
+    "block_importance_all", "check_depth_request", "choose_blocks_to_drop", "depth_plan", "drop_blocks_from_list", "parse_block_list",
     "format_block_table", "load_block_scores", "plot_block_scores", "protected_kinds", "removal_sweep",
     "removed_block", "save_block_scores", "score_depth", "stream_sweep", "with_dropped_blocks",
 ]

@@ -28,10 +28,11 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hyprune.config import BenchConfig, DataConfig, EvalConfig, LoadConfig, PruneConfig, TrainData
 from hyprune.distill.train import DistillConfig
 from hyprune.errors import HypruneError, validation_message
 from hyprune.report import Report, checkpoint_parameters
@@ -51,31 +52,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LoadSettings(_Section):
-    """How every model of the run is loaded (`hyprune.models.load_model`)."""
+class LoadSettings(LoadConfig):
+    """How every model of the run is loaded (`LoadConfig`; the models are the recipe's ``model`` and its outputs)."""
 
-    dtype: str = "float32"
-    device: str | None = None
-    device_map: str | None = Field(None, description="'auto' to spread a large model (prune and eval only)")
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    @model_validator(mode="after")
+    def _no_model(self):
+        if self.model is not None:
+            raise ValueError("the model is the recipe's top-level `model`, not `load.model`")
+        return self
 
 
-class PruneStage(_Section):
-    """``hyprune prune``: a width ``target`` and/or ``drop_blocks``, scored on ``data``."""
+class PruneStage(DataConfig, PruneConfig):
+    """``hyprune prune``: every `PruneConfig` and `DataConfig` field (a width ``target`` and/or
+    ``drop_blocks``, scored on ``data``). The method settings may also be given as a mapping
+    ``options: {sparsity: 0.5}``, as recipes did before they were fields."""
 
-    data: str | None = Field(None, description="calibration text (train split, never test)")
-    target: dict[str, int] = Field(default_factory=dict, description="the family's config field -> new size")
-    drop_blocks: int | None = Field(None, ge=1)
-    depth_method: Literal["block_influence", "angular", "kl", "lm_loss"] = "block_influence"
-    depth_mode: Literal["lowest", "contiguous"] = "lowest"
-    method: str = "activation"
-    options: dict[str, Any] = Field(default_factory=dict, description="settings of a registered --method")
-    seq_len: int = Field(256, ge=2)
-    num_samples: int = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
-    text_field: str = "text"
+    @model_validator(mode="before")
+    @classmethod
+    def _options_mapping(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("options"), dict):
+            data = {**{k: v for k, v in data.items() if k != "options"}, **data["options"]}
+        return data
 
     @model_validator(mode="after")
     def _something_to_cut(self):
@@ -84,35 +81,25 @@ class PruneStage(_Section):
         return self
 
 
-class DistillStage(DistillConfig):
+class DistillStage(TrainData, DistillConfig):
     """``hyprune distill`` of the pruned student from the recipe's model: every `DistillConfig` field,
-    plus where the text comes from. ``plan`` defaults to the pruning plan when ``hidden_loss`` is set."""
-
-    data: str = Field(description="training text")
-    eval_data: str | None = Field(None, description="held-out text for perplexity during training")
-    text_field: str = "text"
+    plus where the text comes from (`TrainData`). ``plan`` defaults to the pruning plan when ``hidden_loss`` is set."""
 
 
-class BenchSettings(_Section):
-    """``hyprune bench`` of the teacher and the final student, measured in the same process."""
+class BenchSettings(BenchConfig):
+    """``hyprune bench`` of the teacher and the final student, measured in the same process (`BenchConfig`)."""
 
-    context_lengths: list[int] = Field(default_factory=lambda: [128], min_length=1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
-    decode_tokens: int = Field(32, ge=1)
-    repeats: int = Field(3, ge=1)
+    context_lengths: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128], min_length=1)
 
 
-class EvalStage(_Section):
+class EvalStage(EvalConfig):
     """``hyprune eval`` of the teacher, the pruned and the distilled model, on the same text and windows."""
 
-    data: str | None = Field(None, description="held-out text for perplexity")
     seq_len: int = Field(256, ge=2)
     num_windows: int | None = Field(128, ge=1)
     stride: int | None = Field(None, ge=1)
-    tasks: list[str] | None = Field(None, description="lm-evaluation-harness tasks")
     shots: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
     models: list[Literal["teacher", "pruned", "distilled"]] = Field(default_factory=lambda: list(EVAL_MODELS),
                                                                     min_length=1)
     bench: BenchSettings | None = None
@@ -245,17 +232,39 @@ def _hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# fields the stages gained when they became the workflow configs: hashed only when set, so that a run
+# folder made before keeps its fingerprints
+_NEW_FIELDS = {"load": ("model", "gguf_file"),
+               "prune": ("scores", "plan_file", "drop_block_list", "split", "sparsity", "nm", "targets", "ratio"),
+               "distill": ("split",), "eval": ("text_field", "split", "task_paths"), "bench": ("warmup", "seed")}
+_METHOD_OPTIONS = ("sparsity", "nm", "targets", "ratio")
+
+
+def _settings_dump(section: BaseModel, kind: str) -> dict:
+    """``section.model_dump()`` without the new fields left at their defaults (see `_NEW_FIELDS`)."""
+    data = section.model_dump()
+    for name in _NEW_FIELDS[kind]:
+        field = type(section).model_fields[name]
+        if data[name] == field.get_default(call_default_factory=True):
+            del data[name]
+    if kind == "prune":  # the method settings were the mapping `options`
+        data["options"] = {k: data.pop(k) for k in _METHOD_OPTIONS if k in data}
+    if kind == "eval" and section.bench is not None:
+        data["bench"] = _settings_dump(section.bench, "bench")
+    return data
+
+
 def _stage_settings(recipe: Recipe, stage: str) -> dict:
     """What a stage's result depends on, apart from the stage before it."""
     if stage == "prune":
         return {"model": recipe.model, "model_files": _file_signature(recipe.model),
-                "load": recipe.load.model_dump(), "prune": recipe.prune.model_dump(),
+                "load": _settings_dump(recipe.load, "load"), "prune": _settings_dump(recipe.prune, "prune"),
                 "data_files": _file_signature(recipe.prune.data)}
     if stage == "distill":
-        return {"distill": recipe.distill.model_dump(), "data_files": [_file_signature(recipe.distill.data),
-                                                                      _file_signature(recipe.distill.eval_data)]}
+        return {"distill": _settings_dump(recipe.distill, "distill"),
+                "data_files": [_file_signature(recipe.distill.data), _file_signature(recipe.distill.eval_data)]}
     if stage == "eval":
-        return {"eval": recipe.eval.model_dump(), "data_files": _file_signature(recipe.eval.data)}
+        return {"eval": _settings_dump(recipe.eval, "eval"), "data_files": _file_signature(recipe.eval.data)}
     return {"name": recipe.name, "description": recipe.description}
 
 
@@ -372,13 +381,6 @@ def run_recipe(recipe: Recipe | str | Path, restart: bool = False, progress: boo
     return record
 
 
-def _load_kwargs(recipe: Recipe, device_map: bool = True) -> dict:
-    kwargs = recipe.load.model_dump()
-    if not device_map:
-        kwargs.pop("device_map")
-    return kwargs
-
-
 def _student(out: Path, recipe: Recipe) -> Path:
     """The final student: the distilled model, or the pruned one when the recipe does not distill."""
     return out / "distill" / "final" if recipe.distill is not None else out / "pruned"
@@ -386,24 +388,19 @@ def _student(out: Path, recipe: Recipe) -> Path:
 
 def _prune(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
     from hyprune import api
-    from hyprune.methods import MethodOptions
 
     p = recipe.prune
-    try:
-        options = MethodOptions(**p.options)
-    except TypeError as e:
-        raise HypruneError(f"Recipe {recipe.name}: prune.options: {e}") from None
-    return api.prune(recipe.model, str(out / "pruned"), data=p.data, target=dict(p.target) or None,
-                     drop_blocks=p.drop_blocks, depth_method=p.depth_method, depth_mode=p.depth_mode, method=p.method,
-                     options=options, seq_len=p.seq_len, num_samples=p.num_samples, batch_size=p.batch_size,
-                     seed=p.seed, text_field=p.text_field, overwrite=True, progress=progress, **_load_kwargs(recipe))
+    return api.prune(recipe.model, str(out / "pruned"), PruneConfig(**p.model_dump(include=set(PruneConfig.model_fields))),
+                     calibration=DataConfig(**p.model_dump(include=set(DataConfig.model_fields))),
+                     load=recipe.load.model_copy(update={"model": recipe.model}), overwrite=True, progress=progress)
 
 
 def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
-    from hyprune.distill import distill_cli
+    from hyprune.distill import run_distill
 
     d = recipe.distill
-    settings = d.model_dump(exclude={"data", "eval_data", "text_field", "tokens", "seq_len", "batch", "progress"})
+    settings = d.model_dump(exclude={"data", "eval_data", "text_field", "split", "tokens", "seq_len", "batch",
+                                     "progress"})
     if d.hidden_loss and d.plan is None and d.block_map is None:
         settings["plan"] = str(out / "pruned" / "plan.json")
     from hyprune.distill.checkpoints import check_checkpoint, list_checkpoints
@@ -411,9 +408,10 @@ def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resum
     # resume only onto a complete checkpoint: `distill --resume` refuses a folder without one
     resume = resuming and any(check_checkpoint(p, deep=False) is None
                               for _, p in list_checkpoints(out / "distill" / "checkpoints"))
-    return distill_cli(recipe.model, str(out / "pruned"), d.data, d.tokens, d.seq_len, d.batch, str(out / "distill"),
-                       resume=resume, eval_data=d.eval_data, text_field=d.text_field, overwrite=not resume,
-                       progress=progress, **_load_kwargs(recipe, device_map=False), **settings)
+    return run_distill(recipe.model, str(out / "pruned"), d.data, d.tokens, d.seq_len, d.batch, str(out / "distill"),
+                       resume=resume, eval_data=d.eval_data, text_field=d.text_field, split=d.split,
+                       overwrite=not resume, progress=progress,
+                       **recipe.load.load_kwargs(exclude=("device_map", "gguf_file")), **settings)
 
 
 def _eval(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
@@ -423,19 +421,17 @@ def _eval(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming
     paths = {"teacher": recipe.model, "pruned": str(out / "pruned"), "distilled": str(out / "distill" / "final")}
     results = {}
     for name in e.models:
-        limit = int(e.limit) if e.limit is not None and e.limit >= 1 else e.limit
-        results[name] = evaluate(paths[name], data=e.data, seq_len=e.seq_len if e.data else None, stride=e.stride,
-                                 num_windows=e.num_windows if e.data else None, tasks=e.tasks, shots=e.shots,
-                                 limit=limit, batch_size=e.batch_size, out=str(out / "eval" / f"{name}.json"),
-                                 overwrite=True, progress=progress, **_load_kwargs(recipe))
+        config = EvalConfig(**e.model_dump(include=set(EvalConfig.model_fields)))
+        if not e.data:
+            config = config.model_copy(update={"seq_len": None, "num_windows": None})
+        results[name] = evaluate(paths[name], config, out=str(out / "eval" / f"{name}.json"),
+                                 load=recipe.load.model_copy(update={"model": paths[name]}), overwrite=True,
+                                 progress=progress)
     speed = None
     if e.bench is not None:
-        b = e.bench
-        load = _load_kwargs(recipe, device_map=False)
-        speed = bench([recipe.model, str(_student(out, recipe))], batch_sizes=b.batch_sizes,
-                      context_lengths=b.context_lengths, decode_tokens=b.decode_tokens, repeats=b.repeats,
-                      device=load.pop("device"), dtype=load.pop("dtype"), out=str(out / "eval" / "bench.json"),
-                      overwrite=True, progress=progress, **load)
+        speed = bench([recipe.model, str(_student(out, recipe))],
+                      BenchConfig(**e.bench.model_dump()), out=str(out / "eval" / "bench.json"),
+                      load=recipe.load.model_copy(update={"device_map": None}), overwrite=True, progress=progress)
     keep = ("model", "parameters", "perplexity", "tokens", "windows", "tasks")
     return {"models": {k: {key: v.get(key) for key in keep} for k, v in results.items()},
             "bench": None if speed is None else _speeds(speed)}

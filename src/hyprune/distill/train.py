@@ -151,7 +151,7 @@ def distill(teacher, student, data, config: DistillConfig | dict, out_dir: str |
         allow_changed: with ``resume``, continue even when settings or inputs changed (``--resume-changed``);
             the changes are printed and recorded in ``log.jsonl`` (an ``"event": "resume_changed"`` line),
             and the new settings (lr schedule, optimizer settings) take effect from the resumed step.
-        fingerprints: more fingerprints of the inputs to compare on resume (``distill_cli`` passes the
+        fingerprints: more fingerprints of the inputs to compare on resume (``run_distill`` passes the
             teacher, student and data paths'; see `hyprune.resume`). The token windows (or the top-k
             cache) are always fingerprinted here.
 

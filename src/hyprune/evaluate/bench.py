@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 
 from hyprune.compat import CachedDecoding
+from hyprune.config import BenchConfig, LoadConfig, resolve
 from hyprune.errors import HypruneError
 from hyprune.parts import PARTS
 from hyprune.parts.attention import kv_cache_bytes
@@ -217,20 +218,6 @@ def _measure_once(model, ids: torch.Tensor, decode_tokens: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
-def _positive_ints(name: str, values) -> list[int]:
-    if isinstance(values, int):
-        values = [values]
-    if isinstance(values, str):
-        values = [v for v in values.split(",") if v.strip()]
-    try:
-        values = [int(v) for v in values]
-    except (TypeError, ValueError):
-        raise HypruneError(f"--{name} must be positive integers separated by commas, got {values}.") from None
-    if not values or any(v < 1 for v in values):
-        raise HypruneError(f"--{name} must be positive integers, got {values}.")
-    return list(dict.fromkeys(values))
-
-
 def _resolve_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,21 +235,8 @@ def _weights_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def bench(
-    model_ids: str | Sequence[str],
-    batch_sizes: Sequence[int] | str = (1,),
-    context_lengths: Sequence[int] | str = (128, 512),
-    decode_tokens: int = 32,
-    repeats: int = 3,
-    device: str | None = None,
-    dtype: str = "float32",
-    out: str | os.PathLike | None = None,
-    warmup: int = 1,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = False,
-    **load_kwargs,
-) -> dict:
+def bench(model_ids: str | Sequence[str], config: BenchConfig | None = None, *, out: str | os.PathLike | None = None,
+          load: LoadConfig | None = None, overwrite: bool = False, progress: bool = False, **fields) -> dict:
     """Benchmark one model, or compare several (the first is the baseline), in one process.
 
     Returns (and writes as JSON to ``out``) ``{"models": [...], "ratios": [...], ...}``: per model its
@@ -270,59 +244,89 @@ def bench(
     every context length, and one row per (batch size, context) with median prefill tokens/s, decode
     tokens/s, ms per decode step, peak memory, and measured vs analytic cache bytes; per later model,
     its ratios to the first measured in the same run. See the module docstring for the methods.
-    ``load_kwargs`` go to `hyprune.models.load_model` (allow_pickle, trust_remote_code, gguf_file).
+    ``fields`` are `BenchConfig` fields (batch_sizes, context_lengths, decode_tokens, repeats, warmup,
+    seed) and `LoadConfig` fields (dtype, device, allow_pickle, trust_remote_code, gguf_file).
     """
-    from hyprune.io import atomic_write_json, check_output
-    from hyprune.models import count_parameters, load_config, load_model, parse_dtype
+    from hyprune.io import atomic_write_json
 
-    # 1. arguments, configs, output: before any weights ------------------------------------------
     model_ids = [model_ids] if isinstance(model_ids, (str, os.PathLike)) else list(model_ids)
     if not model_ids:
         raise HypruneError("Pass at least one MODEL to benchmark.")
-    batch_sizes = _positive_ints("batch-sizes", batch_sizes)
-    context_lengths = _positive_ints("context-lengths", context_lengths)
-    if decode_tokens < 1:
-        raise HypruneError(f"--decode-tokens must be at least 1, got {decode_tokens}.")
-    if repeats < 1:
-        raise HypruneError(f"--repeats must be at least 1, got {repeats}.")
-    if warmup < 0:
-        raise HypruneError(f"--warmup must be 0 or more, got {warmup}.")
-    torch_dtype = parse_dtype(dtype)
+    config, load = resolve("bench", fields, (BenchConfig, config), (LoadConfig, load))
+    config = config.model_copy(update={"batch_sizes": list(dict.fromkeys(config.batch_sizes)),
+                                       "context_lengths": list(dict.fromkeys(config.context_lengths))})
+    torch_dtype, dev, vocab = _check_request(model_ids, config, load, out, overwrite)
+    models, entries = _load_models(model_ids, config, load, torch_dtype, dev)
+    _measure_all(models, entries, config, vocab, dev, torch_dtype, progress)
+    names = [entry["name"] for entry in entries]
+    for entry in entries:
+        entry.pop("_family")
+        if names.count(entry["name"]) > 1:  # two folders of the same name: the table needs the full paths
+            entry["name"] = entry["model"]
+    result = {
+        "device": str(dev), "device_name": _device_name(dev), "dtype": str(torch_dtype).replace("torch.", ""),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_sizes": config.batch_sizes,
+        "context_lengths": config.context_lengths, "decode_tokens": config.decode_tokens,
+        "repeats": config.repeats, "warmup": config.warmup,
+        "schedule": "interleaved: for each (batch, context), warmup then repeats, each visiting every model in turn",
+        "memory_method": _PeakMemory.method(dev), "cache_formula": CACHE_FORMULA,
+        "models": entries, "ratios": [_ratios(entries[0], other) for other in entries[1:]],
+    }
+    if out is not None:
+        atomic_write_json(out, result)
+    return result
+
+
+def _check_request(model_ids: list, config: BenchConfig, load: LoadConfig, out, overwrite: bool):
+    """dtype, device, configs and output, before any weights: (torch dtype, device, shared vocabulary size)."""
+    from hyprune.io import check_output
+    from hyprune.models import load_config, parse_dtype
+
+    torch_dtype = parse_dtype(load.dtype)
     if not isinstance(torch_dtype, torch.dtype):
         raise HypruneError("bench needs an explicit --dtype (float32, bfloat16 or float16), not 'auto'.")
-    dev = _resolve_device(device)
-    source = {"trust_remote_code": load_kwargs.get("trust_remote_code", False),
-              "gguf_file": load_kwargs.get("gguf_file")}
-    configs = [load_config(m, **source) for m in model_ids]
+    dev = _resolve_device(load.device)
+    configs = [load_config(m, **load.source()) for m in model_ids]
     vocab = min(int(c.vocab_size) for c, _ in configs)
-    longest = max(context_lengths) + decode_tokens
-    for m, (config, _) in zip(model_ids, configs):
-        limit = getattr(config, "max_position_embeddings", None)
+    longest = max(config.context_lengths) + config.decode_tokens
+    for m, (model_config, _) in zip(model_ids, configs):
+        limit = getattr(model_config, "max_position_embeddings", None)
         if limit and longest > limit:
-            warnings.warn(f"{m}: context {max(context_lengths)} + {decode_tokens} decode tokens exceeds its "
-                          f"max_position_embeddings ({limit}); timings there describe an untrained range.",
-                          stacklevel=2)
+            warnings.warn(f"{m}: context {max(config.context_lengths)} + {config.decode_tokens} decode tokens "
+                          f"exceeds its max_position_embeddings ({limit}); timings there describe an untrained "
+                          "range.", stacklevel=3)
     if out is not None:
         check_output(out, "file", overwrite, inputs=tuple(model_ids))
+    return torch_dtype, dev, vocab
 
-    # 2. models, all resident at once so that runs can alternate ------------------------------------
+
+def _load_models(model_ids: list, config: BenchConfig, load: LoadConfig, torch_dtype, dev):
+    """Every model, all resident at once so that runs can alternate, and its entry of the result."""
+    from hyprune.models import count_parameters, load_model
+
     models, entries = [], []
+    load_kwargs = load.model_dump(exclude={"model", "dtype", "device", "device_map"})
     for m in model_ids:
         # on the CPU from_pretrained's default placement is right; device_map="cpu" would need accelerate
         model, family = load_model(m, dtype=torch_dtype, device=None if dev.type == "cpu" else str(dev),
                                    **load_kwargs)
         model.eval()
         models.append(model)
-        cache_rows = [{"context": c, **cache_bytes(model.config, family, c, torch_dtype)}
-                      for c in sorted(set(context_lengths) | {c + decode_tokens for c in context_lengths})]
+        contexts = sorted(set(config.context_lengths) | {c + config.decode_tokens for c in config.context_lengths})
+        cache_rows = [{"context": c, **cache_bytes(model.config, family, c, torch_dtype)} for c in contexts]
         entries.append({"model": str(m), "name": Path(str(m)).name or str(m), "family": family.name,
                         "parameters": count_parameters(model, family), "weights_bytes": _weights_bytes(model),
                         "cache_bytes_per_sequence": cache_rows, "runs": [], "_family": family})
+    return models, entries
 
-    # 3. measurements, interleaved ---------------------------------------------------------------------
-    generator = torch.Generator().manual_seed(seed)
-    for batch in batch_sizes:
-        for context in context_lengths:
+
+def _measure_all(models: list, entries: list, config: BenchConfig, vocab: int, dev, torch_dtype,
+                 progress: bool) -> None:
+    """The measurements, interleaved: for each (batch, context), warmup then repeats, each visiting every model."""
+    generator = torch.Generator().manual_seed(config.seed)
+    warmup, repeats = config.warmup, config.repeats
+    for batch in config.batch_sizes:
+        for context in config.context_lengths:
             ids = torch.randint(0, vocab, (batch, context), generator=generator).to(dev)
             samples: list[list[dict]] = [[] for _ in models]
             for r in range(warmup + repeats):
@@ -331,29 +335,13 @@ def bench(
                         print(f"bench {entries[i]['name']} batch={batch} context={context} "
                               f"{'warmup' if r < warmup else f'repeat {r - warmup + 1}/{repeats}'}",
                               file=sys.stderr, flush=True)
-                    sample = _measure_once(model, ids, decode_tokens)
+                    sample = _measure_once(model, ids, config.decode_tokens)
                     if r >= warmup:
                         samples[i].append(sample)
             for entry, model, runs in zip(entries, models, samples):
-                entry["runs"].append(_summarize(runs, entry, model, batch, context, decode_tokens, torch_dtype))
+                entry["runs"].append(_summarize(runs, entry, model, batch, context, config.decode_tokens,
+                                                torch_dtype))
             del ids
-
-    names = [entry["name"] for entry in entries]
-    for entry in entries:
-        entry.pop("_family")
-        if names.count(entry["name"]) > 1:  # two folders of the same name: the table needs the full paths
-            entry["name"] = entry["model"]
-    result = {
-        "device": str(dev), "device_name": _device_name(dev), "dtype": str(torch_dtype).replace("torch.", ""),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_sizes": batch_sizes,
-        "context_lengths": context_lengths, "decode_tokens": decode_tokens, "repeats": repeats, "warmup": warmup,
-        "schedule": "interleaved: for each (batch, context), warmup then repeats, each visiting every model in turn",
-        "memory_method": _PeakMemory.method(dev), "cache_formula": CACHE_FORMULA,
-        "models": entries, "ratios": [_ratios(entries[0], other) for other in entries[1:]],
-    }
-    if out is not None:
-        atomic_write_json(out, result)
-    return result
 
 
 def _summarize(runs: list[dict], entry: dict, model, batch: int, context: int, decode_tokens: int, dtype) -> dict:

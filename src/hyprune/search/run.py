@@ -18,11 +18,13 @@ import json
 import math
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from hyprune.config import DataConfig, LoadConfig, SearchConfig, resolve
 from hyprune.errors import HypruneError
 from hyprune.io import atomic_write_json, check_output
 from hyprune.search import latency as latency_lib
@@ -130,214 +132,228 @@ def _open_run_dir(out: Path, settings: dict, resume: bool, overwrite: bool, inpu
 # ---------------------------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------------------------
-def search(
-    model: str,
-    data: str,
-    out: str,
-    target_params: float | None = None,
-    target_ratio: float | None = None,
-    target_active_params: float | None = None,
-    target_memory: float | None = None,
-    target_latency: float | None = None,
-    tolerance: float = 0.05,
-    memory_context: int = 2048,
-    memory_dtype: str = "bfloat16",
-    memory_batch: int = 1,
-    space: str | dict | None = None,
-    min_fraction: float = 0.5,
-    drop_blocks: str | None = None,
-    depth_method: str = "block_influence",
-    max_candidates: int = 64,
-    score: str = "loss",
-    top_k: int = 4,
-    distill_tokens: int = 0,
-    distill_uniform: bool = False,
-    distill_batch: int = 8,
-    distill_lr: float = 1e-4,
-    eval_data: str | None = None,
-    eval_windows: int = 32,
-    seq_len: int = 256,
-    num_samples: int = 64,
-    batch_size: int = 8,
-    seed: int = 0,
-    latency: bool = False,
-    latency_shapes: int = 12,
-    latency_metric: str = "decode",
-    latency_context: int = 128,
-    latency_batch: int = 1,
-    latency_repeats: int = 3,
-    text_field: str = "text",
-    split: str = "train",
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    allow_changed: bool = False,
-    **load_kwargs,
-) -> dict:
+@dataclass
+class _Search:
+    """One search: its configs, the source model's config and family, and what the steps hand on."""
+
+    model: str
+    data: str
+    out: Path
+    config: SearchConfig
+    calibration: DataConfig
+    load: LoadConfig
+    progress: bool
+    model_config: object = None
+    family: object = None
+    source_params: int = 0
+    budget: object = None
+    axes: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
+    feasible: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_FILE
+
+    def save_state(self) -> None:
+        atomic_write_json(self.state_path, self.state)
+
+
+def search(model: str, data: str, out: str, config: SearchConfig | None = None, *,
+           calibration: DataConfig | None = None, load: LoadConfig | None = None, resume: bool = False,
+           overwrite: bool = False, progress: bool = True, allow_changed: bool = False, **fields) -> dict:
     """Search the architectures of ``model`` under a budget; write the results to ``out``.
 
-    Args mirror ``hyprune search`` (see `hyprune.search` and the CLI help): the budget
-    (``target_*``, ``tolerance``; memory at ``memory_context`` tokens in ``memory_dtype``), the space
-    (``space``: ``"FIELD=MIN:MAX[:STEP],..."``, ``min_fraction``, ``drop_blocks`` ``"MIN:MAX"``),
-    the ranking (``score`` ``loss`` or ``kl`` on ``eval_windows`` held-out windows; ``top_k``
-    candidates distilled for ``distill_tokens`` tokens each, plus the uniform baseline with
-    ``distill_uniform``) and the latency model (``latency`` or
-    ``target_latency``). ``resume`` continues the search in ``out``; a change of any setting or of the
-    model or data is refused unless ``allow_changed``. Returns the summary (also the ``data`` of ``out/report.json``).
+    The settings are a `SearchConfig` (the budget ``target_*``, ``tolerance``, memory at
+    ``memory_context`` tokens in ``memory_dtype``; the space: ``space`` ``{field: (min, max[, step]) or
+    value}``, ``min_fraction``, ``drop_blocks`` ``(min, max)`` or ``n``; the ranking: ``score`` ``loss``
+    or ``kl`` on ``eval_windows`` held-out windows, ``top_k`` candidates distilled for
+    ``distill_tokens`` tokens each, the uniform baseline too with ``distill_uniform``; the latency
+    model: ``latency`` or ``target_latency``), a `DataConfig` (calibration windows) and a `LoadConfig`,
+    or their fields as keyword arguments. ``resume`` continues the search in ``out``; a change of any
+    setting or of the model or data is refused unless ``allow_changed``. Returns the summary (also the
+    ``data`` of ``out/report.json``).
     """
-    from hyprune.data import calibration_windows, check_source, heldout_windows
-    from hyprune.depth import METHODS as DEPTH_METHODS
-    from hyprune.models import load_config, load_model, load_tokenizer
-    from hyprune.resume import file_fingerprint, model_fingerprint
+    config, calibration, load = resolve("search", {**fields, "data": data, "model": model},
+                                        (SearchConfig, config), (DataConfig, calibration), (LoadConfig, load))
+    run = _Search(model, data, Path(out).expanduser(), config, calibration, load, progress)
+    _check_request(run)
+    run.settings = _settings(run)
+    run.state = _open_run_dir(run.out, run.settings, resume, overwrite, inputs=(model, data, config.eval_data),
+                              allow_changed=allow_changed)
+    for note in run.state.get("notes", []):
+        if note not in run.budget.notes:
+            run.budget.notes.append(note)
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.save_state()
+    lat_model = _latency_model(run)
+    uniform = uniform_candidate(run.feasible, run.axes, run.family.sizes(run.model_config), run.budget)
+    if uniform is not None:
+        uniform.uniform = True
+    candidates = sample(run.feasible, config.max_candidates, calibration.seed,
+                        keep=[uniform] if uniform is not None else [])
+    return _rank(run, candidates, uniform, lat_model)
 
-    # 1. everything that can be checked from the config -------------------------------------------
-    source_kwargs = {"trust_remote_code": load_kwargs.get("trust_remote_code", False),
-                     "gguf_file": load_kwargs.get("gguf_file")}
-    config, family = load_config(model, **source_kwargs)
+
+def _check_request(run: _Search) -> None:
+    """Everything that can be checked from the config, before any weights: budget, space, shapes within it."""
+    from hyprune.data import check_source
+    from hyprune.depth import METHODS as DEPTH_METHODS
+    from hyprune.models import load_config
+
+    c = run.config
+    config, family = load_config(run.model, **run.load.source())
+    run.model_config, run.family = config, family
     check_countable(family, config)
-    if score not in SCORES:
-        raise HypruneError(f"--score must be one of {', '.join(SCORES)}, got '{score}'.")
-    if depth_method not in DEPTH_METHODS:
-        raise HypruneError(f"--depth-method must be one of {', '.join(DEPTH_METHODS)}, got '{depth_method}'.")
-    for name, value in (("top-k", top_k), ("distill-tokens", distill_tokens)):
-        if value < 0:
-            raise HypruneError(f"--{name} must be 0 or more, got {value}.")
-    for name, value in (("eval-windows", eval_windows), ("num-samples", num_samples), ("batch-size", batch_size),
-                        ("distill-batch", distill_batch)):
-        if value < 1:
-            raise HypruneError(f"--{name} must be at least 1, got {value}.")
-    check_source(data)
-    if eval_data is not None:
-        check_source(eval_data)
-    source_params = count_parameters(family, config)["total"]
-    budget = make_budget(family, config, target_params, target_ratio, target_active_params, target_memory,
-                         target_latency, tolerance, memory_context, memory_dtype, memory_batch)
-    axes = parse_space(family, config, space, min_fraction)
-    drops = drop_options(family, config, *parse_drop(drop_blocks, family, config))
-    shapes = enumerate_shapes(family, config, axes, drops)
+    if c.score not in SCORES:
+        raise HypruneError(f"--score must be one of {', '.join(SCORES)}, got '{c.score}'.")
+    if c.depth_method not in DEPTH_METHODS:
+        raise HypruneError(f"--depth-method must be one of {', '.join(DEPTH_METHODS)}, got '{c.depth_method}'.")
+    check_source(run.data)
+    if c.eval_data is not None:
+        check_source(c.eval_data)
+    run.source_params = count_parameters(family, config)["total"]
+    budget = make_budget(family, config, c.target_params, c.target_ratio, c.target_active_params, c.target_memory,
+                         c.target_latency, c.tolerance, c.memory_context, c.memory_dtype, c.memory_batch)
+    run.axes = parse_space(family, config, c.space, c.min_fraction)
+    drops = drop_options(family, config, *parse_drop(c.drop_blocks, family, config))
+    run.shapes = enumerate_shapes(family, config, run.axes, drops)
     if budget.memory is not None:
-        add_memory(family, config, shapes, budget)
+        add_memory(family, config, run.shapes, budget)
     latency_budget = budget.latency
     budget.latency = None  # the latency model is measured only once everything else holds
-    feasible = within_budget(shapes, budget, source_params)
+    run.feasible = within_budget(run.shapes, budget, run.source_params)
     budget.latency = latency_budget
+    run.budget = budget
 
-    out_path = Path(out).expanduser()
-    settings = {"model": str(model), "data": str(data), "eval_data": eval_data, "seq_len": seq_len,
-                "num_samples": num_samples, "eval_windows": eval_windows, "seed": seed, "score": score,
-                "depth_method": depth_method, "distill_tokens": distill_tokens, "distill_batch": distill_batch,
-                "distill_lr": distill_lr, "top_k": top_k, "distill_uniform": distill_uniform, "space": space,
-                "drop_blocks": drop_blocks, "min_fraction": min_fraction, "max_candidates": max_candidates,
-                "budget": budget.describe(), "text_field": text_field, "split": split, "batch_size": batch_size,
-                "latency": {"on": bool(latency or budget.latency is not None), "shapes": latency_shapes,
-                            "metric": latency_metric, "context": latency_context, "batch": latency_batch,
-                            "repeats": latency_repeats},
-                "model_fingerprint": model_fingerprint(model), "data_fingerprint": file_fingerprint(data),
-                "eval_data_fingerprint": file_fingerprint(eval_data),
-                "load": {"dtype": str(load_kwargs.get("dtype", "float32")), "gguf_file": load_kwargs.get("gguf_file"),
-                         "trust_remote_code": bool(load_kwargs.get("trust_remote_code", False))}}
-    state = _open_run_dir(out_path, settings, resume, overwrite, inputs=(model, data, eval_data),
-                          allow_changed=allow_changed)
-    for note in state.get("notes", []):
-        if note not in budget.notes:
-            budget.notes.append(note)
-    out_path.mkdir(parents=True, exist_ok=True)
-    state_path = out_path / STATE_FILE
-    atomic_write_json(state_path, state)
 
-    # 2. the latency model (measured on this device, random weights) --------------------------------
+def _settings(run: _Search) -> dict:
+    """What the search's result depends on (compared on resume), and how fast it worked."""
+    from hyprune.resume import file_fingerprint, model_fingerprint
+
+    c, d, load = run.config, run.calibration, run.load
+    return {"model": str(run.model), "data": str(run.data), "eval_data": c.eval_data, "seq_len": d.seq_len,
+            "num_samples": d.num_samples, "eval_windows": c.eval_windows, "seed": d.seed, "score": c.score,
+            "depth_method": c.depth_method, "distill_tokens": c.distill_tokens, "distill_batch": c.distill_batch,
+            "distill_lr": c.distill_lr, "top_k": c.top_k, "distill_uniform": c.distill_uniform, "space": c.space,
+            "drop_blocks": c.drop_blocks, "min_fraction": c.min_fraction, "max_candidates": c.max_candidates,
+            "budget": run.budget.describe(), "text_field": d.text_field, "split": d.split,
+            "batch_size": d.batch_size,
+            "latency": {"on": bool(c.latency or run.budget.latency is not None), "shapes": c.latency_shapes,
+                        "metric": c.latency_metric, "context": c.latency_context, "batch": c.latency_batch,
+                        "repeats": c.latency_repeats},
+            "model_fingerprint": model_fingerprint(run.model), "data_fingerprint": file_fingerprint(run.data),
+            "eval_data_fingerprint": file_fingerprint(c.eval_data),
+            "load": {"dtype": str(load.dtype), "gguf_file": load.gguf_file,
+                     "trust_remote_code": bool(load.trust_remote_code)}}
+
+
+def _latency_model(run: _Search):
+    """The latency model (measured on this device, random weights; reused on resume), or None; the
+    feasible shapes re-checked against the whole budget, with their memory."""
+    c, family, config = run.config, run.family, run.model_config
     lat_model = None
-    if latency or budget.latency is not None:
-        lat_path = out_path / "latency.json"
+    if c.latency or run.budget.latency is not None:
+        lat_path = run.out / "latency.json"
         if lat_path.is_file():
             lat_model = latency_lib.LatencyModel.from_json(json.loads(lat_path.read_text()))
         else:
-            lat_model = latency_lib.build(family, config, shapes, latency_shapes, latency_metric, latency_batch,
-                                          latency_context, progress=progress, workdir=out_path,
-                                          repeats=latency_repeats)
+            lat_model = latency_lib.build(family, config, run.shapes, c.latency_shapes, c.latency_metric,
+                                          c.latency_batch, c.latency_context, progress=run.progress,
+                                          workdir=run.out, repeats=c.latency_repeats)
             atomic_write_json(lat_path, lat_model.to_json())
-        latency_lib.add_latency(lat_model, family, config, shapes)
-        feasible = within_budget(shapes, budget, source_params)
-    if budget.memory is None:
-        add_memory(family, config, feasible, budget)
-    uniform = uniform_candidate(feasible, axes, family.sizes(config), budget)
-    if uniform is not None:
-        uniform.uniform = True
-    candidates = sample(feasible, max_candidates, seed, keep=[uniform] if uniform is not None else [])
+        latency_lib.add_latency(lat_model, family, config, run.shapes)
+        run.feasible = within_budget(run.shapes, run.budget, run.source_params)
+    if run.budget.memory is None:
+        add_memory(family, config, run.feasible, run.budget)
+    return lat_model
 
-    # 3. data, weights, the one importance sweep, block scores ----------------------------------------
-    tokenizer = load_tokenizer(model, **source_kwargs)
-    steps = math.ceil(distill_tokens / (distill_batch * seq_len)) if distill_tokens and top_k else 0
-    kd_windows_count = steps * distill_batch
-    from_data = num_samples + (0 if eval_data is not None else eval_windows) + kd_windows_count
-    windows = calibration_windows(tokenizer, data, seq_len, from_data, seed=seed, text_field=text_field, split=split)
-    calib = windows[:num_samples]
-    if eval_data is not None:
-        held = heldout_windows(tokenizer, eval_data, seq_len, eval_windows, text_field=text_field, split=split)
-        kd_windows = windows[num_samples:]
+
+def _windows(run: _Search, tokenizer, steps: int):
+    """(calibration, held-out, distillation) windows: held-out from ``eval_data`` or the text after calibration."""
+    from hyprune.data import calibration_windows, heldout_windows
+
+    c, d = run.config, run.calibration
+    kd_windows_count = steps * c.distill_batch
+    from_data = d.num_samples + (0 if c.eval_data is not None else c.eval_windows) + kd_windows_count
+    windows = calibration_windows(tokenizer, run.data, d.seq_len, from_data, seed=d.seed, text_field=d.text_field,
+                                  split=d.split)
+    calib = windows[:d.num_samples]
+    if c.eval_data is not None:
+        held = heldout_windows(tokenizer, c.eval_data, d.seq_len, c.eval_windows, text_field=d.text_field,
+                               split=d.split)
+        kd_windows = windows[d.num_samples:]
     else:
-        held = windows[num_samples : num_samples + eval_windows]
-        kd_windows = windows[num_samples + eval_windows :]
+        held = windows[d.num_samples : d.num_samples + c.eval_windows]
+        kd_windows = windows[d.num_samples + c.eval_windows :]
         if len(held) == 0:
-            raise HypruneError(f"{data} holds too few tokens for {num_samples} calibration windows and held-out "
-                               f"windows of {seq_len} tokens; pass --eval-data or lower --num-samples.")
+            raise HypruneError(f"{run.data} holds too few tokens for {d.num_samples} calibration windows and "
+                               f"held-out windows of {d.seq_len} tokens; pass --eval-data or lower --num-samples.")
     if steps and len(kd_windows) == 0:
-        raise HypruneError(f"{data} holds no text left for distillation after the calibration and held-out windows; "
-                           "pass more text or lower --num-samples / --eval-windows.")
-    loaded, family = load_model(model, **load_kwargs)
-    scores = _importance(loaded, family, calib, out_path, batch_size, progress)
-    kinds = family.block_kinds(config)
-    block_scores = _block_scores(loaded, family, calib, out_path, depth_method, batch_size, progress) \
-        if any(c.drop for c in candidates) else None
-    teacher_logits = _teacher_logits(loaded, held, batch_size) if score == "kl" else None
+        raise HypruneError(f"{run.data} holds no text left for distillation after the calibration and held-out "
+                           "windows; pass more text or lower --num-samples / --eval-windows.")
+    return calib, held, kd_windows
 
-    # 4. zero-shot score of every candidate --------------------------------------------------------
+
+def _rank(run: _Search, candidates: list[Candidate], uniform, lat_model) -> dict:
+    """Weights, the one importance sweep and block scores; every candidate's zero-shot score; the short
+    distillation of the top-k; the final ranking and the outputs."""
     from hyprune.apply import apply_plan
+    from hyprune.models import load_model, load_tokenizer
     from hyprune.plan import make_plan
-
-    def plan_for(c: Candidate):
-        dropped = blocks_to_drop(kinds, c.drop, block_scores.scores if block_scores is not None else None)
-        return make_plan(family, loaded.config, scores, c.target, drop_blocks=dropped)
-
-    records = state["candidates"]
-    todo = [c for c in candidates if "zero_shot" not in records.get(c.id, {})]
-    for c in tqdm(todo, desc="zero-shot candidates", unit="cand", disable=not progress, dynamic_ncols=True):
-        small = apply_plan(loaded, plan_for(c), family)
-        records[c.id] = {"zero_shot": zero_shot_score(small, held, score, batch_size, teacher_logits)}
-        del small
-        atomic_write_json(state_path, state)
-    ranked = sorted(candidates, key=lambda c: (records[c.id]["zero_shot"], c.id))
-
-    # 5. short distillation of the top-k (and of the uniform baseline when asked) ----------------------
-    if steps:
-        top = ranked[:top_k]
-        if distill_uniform and uniform is not None and uniform not in top:
-            top.append(uniform)
-        kd = dict(tokens=distill_tokens, seq_len=seq_len, batch=distill_batch, lr=distill_lr, min_lr=distill_lr / 10,
-                  warmup_steps=min(40, max(1, steps // 10)), checkpoint_every=0, eval_every=max(1, steps // 4),
-                  eval_windows=len(held), eval_batch=batch_size, seed=seed, progress=False)
-        for i, c in enumerate(tqdm(top, desc="short distillation", unit="cand", disable=not progress,
-                                   dynamic_ncols=True)):
-            if "distilled" in records[c.id]:
-                continue
-            run_dir = out_path / "kd" / _slug(c.id, i)
-            student = apply_plan(loaded, plan_for(c), family)
-            records[c.id].update(_short_distill(loaded, student, kd_windows, held, kd, run_dir, tokenizer, score,
-                                                batch_size, teacher_logits, records[c.id]["zero_shot"]))
-            records[c.id]["distill_dir"] = str(run_dir.relative_to(out_path))
-            del student
-            atomic_write_json(state_path, state)
-
-    # 6. ranking, winner, outputs ----------------------------------------------------------------------
-    final_order = sorted(candidates, key=lambda c: (0, records[c.id]["distilled"], c.id) if "distilled" in records[c.id]
-                         else (1, records[c.id]["zero_shot"], c.id))
-    winner = final_order[0]
-    plan = plan_for(winner)
-    plan.method = f"{plan.method}+search"
     from hyprune.search.report import write_outputs
 
-    return write_outputs(out_path, family, source_params, budget, candidates, ranked, final_order, records, plan,
-                         lat_model, settings, score, len(shapes), len(feasible))
+    c, d = run.config, run.calibration
+    tokenizer = load_tokenizer(run.model, **run.load.source())
+    steps = math.ceil(c.distill_tokens / (c.distill_batch * d.seq_len)) if c.distill_tokens and c.top_k else 0
+    calib, held, kd_windows = _windows(run, tokenizer, steps)
+    loaded, family = load_model(run.model, **run.load.load_kwargs())
+    scores = _importance(loaded, family, calib, run.out, d.batch_size, run.progress)
+    kinds = family.block_kinds(run.model_config)
+    block_scores = _block_scores(loaded, family, calib, run.out, c.depth_method, d.batch_size, run.progress) \
+        if any(cand.drop for cand in candidates) else None
+    teacher_logits = _teacher_logits(loaded, held, d.batch_size) if c.score == "kl" else None
+
+    def plan_for(cand: Candidate):
+        dropped = blocks_to_drop(kinds, cand.drop, block_scores.scores if block_scores is not None else None)
+        return make_plan(family, loaded.config, scores, cand.target, drop_blocks=dropped)
+
+    records = run.state["candidates"]
+    todo = [cand for cand in candidates if "zero_shot" not in records.get(cand.id, {})]
+    for cand in tqdm(todo, desc="zero-shot candidates", unit="cand", disable=not run.progress, dynamic_ncols=True):
+        small = apply_plan(loaded, plan_for(cand), family)
+        records[cand.id] = {"zero_shot": zero_shot_score(small, held, c.score, d.batch_size, teacher_logits)}
+        del small
+        run.save_state()
+    ranked = sorted(candidates, key=lambda cand: (records[cand.id]["zero_shot"], cand.id))
+    if steps:
+        top = ranked[:c.top_k]
+        if c.distill_uniform and uniform is not None and uniform not in top:
+            top.append(uniform)
+        kd = dict(tokens=c.distill_tokens, seq_len=d.seq_len, batch=c.distill_batch, lr=c.distill_lr,
+                  min_lr=c.distill_lr / 10, warmup_steps=min(40, max(1, steps // 10)), checkpoint_every=0,
+                  eval_every=max(1, steps // 4), eval_windows=len(held), eval_batch=d.batch_size, seed=d.seed,
+                  progress=False)
+        for i, cand in enumerate(tqdm(top, desc="short distillation", unit="cand", disable=not run.progress,
+                                      dynamic_ncols=True)):
+            if "distilled" in records[cand.id]:
+                continue
+            run_dir = run.out / "kd" / _slug(cand.id, i)
+            student = apply_plan(loaded, plan_for(cand), family)
+            records[cand.id].update(_short_distill(loaded, student, kd_windows, held, kd, run_dir, tokenizer,
+                                                   c.score, d.batch_size, teacher_logits,
+                                                   records[cand.id]["zero_shot"]))
+            records[cand.id]["distill_dir"] = str(run_dir.relative_to(run.out))
+            del student
+            run.save_state()
+    final_order = sorted(candidates, key=lambda cand: (0, records[cand.id]["distilled"], cand.id)
+                         if "distilled" in records[cand.id] else (1, records[cand.id]["zero_shot"], cand.id))
+    plan = plan_for(final_order[0])
+    plan.method = f"{plan.method}+search"
+    return write_outputs(run.out, family, run.source_params, run.budget, candidates, ranked, final_order, records,
+                         plan, lat_model, run.settings, c.score, len(run.shapes), len(run.feasible))
 
 
 def _short_distill(teacher, student, kd_windows, held, kd: dict, run_dir: Path, tokenizer, score: str,

@@ -75,7 +75,10 @@ def _fmt_range(field_name: str, lo: int, hi: int, step: int) -> str:
 
 
 def axis_space(family: Family, config, axis: str, spec: str | None, min_fraction: float) -> AxisSpace:
-    """Parse one ``--space`` entry (``MIN:MAX[:STEP]``, or ``VALUE`` to fix the axis); None = automatic."""
+    """Parse one ``--space`` entry (``(MIN, MAX[, STEP])`` or ``"MIN:MAX[:STEP]"``, or ``VALUE`` to fix the
+    axis); None = automatic."""
+    if isinstance(spec, (tuple, list)):
+        spec = ":".join(str(v) for v in spec)
     source = family.sizes(config)[axis]
     name = family.fields[axis]
     unit = axis_unit(family, config, axis)
@@ -126,23 +129,26 @@ def axis_space(family: Family, config, axis: str, spec: str | None, min_fraction
     return AxisSpace(axis, name, values)
 
 
+def space_from_text(text: str) -> dict[str, str]:
+    """``"hidden_size=96:192:24,mamba_num_heads=8"`` -> ``{"hidden_size": "96:192:24", "mamba_num_heads": "8"}``."""
+    entries = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise HypruneError(f"--space entry '{item}' is not FIELD=MIN:MAX[:STEP]. "
+                               "Example: --space hidden_size=96:192:24,intermediate_size=384:768")
+        key, value = item.split("=", 1)
+        entries[key.strip()] = value.strip()
+    return entries
+
+
 def parse_space(family: Family, config, space: str | dict | None, min_fraction: float = 0.5) -> list[AxisSpace]:
     """Every axis of the family with its values: ``"hidden_size=96:192:24,mamba_num_heads=8"`` (config field
     names, as ``--target``), unlisted axes automatic (see the module docstring)."""
     if not 0 < min_fraction <= 1:
         raise HypruneError(f"--min-fraction must be in (0, 1], got {min_fraction}.")
-    if isinstance(space, str):
-        entries = {}
-        for item in space.split(","):
-            if not item.strip():
-                continue
-            if "=" not in item:
-                raise HypruneError(f"--space entry '{item}' is not FIELD=MIN:MAX[:STEP]. "
-                                   "Example: --space hidden_size=96:192:24,intermediate_size=384:768")
-            key, value = item.split("=", 1)
-            entries[key.strip()] = value.strip()
-    else:
-        entries = dict(space or {})
+    entries = space_from_text(space) if isinstance(space, str) else dict(space or {})
     field_axis = {name: axis for axis, name in family.fields.items() if axis in family.sizes(config)}
     unknown = [k for k in entries if k not in field_axis]
     if unknown:
