@@ -115,7 +115,7 @@ def compare(a: Path, b: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref", required=True, help="The commit to compare with (e.g. the last one before a redesign).")
-    parser.add_argument("--only", help="Run only cases whose name contains this text.")
+    parser.add_argument("--only", help="Run only cases whose name contains one of these comma-separated texts.")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "check_identical.json"))
     args = parser.parse_args()
     if not TEACHER.is_dir():
@@ -126,7 +126,7 @@ def main() -> None:
     rows = []
     try:
         for name, case in CASES.items():
-            if args.only and args.only not in name:
+            if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             outputs = [run_case(src, name, case, tmp / label) for src, label in ((ref_tree, "a"), (ROOT, "b"))]
             problems = compare(*outputs)

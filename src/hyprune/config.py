@@ -186,10 +186,22 @@ def parse_ints(flag: str):
     return parse
 
 
+def space_from_text(text: str) -> dict[str, str]:
+    """``"hidden_size=96:192:24,mamba_num_heads=8"`` -> ``{"hidden_size": "96:192:24", "mamba_num_heads": "8"}``."""
+    entries = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise HypruneError(f"--space entry '{item}' is not FIELD=MIN:MAX[:STEP]. "
+                               "Example: --space hidden_size=96:192:24,intermediate_size=384:768")
+        key, value = item.split("=", 1)
+        entries[key.strip()] = value.strip()
+    return entries
+
+
 def _parse_space(text: str) -> dict[str, int | tuple[int, ...]]:
     """``"hidden_size=96:192:24,mamba_num_heads=8"`` -> ``{"hidden_size": (96, 192, 24), "mamba_num_heads": 8}``."""
-    from hyprune.search.space import space_from_text
-
     entries: dict[str, int | tuple[int, ...]] = {}
     for key, value in space_from_text(text).items():
         try:

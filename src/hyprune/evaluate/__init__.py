@@ -8,9 +8,9 @@
 """
 
 from hyprune.evaluate.bench import bench, cache_bytes, format_bench_table, measured_cache_bytes
-from hyprune.evaluate.harness import eval_tasks, run_tasks
-from hyprune.evaluate.perplexity import eval_perplexity, perplexity, strided_windows
-from hyprune.evaluate.run import evaluate
+from hyprune.evaluate.harness import run_tasks
+from hyprune.evaluate.perplexity import perplexity, strided_windows
+from hyprune.evaluate.run import eval_perplexity, eval_tasks, evaluate
 
 __all__ = ["bench", "cache_bytes", "eval_perplexity", "eval_tasks", "evaluate", "format_bench_table",
            "measured_cache_bytes", "perplexity", "run_tasks", "strided_windows"]

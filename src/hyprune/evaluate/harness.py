@@ -143,13 +143,3 @@ def _number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None  # lm-eval writes "N/A" when a standard error cannot be computed
     return float(value)
-
-
-def eval_tasks(model_id: str | os.PathLike, tasks: str | Sequence[str], out: str | os.PathLike | None = None,
-               shots: int | None = None, limit: int | float | None = None, batch_size: int | str = 8,
-               task_paths=None, overwrite: bool = False, **load_kwargs) -> dict:
-    """lm-eval ``tasks`` on the checkpoint ``model_id`` (JSON at ``out`` if given); see `run_tasks`."""
-    from hyprune.evaluate.run import evaluate
-
-    return evaluate(model_id, tasks=tasks, out=out, shots=shots, limit=limit, batch_size=batch_size,
-                    task_paths=task_paths, overwrite=overwrite, **load_kwargs)

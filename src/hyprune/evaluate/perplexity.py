@@ -111,30 +111,3 @@ def perplexity_windows(tokenizer, data: str | os.PathLike, seq_len: int, num_win
             "Pass more text or a shorter --seq-len."
         )
     return pack_windows(ids, seq_len, num_windows)
-
-
-def eval_perplexity(
-    model_id: str | os.PathLike,
-    data: str | os.PathLike,
-    seq_len: int,
-    out: str | os.PathLike | None = None,
-    stride: int | None = None,
-    num_windows: int | None = None,
-    batch_size: int = 8,
-    text_field: str = "text",
-    split: str = "train",
-    overwrite: bool = False,
-    progress: bool = False,
-    **load_kwargs,
-) -> dict:
-    """Perplexity of the checkpoint ``model_id`` on ``data`` (JSON at ``out`` if given).
-
-    ``num_windows`` caps the text read to ``num_windows * seq_len`` tokens (default: all of it); a
-    ``stride`` re-cuts those same tokens into overlapping windows. Every input is checked before
-    the weights are read. Returns the `perplexity` dict plus ``model``, ``data`` and ``dtype``.
-    """
-    from hyprune.evaluate.run import evaluate
-
-    return evaluate(model_id, data=data, seq_len=seq_len, out=out, stride=stride, num_windows=num_windows,
-                    batch_size=batch_size, text_field=text_field, split=split, overwrite=overwrite,
-                    progress=progress, **load_kwargs)

@@ -8,6 +8,7 @@ the data. Only then are the weights read.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 from hyprune.config import EvalConfig, LoadConfig, resolve
 from hyprune.errors import HypruneError
 
@@ -96,3 +97,36 @@ def _measure(model, c: EvalConfig, load: LoadConfig, tokenizer, task_names, mana
         atomic_write_json(out, result)
         eval_report(out).write(*eval_report_paths(out))
     return result
+
+
+def eval_perplexity(
+    model_id: str | os.PathLike,
+    data: str | os.PathLike,
+    seq_len: int,
+    out: str | os.PathLike | None = None,
+    stride: int | None = None,
+    num_windows: int | None = None,
+    batch_size: int = 8,
+    text_field: str = "text",
+    split: str = "train",
+    overwrite: bool = False,
+    progress: bool = False,
+    **load_kwargs,
+) -> dict:
+    """Perplexity of the checkpoint ``model_id`` on ``data`` (JSON at ``out`` if given).
+
+    ``num_windows`` caps the text read to ``num_windows * seq_len`` tokens (default: all of it); a
+    ``stride`` re-cuts those same tokens into overlapping windows. Every input is checked before
+    the weights are read. Returns the `perplexity` dict plus ``model``, ``data`` and ``dtype``.
+    """
+    return evaluate(model_id, data=data, seq_len=seq_len, out=out, stride=stride, num_windows=num_windows,
+                    batch_size=batch_size, text_field=text_field, split=split, overwrite=overwrite,
+                    progress=progress, **load_kwargs)
+
+
+def eval_tasks(model_id: str | os.PathLike, tasks: str | Sequence[str], out: str | os.PathLike | None = None,
+               shots: int | None = None, limit: int | float | None = None, batch_size: int | str = 8,
+               task_paths=None, overwrite: bool = False, **load_kwargs) -> dict:
+    """lm-eval ``tasks`` on the checkpoint ``model_id`` (JSON at ``out`` if given); see `run_tasks`."""
+    return evaluate(model_id, tasks=tasks, out=out, shots=shots, limit=limit, batch_size=batch_size,
+                    task_paths=task_paths, overwrite=overwrite, **load_kwargs)

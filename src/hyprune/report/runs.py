@@ -16,10 +16,10 @@ from typing import Sequence
 from hyprune.errors import HypruneError
 from hyprune.report import plots
 from hyprune.report.document import Report, fmt, load_report
+from hyprune.report.search import CANDIDATES_FILE, search_report
 
 SUMMARY_FILE = "hyprune_summary.json"
 DISTILL_FILE = "hyprune_distill.json"
-CANDIDATES_FILE = "candidates.json"  # every candidate of a `hyprune search`
 
 
 def _read_json(path: Path) -> dict:
@@ -207,9 +207,7 @@ def eval_report(results_path: str | Path) -> Report:
 # ---------------------------------------------------------------------------------------------
 def search_folder_report(out_dir: str | Path) -> Report:
     """The report of a finished `hyprune search` folder, rebuilt from its summary (the ``data`` of its
-    report.json) and candidates.json (`hyprune.search.report.search_report`)."""
-    from hyprune.search.report import search_report
-
+    report.json) and candidates.json (`hyprune.report.search.search_report`)."""
     out = Path(out_dir)
     return search_report(load_report(out / "report.json")["data"], _read_json(out / CANDIDATES_FILE)["candidates"],
                          out)

@@ -28,6 +28,7 @@ from hyprune.config import DataConfig, LoadConfig, SearchConfig, resolve
 from hyprune.errors import HypruneError
 from hyprune.io import atomic_write_json, check_output
 from hyprune.search import latency as latency_lib
+from hyprune.search.report import spearman, write_outputs  # noqa: F401 (spearman re-exported)
 from hyprune.search.counting import check_countable, count_parameters
 from hyprune.search.space import (Candidate, add_memory, blocks_to_drop, drop_options, enumerate_shapes,
                                   make_budget, parse_drop, parse_space, sample, uniform_candidate, within_budget)
@@ -79,15 +80,6 @@ def zero_shot_score(model, windows: torch.Tensor, score: str, batch_size: int, t
     if score == "kl":
         return kl_to_teacher(model, teacher_logits, windows, batch_size)
     return perplexity(model, windows, batch_size=batch_size)["loss"]
-
-
-def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman rank correlation of two score lists (None for fewer than 3 pairs)."""
-    from scipy.stats import spearmanr
-
-    if len(a) < 3:
-        return None
-    return float(spearmanr(a, b).statistic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +295,6 @@ def _rank(run: _Search, candidates: list[Candidate], uniform, lat_model) -> dict
     from hyprune.apply import apply_plan
     from hyprune.models import load_model, load_tokenizer
     from hyprune.plan import make_plan
-    from hyprune.search.report import write_outputs
 
     c, d = run.config, run.calibration
     tokenizer = load_tokenizer(run.model, **run.load.source())

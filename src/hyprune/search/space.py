@@ -33,6 +33,7 @@ from hyprune.parts import kinds_with_axis
 from hyprune.depth import protected_kinds
 from hyprune.errors import HypruneError
 from hyprune.plan import EXPERT_ALIGNMENT, resolve_target
+from hyprune.config import space_from_text
 from hyprune.search.counting import active_parameters, count_parameters, memory_bytes, shaped_config
 
 SEARCHED_BY_DEFAULT = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "attention_heads", "mamba_expand",
@@ -127,20 +128,6 @@ def axis_space(family: Family, config, axis: str, spec: str | None, min_fraction
         raise HypruneError(f"--space {name}={spec} holds no multiple of {unit} (every group keeps the same "
                            f"number); nearest feasible: {nearest}.")
     return AxisSpace(axis, name, values)
-
-
-def space_from_text(text: str) -> dict[str, str]:
-    """``"hidden_size=96:192:24,mamba_num_heads=8"`` -> ``{"hidden_size": "96:192:24", "mamba_num_heads": "8"}``."""
-    entries = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise HypruneError(f"--space entry '{item}' is not FIELD=MIN:MAX[:STEP]. "
-                               "Example: --space hidden_size=96:192:24,intermediate_size=384:768")
-        key, value = item.split("=", 1)
-        entries[key.strip()] = value.strip()
-    return entries
 
 
 def parse_space(family: Family, config, space: str | dict | None, min_fraction: float = 0.5) -> list[AxisSpace]:
