@@ -55,3 +55,17 @@ def test_prune_summary_says_whether_stock_generate_works(tmp_path, tiny_tokenize
     actual = probe_generate(loaded)  # what a user calling generate() gets, measured independently
     assert summary["generate"] == {"transformers": transformers.__version__, "stock_generate_error": actual}
     assert ("stock generate() fails" in result.output) == (actual is not None)
+
+
+def test_attention_free_prefill_fails_at_most_once_per_model():
+    """After the first prefill learns the default cache cannot work, later ones (timed in bench) run one forward."""
+    model = build_model(make_nemotron_config(layers_block_type=ATTENTION_FREE))
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    ids = torch.randint(1, 200, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = CachedDecoding(model).prefill(ids)
+        before = len(calls)
+        second = CachedDecoding(model).prefill(ids)
+    assert len(calls) - before == 1
+    assert torch.equal(first, second)

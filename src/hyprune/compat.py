@@ -11,6 +11,7 @@ instead of the version keeps this correct for releases in between and after.
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
@@ -61,12 +62,17 @@ def _own_cache(model, decoding: "CachedDecoding"):
     return cache
 
 
+# models whose default cache raised ONLY_LINEAR_LAYERS once: later prefills build `_own_cache` at
+# once, so a timed prefill (hyprune bench) never includes a failed forward
+_NEEDS_OWN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class CachedDecoding:
     """Prefill then greedy steps with the model's own cache, under whichever argument name it takes.
 
-    ``position_ids`` are passed explicitly where the forward takes them: without them the model asks
-    the cache for its length, and a cache with no attention layer (an attention-free NemotronH, e.g.
-    after depth pruning) raises ``get_seq_length can only be called on Attention layers`` in 5.x.
+    ``position_ids`` are passed explicitly where the forward takes them, so positions never depend on
+    asking the cache; a model whose default cache cannot say its length (an attention-free NemotronH,
+    e.g. after depth pruning) gets `_own_cache` instead.
     """
 
     def __init__(self, model):
@@ -83,11 +89,14 @@ class CachedDecoding:
         kwargs = dict(self.extra)
         if self.takes_positions:  # [batch, context]
             kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        try:
-            out = self.model(input_ids=ids, use_cache=True, **kwargs)
-        except ValueError as e:
-            if ONLY_LINEAR_LAYERS not in str(e):
-                raise
+        if self.model not in _NEEDS_OWN_CACHE:
+            try:
+                out = self.model(input_ids=ids, use_cache=True, **kwargs)
+            except ValueError as e:
+                if ONLY_LINEAR_LAYERS not in str(e):
+                    raise
+                _NEEDS_OWN_CACHE[self.model] = True
+        if self.model in _NEEDS_OWN_CACHE:
             kwargs[self.cache_arg] = _own_cache(self.model, self)
             out = self.model(input_ids=ids, use_cache=True, **kwargs)
         self.length = ids.shape[1]
