@@ -14,14 +14,15 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from hyprune import depth
 from hyprune.apply import apply_plan
 from hyprune.checkpoint import save_pruned
 from hyprune.compat import probe_generate
 from hyprune.config import DataConfig, LoadConfig, PruneConfig, resolve
 from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
-from hyprune.io import atomic_dir, check_output
 from hyprune.importance import activation_scores, load_scores, save_scores, summarize_scores
+from hyprune.io import atomic_dir, check_output
 from hyprune.methods import Method, get_method
 from hyprune.models import count_parameters, load_config, load_model, load_tokenizer, savable
 from hyprune.plan import Plan, load_plan_for, make_plan, parse_target, resolve_target, summarize
@@ -115,8 +116,6 @@ def prune(model: str, out: str, config: PruneConfig | None = None, *, calibratio
 
 def _check_plan_request(job: _PruneJob) -> None:
     """The combinations `prune` refuses, and the target and depth request checked against the config."""
-    from hyprune import depth
-
     p, family, config = job.prune, job.family, job.config
     if p.method == "group-blind" and not p.target:
         raise HypruneError("--method group-blind ranks Mamba heads for a width --target; pass one.")
@@ -135,8 +134,6 @@ def _check_plan_request(job: _PruneJob) -> None:
 
 def _prune_with_plan(job: _PruneJob) -> dict:
     """`prune` by a plan: loaded (``plan_file``) or made from width scores and/or depth scores."""
-    from hyprune import depth
-
     _check_plan_request(job)
     p, family = job.prune, job.family
     target = parse_target(p.target)

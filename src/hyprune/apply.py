@@ -23,10 +23,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from hyprune.arch import family_for_config
 from hyprune.arch.family import Family, attention_head_dim
 from hyprune.errors import HypruneError
 from hyprune.parts import PARTS, names_of
-from hyprune.parts.base import Index, idx as _idx
+from hyprune.parts.base import Index
+from hyprune.parts.base import idx as _idx
 from hyprune.plan import LayerPlan, Plan, validate_plan
 
 
@@ -122,8 +124,6 @@ def apply_plan(model, plan: Plan, family: Family | None = None):
 
     The new model has the same class, dtype and devices as the tensors it was cut from.
     """
-    from hyprune.arch import family_for_config
-
     family = family or family_for_config(model.config)
     validate_plan(plan, family, model.config)
     new_config = pruned_config(family, model.config, plan)

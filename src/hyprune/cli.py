@@ -18,15 +18,39 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+from transformers.utils import logging as hf_logging
 
-from pydantic import BaseModel
-
-from hyprune.config import (BenchConfig, CacheConfig, DataConfig, EvalConfig, LoadConfig, PruneConfig, SearchConfig,
-                            TrainData, build, cli_meta, flag_of)
+from hyprune import api, report
+from hyprune import depth as depth_lib
+from hyprune import recipe as recipes
+from hyprune.config import (
+    BenchConfig,
+    CacheConfig,
+    DataConfig,
+    EvalConfig,
+    LoadConfig,
+    PruneConfig,
+    SearchConfig,
+    TrainData,
+    build,
+    cli_meta,
+    flag_of,
+)
+from hyprune.demo import run_demo
+from hyprune.distill import cache_teacher as run_cache
+from hyprune.distill import run_distill, run_finetune
 from hyprune.distill.train import DistillConfig
 from hyprune.errors import HypruneError
+from hyprune.evaluate import bench as run_bench
+from hyprune.evaluate import evaluate, format_bench_table
+from hyprune.io import check_output, check_writable
+from hyprune.plan import parse_target
+from hyprune.report import eval_report_paths
+from hyprune.search import search as run_search
+from hyprune.threads import set_threads
 
 app = typer.Typer(help="Compress hybrid Mamba-2 / attention language models (Minitron-SSM).", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -38,8 +62,6 @@ out_console = Console()
 def _setup(threads: Optional[int] = typer.Option(
         None, "--threads", help="CPU threads for torch (default: the free cores, one on a busy machine).")):
     """Compress hybrid Mamba-2 / attention language models (Minitron-SSM)."""
-    from hyprune.threads import set_threads
-
     console.print(_run(set_threads, threads), highlight=False, soft_wrap=True)
 
 
@@ -160,8 +182,6 @@ def cli_fields(command) -> dict[type, list[str]]:
 @contextmanager
 def _hf_progress(enabled: bool):
     """--quiet also silences transformers' own progress bars (loading and writing weights)."""
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     if not enabled:
         hf_logging.disable_progress_bar()
@@ -182,8 +202,6 @@ def score(
     window: int = typer.Option(1, "--window", help="With --depth angular: blocks per scored window."),
 ):
     """Score every prunable structure from activations (one forward sweep), or whole blocks (--depth)."""
-    from hyprune import api, depth as depth_lib
-
     if calibration.data is None:
         _run(_fail, "score needs calibration text: pass --data FILE.")
     with _hf_progress(not quiet):
@@ -208,9 +226,6 @@ def plan(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing PLAN.json."),
 ):
     """Write a pruning plan from saved scores and a target architecture."""
-    from hyprune import api
-    from hyprune.plan import parse_target
-
     result = _run(api.write_plan, model, scores, _run(parse_target, target), out, trust_remote_code=trust_remote_code,
                   gguf_file=gguf_file, overwrite=overwrite)
     sizes = result.result_sizes()
@@ -224,8 +239,6 @@ def prune(
     overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Score, plan and apply in one go (or apply --plan) and save an ordinary HF checkpoint."""
-    from hyprune import api
-
     with _hf_progress(not quiet):
         summary = _run(api.prune, load.model, out, config, calibration=calibration, load=load, overwrite=overwrite,
                        progress=not quiet)
@@ -276,8 +289,6 @@ def inspect(
     trust_remote_code: bool = TrustRemote, gguf_file: Optional[str] = GgufFile,
 ):
     """Family, layer pattern, prunable sizes and parameters per component (no weights are read)."""
-    from hyprune import api
-
     info = _run(api.inspect_model, model, scores, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     if as_json:
         out_console.print_json(json.dumps(info))
@@ -345,8 +356,6 @@ def distill(
     resume_changed: bool = ResumeChanged, overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Distill a (pruned) student from its teacher with logit KD (forward KL by default)."""
-    from hyprune.distill import run_distill
-
     if teacher is None and not (text.data and Path(text.data).is_dir()):
         _run(_fail, "distill needs --teacher (or --data pointing at a top-k cache from `hyprune cache-teacher`).")
     with _hf_progress(not quiet):
@@ -367,8 +376,6 @@ def finetune(
     resume_changed: bool = ResumeChanged, overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Teacher correction: fine-tune a model with the plain LM loss on the distillation data."""
-    from hyprune.distill import run_finetune
-
     with _hf_progress(not quiet):
         summary = _run(run_finetune, model, text.data, out=out, resume=resume or resume_changed,
                        allow_changed=resume_changed, eval_data=text.eval_data, text_field=text.text_field,
@@ -384,8 +391,6 @@ def cache_teacher(
     overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Precompute the teacher's top-k log-probabilities, to distill without the teacher in memory."""
-    from hyprune.distill import cache_teacher as run_cache
-
     with _hf_progress(not quiet):
         path = _run(run_cache, load.model, config, out=out, load=load, overwrite=overwrite, progress=not quiet)
     out_console.print(f"teacher top-{config.k} cache written to {path}")
@@ -399,9 +404,6 @@ def eval_command(
     overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Perplexity on local text and/or lm-evaluation-harness tasks, as JSON (and a report next to it)."""
-    from hyprune.evaluate import evaluate
-    from hyprune.report import eval_report_paths
-
     with _hf_progress(not quiet):
         result = _run(evaluate, load.model, config, out=out, load=load, overwrite=overwrite, progress=not quiet)
     if result.get("perplexity") is not None:
@@ -423,8 +425,6 @@ def bench(
     overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Prefill and decode speed, latency, peak memory and cache bytes; two models side by side."""
-    from hyprune.evaluate import bench as run_bench, format_bench_table
-
     if len(models) > 2:
         _run(_fail, f"bench compares at most two models; got {len(models)}.")
     with _hf_progress(not quiet):
@@ -442,8 +442,6 @@ def run_command(
     quiet: bool = Quiet,
 ):
     """Run a recipe: prune -> distill -> eval -> report, resumable at stage boundaries."""
-    from hyprune import recipe as recipes
-
     parsed = _run(recipes.load_recipe, recipe)
     if check:
         _run(recipes.check_inputs, parsed)
@@ -464,9 +462,6 @@ def report_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ):
     """(Re)write the report of each run, or compare several runs' reports (--out DIR)."""
-    from hyprune import report
-    from hyprune.io import check_output, check_writable
-
     if out is None:
         for path in paths:  # a run's report goes into its own folder (next to an eval RESULTS.json)
             folder = Path(path).expanduser()
@@ -494,8 +489,6 @@ def demo(
     quiet: bool = Quiet,
 ):
     """Offline end-to-end demo: train a small NemotronH on the stdlib source, prune it to ~50%, distill, evaluate."""
-    from hyprune.demo import run_demo
-
     with _hf_progress(not quiet):
         _run(run_demo, out, train_tokens=train_tokens, overwrite=overwrite, distill_tokens=distill_tokens,
              progress=not quiet)
@@ -511,8 +504,6 @@ def search(
     resume_changed: bool = ResumeChanged, overwrite: bool = Overwrite, quiet: bool = Quiet,
 ):
     """Search the best pruned architecture under a budget; the winner's plan goes to --out/plan.json."""
-    from hyprune.search import search as run_search
-
     if calibration.data is None:
         _run(_fail, "search needs calibration text: pass --data FILE.")
     with _hf_progress(not quiet):

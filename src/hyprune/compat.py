@@ -14,6 +14,7 @@ import inspect
 import weakref
 
 import torch
+from transformers import DynamicCache
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")  # newest name first
 # What transformers' DynamicCache (5.17 to 5.24 at least) says when it holds no attention layer (attention-free NemotronH).
@@ -41,8 +42,6 @@ def _own_cache(model, decoding: "CachedDecoding"):
     of Mamba layers only (``ONLY_LINEAR_LAYERS``), so stock decoding of an attention-free NemotronH
     fails. The decode loop knows the length; the cache is told it.
     """
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     seq_length, mask_sizes = cache.get_seq_length, cache.get_mask_sizes
 

@@ -24,7 +24,10 @@ from typing import Annotated, Any, Callable, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from hyprune.depth import parse_block_list
 from hyprune.errors import HypruneError, validation_message
+from hyprune.methods import MethodOptions, parse_nm
+from hyprune.plan import parse_target
 
 
 @dataclass(frozen=True)
@@ -159,20 +162,14 @@ class TrainData(WorkflowConfig):
 # CLI parsers of the fields whose command-line form is text
 # ---------------------------------------------------------------------------------------------
 def _parse_target(text: str) -> dict[str, int]:
-    from hyprune.plan import parse_target
-
     return parse_target(text)
 
 
 def _parse_nm(text: str):
-    from hyprune.methods import parse_nm
-
     return parse_nm(text)
 
 
 def _parse_block_list(text: str) -> list[int]:
-    from hyprune.depth import parse_block_list
-
     return parse_block_list(text)
 
 
@@ -251,8 +248,6 @@ class PruneConfig(WorkflowConfig):
     ratio: float | None = Field(None, description="Structured SSM methods: fraction removed.")
 
     def method_options(self, seed: int = 0):
-        from hyprune.methods import MethodOptions
-
         return MethodOptions(sparsity=self.sparsity, nm=self.nm, targets=self.targets, ratio=self.ratio, seed=seed)
 
 

@@ -93,7 +93,7 @@ def read_documents(
     if kind in (".jsonl", ".json"):
         yield from _jsonl_documents(path, text_field)
     elif kind == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional (hyprune[data]); only parquet input needs it
 
         table = pq.read_table(path)
         if text_field not in table.column_names:
@@ -141,7 +141,7 @@ def _first_error(data: bytes) -> UnicodeDecodeError | None:
 
 def _dataset_documents(name: str, text_field: str, split: str) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # optional (hyprune[data]) and slow to import; only hub datasets need it
     except ImportError:
         raise HypruneError(f"'{name}' is not a local file; loading a dataset needs `pip install datasets`.") from None
     try:

@@ -34,9 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, NemotronHConfig, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
-from hyprune.io import atomic_dir, check_output
+from hyprune.distill import finetune, make_config
 from hyprune.errors import HypruneError
+from hyprune.io import atomic_dir, check_output
 from hyprune.recipe import Recipe, model_rows, parse_recipe, run_recipe
 
 EOS = "<|endoftext|>"
@@ -135,9 +141,6 @@ def _read_docs(path: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 def train_tokenizer(docs: list[str], vocab_size: int):
     """Byte-level BPE with ``<|endoftext|>`` as id 0 (EOS, BOS, PAD and UNK)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -150,8 +153,6 @@ def train_tokenizer(docs: list[str], vocab_size: int):
 
 
 def teacher_config(vocab_size: int, seq_len: int):
-    from transformers import NemotronHConfig
-
     return NemotronHConfig(
         vocab_size=vocab_size,
         layers_block_type=list(PATTERN),
@@ -185,8 +186,6 @@ def teacher_training_config(tokens: int, seq_len: int, batch_size: int, seed: in
     (the old loop left it out), and it samples whole consecutive windows of the stream in a seeded
     epoch order (`distill.batches`) instead of windows at random offsets.
     """
-    from hyprune.distill import make_config
-
     steps = max(1, math.ceil(tokens / (batch_size * seq_len)))
     return make_config(tokens=tokens, seq_len=seq_len, batch=batch_size, lr=PEAK_LR, min_lr=PEAK_LR * 0.1,
                        warmup_steps=max(1, round(0.05 * steps)), weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
@@ -201,8 +200,6 @@ def train_teacher(model, stream: torch.Tensor, tokens: int, seq_len: int, batch_
     holds the steps, tokens and the mean training loss of the last steps, all machine-independent,
     and the seconds it took.
     """
-    from hyprune.distill import finetune
-
     if len(stream) <= seq_len + 1:
         raise HypruneError(f"The demo training text holds only {len(stream)} tokens; it needs more than {seq_len}.")
     cfg = teacher_training_config(tokens, seq_len, batch_size, seed, progress)
@@ -221,8 +218,6 @@ def _teacher_ready(path: Path) -> bool:
 @contextmanager
 def _quiet_transformers():
     """Hide transformers' loading bars and its notes on missing CUDA kernels (the PyTorch path is intended)."""
-    from transformers.utils import logging as hf_logging
-
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -278,8 +273,6 @@ def run_demo(out: str, train_tokens: int = TRAIN_TOKENS, overwrite: bool = False
     Everything but the timings (and the decode column, a speed) is the same on every run with the same
     arguments: the teacher trains for ``train_tokens`` tokens, not for a length of time.
     """
-    from rich.console import Console
-
     size = DemoSizes(**sizes)
     if train_tokens < 1:
         raise HypruneError(f"--train-tokens must be positive, got {train_tokens}.")
@@ -333,8 +326,6 @@ def _teacher(out: Path, train_tokens: int, size: DemoSizes, progress: bool, cons
             console.print(f"teacher: it was trained on {training['tokens']:,} tokens, not the {train_tokens:,} "
                           "asked for now; --overwrite trains a new one")
         return {"path": str(teacher_dir), "reused": True, "training": training}
-    from transformers import AutoModelForCausalLM
-
     train_docs = _read_docs(out / "data" / "train.txt")
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(train_docs, size.vocab_size)
@@ -400,8 +391,6 @@ def demo_recipe(out: str | Path = "hyprune-demo", *, seq_len: int = 128, calib_w
 
 
 def _print_summary(console, recipe: Recipe, results: dict) -> None:
-    from rich.table import Table
-
     rows, sizes = results["models"], results["sizes"]
     table = Table(title="hyprune demo: NemotronH on the stdlib source, pruned to ~50%, distilled")
     for name, justify in (("model", "left"), ("parameters", "right"), ("kept", "right"),

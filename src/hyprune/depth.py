@@ -48,10 +48,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hyprune.arch import family_for_config
 from hyprune.arch.family import Family
+from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
-from hyprune.io import atomic_write_json
+from hyprune.io import atomic_dir, atomic_write_json, check_output
+from hyprune.models import load_config, load_model, load_tokenizer
 from hyprune.plan import Plan, identity_plan, validate_plan
+from hyprune.report.plots import block_scores_plot
 
 METHODS = ("block_influence", "angular", "kl", "lm_loss")
 SWEEP_METHODS = ("block_influence", "angular")  # one hooked forward sweep
@@ -60,7 +64,6 @@ MODES = ("lowest", "contiguous")
 BLOCK_SCORES_FORMAT = "hyprune-block-scores/1"
 BLOCK_SCORES_FILE = "block_scores.json"
 BLOCK_PLOT_FILE = "block_scores.png"
-KIND_COLORS = {"mamba": "#4C72B0", "attention": "#DD8452", "mlp": "#55A868", "moe": "#C44E52", "transformer": "#8172B3"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,8 +334,6 @@ def block_importance_all(model, windows: torch.Tensor, methods: Iterable[str] = 
                          family: Family | None = None, window: int = 1, batch_size: int = 8,
                          progress: bool = True) -> dict[str, BlockScores]:
     """Several methods at once, sharing sweeps: ``{method: BlockScores}`` for the methods asked for."""
-    from hyprune.arch import family_for_config
-
     methods = list(dict.fromkeys(methods))
     for m in methods:
         _check_method(m)
@@ -545,44 +546,6 @@ def format_block_table(result: BlockScores) -> str:
     return "\n".join(lines)
 
 
-def plot_block_scores(result: BlockScores, path: str | Path) -> Path | None:
-    """A per-block bar plot (colour = block kind) as PNG; None, with a warning, without matplotlib.
-
-    Uses the Agg canvas directly (no pyplot), so it neither needs a display nor changes the backend
-    of a running notebook.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
-    except ImportError:
-        warnings.warn("matplotlib is not installed: block_scores.png was not written "
-                      "(pip install matplotlib to get the plot).", stacklevel=2)
-        return None
-    path = Path(path)
-    count = len(result.scores)
-    fig = Figure(figsize=(max(6.0, 0.28 * count + 2), 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    kinds = [result.kinds[j] if result.window == 1 else "window" for j in range(count)]
-    colors = [KIND_COLORS.get(k, "#8C8C8C") for k in kinds]
-    ax.bar(range(count), result.scores, color=colors)
-    ax.set_xlabel(f"blocks (windows of {result.window})" if result.window > 1 else "block index")
-    ax.set_ylabel(f"{result.method} (higher = more important)", fontsize=8)
-    span = f", windows of {result.window} blocks" if result.window > 1 else ""
-    ax.set_title(f"{result.family + ': ' if result.family else ''}{result.method}{span}", fontsize=9)
-    ax.axhline(0, color="black", linewidth=0.6)
-    if count <= 64:
-        labels = [str(j) if result.window == 1 else f"{j}-{j + result.window - 1}" for j in range(count)]
-        ax.set_xticks(range(count), labels, rotation=90 if result.window > 1 and count > 16 else 0)
-        ax.tick_params(axis="x", labelsize=7)
-    if result.window == 1:
-        present = [k for k in KIND_COLORS if k in kinds]
-        ax.legend(handles=[Patch(color=KIND_COLORS[k], label=k) for k in present], fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def save_block_scores(result: BlockScores, out_dir: str | Path) -> dict[str, Path]:
     """Write ``block_scores.json`` (the ranking table) and ``block_scores.png`` into ``out_dir``.
 
@@ -593,9 +556,11 @@ def save_block_scores(result: BlockScores, out_dir: str | Path) -> dict[str, Pat
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / BLOCK_SCORES_FILE}
     atomic_write_json(written["json"], result.to_json())
-    plot = plot_block_scores(result, out / BLOCK_PLOT_FILE)
-    if plot is not None:
-        written["plot"] = plot
+    try:
+        written["plot"] = block_scores_plot(result, out / BLOCK_PLOT_FILE)
+    except ImportError:  # a broken or stripped matplotlib must not lose the scores
+        warnings.warn("matplotlib is not installed: block_scores.png was not written "
+                      "(pip install matplotlib to get the plot).", stacklevel=2)
     return written
 
 
@@ -696,8 +661,6 @@ def depth_plan(
 
     Scores are computed on the unpruned source model. Returns ``(plan, block_scores)``.
     """
-    from hyprune.arch import family_for_config
-
     family = family_for_config(model.config)
     keep = protected_kinds(family, model.config) if keep_kinds is None else tuple(keep_kinds)
     check_depth_request(family, model.config, drop_blocks, method, mode, keep)
@@ -747,10 +710,6 @@ def score_depth(
     renamed into place). ``load_kwargs`` go to `hyprune.models.load_model` (dtype, device, device_map,
     allow_pickle, trust_remote_code, ...). Everything cheap is checked before the weights are read.
     """
-    from hyprune.io import atomic_dir, check_output
-    from hyprune.data import calibration_windows, check_source
-    from hyprune.models import load_config, load_model, load_tokenizer
-
     _check_method(method)
     if window != 1 and method != "angular":
         raise HypruneError(f"--window applies to the angular method only, not '{method}'.")
@@ -778,6 +737,6 @@ def score_depth(
 __all__ = [
     "BLOCK_PLOT_FILE", "BLOCK_SCORES_FILE", "METHODS", "MODES", "BlockScores", "block_importance",
     "block_importance_all", "check_depth_request", "choose_blocks_to_drop", "depth_plan", "drop_blocks_from_list", "parse_block_list",
-    "format_block_table", "load_block_scores", "plot_block_scores", "protected_kinds", "removal_sweep",
+    "format_block_table", "load_block_scores", "protected_kinds", "removal_sweep",
     "removed_block", "save_block_scores", "score_depth", "stream_sweep", "with_dropped_blocks",
 ]

@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hyprune.arch import registered
 from hyprune.arch.family import LETTERS, MAMBA, Family
 from hyprune.errors import HypruneError, validation_message
-from hyprune.parts import PARTS, Context
-from hyprune.parts import mamba2
-from hyprune.parts.base import check_indices as _check_indices, top_k, top_k_within_groups  # noqa: F401 (re-exported)
+from hyprune.io import atomic_write_text
+from hyprune.parts import PARTS, Context, mamba2
+from hyprune.parts.base import check_indices as _check_indices  # noqa: F401 (re-exported)
+from hyprune.parts.base import top_k, top_k_within_groups
 from hyprune.parts.moe import EXPERT_ALIGNMENT, check_expert_alignment, check_router  # noqa: F401 (re-exported)
 
 PLAN_FORMAT = "hyprune-plan/1"
@@ -93,8 +94,6 @@ class Plan(BaseModel):
 
     # ---- io ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        from hyprune.io import atomic_write_text
-
         atomic_write_text(path, self.model_dump_json(indent=1, exclude_none=True) + "\n")
 
     @classmethod

@@ -30,14 +30,22 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from rich.console import Console
 
+from hyprune import api
 from hyprune.config import BenchConfig, DataConfig, EvalConfig, LoadConfig, PruneConfig, TrainData
+from hyprune.data import check_source
+from hyprune.distill import run_distill
+from hyprune.distill.checkpoints import check_checkpoint, list_checkpoints
 from hyprune.distill.train import DistillConfig
 from hyprune.errors import HypruneError, validation_message
-from hyprune.report import Report, checkpoint_parameters
-from hyprune.report import plots
+from hyprune.evaluate import bench, evaluate
 from hyprune.io import atomic_write_json, check_output
+from hyprune.models import load_config
+from hyprune.plan import resolve_target
+from hyprune.report import Report, checkpoint_parameters, plots
 
 RUN_FILE = "hyprune_run.json"
 RUN_FORMAT = "hyprune-run/1"
@@ -166,8 +174,6 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (YAML or JSON). Does not look at the files it names."""
-    import yaml
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise HypruneError(f"No recipe at {path}.")
@@ -180,10 +186,6 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def check_inputs(recipe: Recipe) -> None:
     """Check the model (its config loads, the target fits it) and every data file the recipe names."""
-    from hyprune.data import check_source
-    from hyprune.models import load_config
-    from hyprune.plan import resolve_target
-
     def checked(key: str, call, *args):
         try:
             return call(*args)
@@ -348,8 +350,6 @@ def _reconcile(record: RunRecord, recipe: Recipe, prints: dict[str, str], restar
 def run_recipe(recipe: Recipe | str | Path, restart: bool = False, progress: bool = True,
                console=None) -> "RunRecord":
     """Run (or continue) a recipe; returns the run record (also in ``output/hyprune_run.json``)."""
-    from rich.console import Console
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     console = console or Console(stderr=True)
@@ -387,8 +387,6 @@ def _student(out: Path, recipe: Recipe) -> Path:
 
 
 def _prune(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
-    from hyprune import api
-
     p = recipe.prune
     return api.prune(recipe.model, str(out / "pruned"), PruneConfig(**p.model_dump(include=set(PruneConfig.model_fields))),
                      calibration=DataConfig(**p.model_dump(include=set(DataConfig.model_fields))),
@@ -396,15 +394,11 @@ def _prune(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resumin
 
 
 def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
-    from hyprune.distill import run_distill
-
     d = recipe.distill
     settings = d.model_dump(exclude={"data", "eval_data", "text_field", "split", "tokens", "seq_len", "batch",
                                      "progress"})
     if d.hidden_loss and d.plan is None and d.block_map is None:
         settings["plan"] = str(out / "pruned" / "plan.json")
-    from hyprune.distill.checkpoints import check_checkpoint, list_checkpoints
-
     # resume only onto a complete checkpoint: `distill --resume` refuses a folder without one
     resume = resuming and any(check_checkpoint(p, deep=False) is None
                               for _, p in list_checkpoints(out / "distill" / "checkpoints"))
@@ -415,8 +409,6 @@ def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resum
 
 
 def _eval(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
-    from hyprune.evaluate import bench, evaluate
-
     e = recipe.eval
     paths = {"teacher": recipe.model, "pruned": str(out / "pruned"), "distilled": str(out / "distill" / "final")}
     results = {}

@@ -27,6 +27,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hyprune.errors import HypruneError
 
 HEAD_BYTES = 1 << 20  # bytes of a data file hashed for its fingerprint
@@ -95,8 +97,6 @@ def file_fingerprint(source: str | Path | None) -> dict | None:
 
 def tensor_fingerprint(tensor) -> str:
     """Shape, dtype and sha256 of a tensor's bytes (the token windows a run trains on)."""
-    import torch
-
     t = tensor.detach().cpu().contiguous()
     h = hashlib.sha256(f"{tuple(t.shape)} {t.dtype}".encode())
     h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")

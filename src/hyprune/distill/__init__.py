@@ -16,13 +16,37 @@ from pathlib import Path
 
 import torch
 
-from hyprune.distill.cache import TopKCache, cache_teacher_topk
-from hyprune.distill.losses import (block_map_from_plan, forward_kl, generalized_jsd, hidden_state_loss, logit_loss,
-                                    reverse_kl, teacher_channels_from_plan, topk_forward_kl, topk_loss)
-from hyprune.distill.train import DistillConfig, check_vocab, distill, finetune, make_config
 from hyprune.config import CacheConfig, LoadConfig, TrainData, resolve
+from hyprune.data import check_source, heldout_windows, pack_windows, read_documents, token_stream
+from hyprune.distill.cache import TopKCache, cache_teacher_topk
+from hyprune.distill.checkpoints import list_checkpoints
+from hyprune.distill.distributed import setup
+from hyprune.distill.losses import (
+    block_map_from_plan,
+    forward_kl,
+    generalized_jsd,
+    hidden_state_loss,
+    logit_loss,
+    reverse_kl,
+    teacher_channels_from_plan,
+    topk_forward_kl,
+    topk_loss,
+)
+from hyprune.distill.train import (
+    CHECKPOINTS,
+    FINAL,
+    LOG_FILE,
+    DistillConfig,
+    check_vocab,
+    distill,
+    finetune,
+    make_config,
+)
 from hyprune.errors import HypruneError
 from hyprune.io import check_output
+from hyprune.models import load_config, load_model, load_tokenizer
+from hyprune.report import write_run_report
+from hyprune.resume import file_fingerprint, model_fingerprint
 
 __all__ = ["DistillConfig", "TopKCache", "block_map_from_plan", "cache_teacher", "cache_teacher_topk",
            "check_vocab", "distill", "finetune", "forward_kl", "generalized_jsd", "run_distill", "run_finetune",
@@ -31,9 +55,6 @@ __all__ = ["DistillConfig", "TopKCache", "block_map_from_plan", "cache_teacher",
 
 
 def _check_out(out: Path, inputs: tuple, resume: bool, overwrite: bool) -> None:
-    from hyprune.distill.checkpoints import list_checkpoints
-    from hyprune.distill.train import CHECKPOINTS, FINAL, LOG_FILE
-
     for src in inputs:
         if src and Path(src).exists() and Path(src).resolve() == out.resolve():
             raise HypruneError(f"The output folder {out} is an input model; pick another --out.")
@@ -46,8 +67,6 @@ def _check_out(out: Path, inputs: tuple, resume: bool, overwrite: bool) -> None:
 
 
 def _windows(tokenizer, data: str, seq_len: int, max_tokens: int | None, text_field: str, split: str) -> torch.Tensor:
-    from hyprune.data import pack_windows, read_documents, token_stream
-
     docs = read_documents(data, text_field, split, separator=tokenizer.eos_token)
     ids = token_stream(tokenizer, docs, max_tokens=max_tokens)
     windows = pack_windows(ids, seq_len)
@@ -62,8 +81,6 @@ def _train_and_eval_windows(tokenizer, data, cfg: DistillConfig, eval_data, held
     Without ``eval_data`` the held-out windows are the last ``min(eval_windows, max(1, n // 10))``
     windows of ``data``, which are then left out of training.
     """
-    from hyprune.data import heldout_windows
-
     want_eval = heldout and eval_data is None
     budget = cfg.tokens + (cfg.eval_windows * cfg.seq_len if want_eval else 0)
     windows = _windows(tokenizer, data, cfg.seq_len, budget, text_field, split)
@@ -82,8 +99,6 @@ def _train_and_eval_windows(tokenizer, data, cfg: DistillConfig, eval_data, held
 
 
 def _load(model_id: str, dtype, device, allow_pickle, trust_remote_code):
-    from hyprune.models import load_model
-
     if device is None and torch.cuda.is_available():
         # under torchrun every process loads onto its own GPU, not all onto cuda:0
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -145,9 +160,6 @@ def run_distill(teacher: str | None, student: str, data: str, tokens: int, seq_l
 
 def _check_inputs(teacher, student, text: TrainData, cfg: DistillConfig, load: LoadConfig, from_cache: bool):
     """Configs, vocabularies and data files, before any weights: (student tokenizer, teacher tokenizer or None)."""
-    from hyprune.data import check_source
-    from hyprune.models import load_config, load_tokenizer
-
     s_config, _ = load_config(student, load.trust_remote_code)
     tokenizer = load_tokenizer(student, load.trust_remote_code)
     if from_cache:
@@ -172,8 +184,6 @@ def _check_inputs(teacher, student, text: TrainData, cfg: DistillConfig, load: L
 
 def _fingerprints(teacher, student, text: TrainData, cfg: DistillConfig, load: LoadConfig) -> dict:
     """The inputs a resumed run must share with the saved one (``teacher`` None when it is not used)."""
-    from hyprune.resume import file_fingerprint, model_fingerprint
-
     fingerprints = {"student": model_fingerprint(student), "data": file_fingerprint(text.data),
                     "text_field": text.text_field, "split": text.split, "dtype": load.dtype}
     if cfg.plan is not None:
@@ -185,16 +195,11 @@ def _fingerprints(teacher, student, text: TrainData, cfg: DistillConfig, load: L
 
 def _write_report(out: Path) -> None:
     """report.md / report.json / curves in the run folder, written once (by rank 0 under torchrun)."""
-    from hyprune.distill.distributed import setup
-    from hyprune.report import write_run_report
-
     if setup().is_main:
         write_run_report(out)
 
 
 def _heldout(tokenizer, eval_data, cfg, text_field, split):
-    from hyprune.data import heldout_windows
-
     return heldout_windows(tokenizer, eval_data, cfg.seq_len, cfg.eval_windows, text_field=text_field, split=split)
 
 
@@ -212,9 +217,6 @@ def cache_teacher(teacher: str, config: CacheConfig | None = None, *, out: str, 
     ``fields`` are `CacheConfig` fields (data, seq_len, k, tokens, batch_size, ...) and `LoadConfig`
     fields (dtype, device, allow_pickle, trust_remote_code), or pass the configs.
     """
-    from hyprune.data import check_source
-    from hyprune.models import load_config, load_tokenizer
-
     c, load = resolve("cache-teacher", {**fields, "model": teacher}, (CacheConfig, config), (LoadConfig, load))
     load_config(teacher, load.trust_remote_code)
     check_source(c.data)

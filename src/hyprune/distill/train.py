@@ -22,10 +22,12 @@ the checkpoint; the data order needs nothing, because it is a function of the st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -38,17 +40,34 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from hyprune.io import atomic_dir
 from hyprune.distill import checkpoints as ckpt
 from hyprune.distill import distributed as dist_utils
 from hyprune.distill.batches import as_windows, batch_indices, micro_batches, rank_slice
 from hyprune.distill.cache import TopKCache
-from hyprune.distill.losses import (block_list, block_map_from_plan, capture_block_outputs, combine_with_hidden,
-                                    hidden_state_loss, logit_loss, next_token_ce, topk_loss)
+from hyprune.distill.losses import (
+    block_list,
+    block_map_from_plan,
+    capture_block_outputs,
+    combine_with_hidden,
+    hidden_state_loss,
+    logit_loss,
+    next_token_ce,
+    topk_loss,
+)
 from hyprune.errors import HypruneError, validation_message
 from hyprune.evaluate import perplexity
+from hyprune.io import atomic_dir
+from hyprune.plan import Plan
 from hyprune.resume import check_resume, describe_changes, tensor_fingerprint
 
 LOG_FILE = "log.jsonl"
@@ -212,8 +231,6 @@ def _hidden_setup(cfg: DistillConfig, teacher, student) -> tuple[dict[int, int],
     """Student block -> teacher block, and the teacher channels to compare on (None: all)."""
     block_map, channels = cfg.block_map, cfg.teacher_channels
     if cfg.plan is not None:
-        from hyprune.plan import Plan
-
         plan = Plan.load(cfg.plan)
         block_map = block_map if block_map is not None else block_map_from_plan(plan)
         channels = channels if channels is not None else list(plan.hidden)
@@ -256,8 +273,6 @@ def _prepare_out_dir(out: Path, resume: bool, overwrite: bool, info) -> None:
                 "overwrite=True (--overwrite) to start over, or pick a new folder."
             )
         if info.is_main:
-            import shutil
-
             for name in (CHECKPOINTS, FINAL, "tensorboard"):
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / LOG_FILE).unlink(missing_ok=True)
@@ -342,7 +357,7 @@ def _autocast(device: torch.device, precision: str):
 
 def _tensorboard(out: Path):
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
@@ -447,15 +462,11 @@ def _check_inputs(teacher, student, data, cfg: DistillConfig, eval_windows, toke
 
 
 def _file_sha(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _config_fingerprint(config) -> str:
     """A hash of a model config (without its bookkeeping: name or path, transformers version)."""
-    import hashlib
-
     data = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -845,13 +856,9 @@ def _nan_message(what: str, value: float, step: int, root: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 def _wrap(student, mode: str, info):
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [info.device.index] if info.device is not None and info.device.type == "cuda" else None
         return DistributedDataParallel(student, device_ids=ids)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for block in block_list(student):
             fully_shard(block)
         fully_shard(student)
@@ -870,8 +877,6 @@ def _grad_sync(wrapped, mode: str, sync: bool):
 
 def _full_state_dict(wrapped, student, mode: str) -> dict[str, torch.Tensor]:
     if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = student.state_dict()
@@ -880,8 +885,6 @@ def _full_state_dict(wrapped, student, mode: str) -> dict[str, torch.Tensor]:
 
 def _optimizer_state(wrapped, optimizer, mode: str) -> dict:
     if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(wrapped, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return optimizer.state_dict()
@@ -889,8 +892,6 @@ def _optimizer_state(wrapped, optimizer, mode: str) -> dict:
 
 def _load_optimizer(wrapped, optimizer, state: dict, mode: str) -> None:
     if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)

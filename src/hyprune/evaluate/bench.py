@@ -44,6 +44,8 @@ import torch
 from hyprune.compat import CachedDecoding
 from hyprune.config import BenchConfig, LoadConfig, resolve
 from hyprune.errors import HypruneError
+from hyprune.io import atomic_write_json, check_output
+from hyprune.models import count_parameters, load_config, load_model, parse_dtype
 from hyprune.parts import PARTS
 from hyprune.parts.attention import kv_cache_bytes
 
@@ -69,8 +71,6 @@ def cache_bytes(config, family, context: int, dtype: torch.dtype | str = torch.f
     KV grows linearly with ``context``; the Mamba conv and SSM states do not grow at all. The SSM
     state is kept in float32 by transformers' Mamba-2 scan (``ssm_dtype``), even in a bf16 model.
     """
-    from hyprune.models import parse_dtype
-
     dtype = parse_dtype(dtype)
     if not isinstance(dtype, torch.dtype):
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -247,8 +247,6 @@ def bench(model_ids: str | Sequence[str], config: BenchConfig | None = None, *, 
     ``fields`` are `BenchConfig` fields (batch_sizes, context_lengths, decode_tokens, repeats, warmup,
     seed) and `LoadConfig` fields (dtype, device, allow_pickle, trust_remote_code, gguf_file).
     """
-    from hyprune.io import atomic_write_json
-
     model_ids = [model_ids] if isinstance(model_ids, (str, os.PathLike)) else list(model_ids)
     if not model_ids:
         raise HypruneError("Pass at least one MODEL to benchmark.")
@@ -279,9 +277,6 @@ def bench(model_ids: str | Sequence[str], config: BenchConfig | None = None, *, 
 
 def _check_request(model_ids: list, config: BenchConfig, load: LoadConfig, out, overwrite: bool):
     """dtype, device, configs and output, before any weights: (torch dtype, device, shared vocabulary size)."""
-    from hyprune.io import check_output
-    from hyprune.models import load_config, parse_dtype
-
     torch_dtype = parse_dtype(load.dtype)
     if not isinstance(torch_dtype, torch.dtype):
         raise HypruneError("bench needs an explicit --dtype (float32, bfloat16 or float16), not 'auto'.")
@@ -302,8 +297,6 @@ def _check_request(model_ids: list, config: BenchConfig, load: LoadConfig, out, 
 
 def _load_models(model_ids: list, config: BenchConfig, load: LoadConfig, torch_dtype, dev):
     """Every model, all resident at once so that runs can alternate, and its entry of the result."""
-    from hyprune.models import count_parameters, load_model
-
     models, entries = [], []
     load_kwargs = load.model_dump(exclude={"model", "dtype", "device", "device_map"})
     for m in model_ids:

@@ -26,7 +26,7 @@ HEADLINE = ("acc", "acc_norm")
 def _lm_eval() -> SimpleNamespace:
     """The parts of lm-eval we use, or a `HypruneError` saying how to install it."""
     try:
-        import lm_eval
+        import lm_eval  # optional (hyprune[eval]) and slow to import; only --tasks needs it
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:

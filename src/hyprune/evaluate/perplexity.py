@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hyprune.data import pack_windows, read_documents, token_stream
 from hyprune.errors import HypruneError
 
 
@@ -100,8 +101,6 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
 def perplexity_windows(tokenizer, data: str | os.PathLike, seq_len: int, num_windows: int | None = None,
                        text_field: str = "text", split: str = "train") -> torch.Tensor:
     """Consecutive ``[n, seq_len]`` windows from the start of ``data`` (all of it unless ``num_windows``)."""
-    from hyprune.data import pack_windows, read_documents, token_stream
-
     docs = read_documents(data, text_field, split, separator=tokenizer.eos_token)
     max_tokens = None if num_windows is None else num_windows * seq_len
     ids = token_stream(tokenizer, docs, max_tokens=max_tokens)

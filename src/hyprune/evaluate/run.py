@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import os
 from typing import Sequence
+
 from hyprune.config import EvalConfig, LoadConfig, resolve
+from hyprune.data import check_source
 from hyprune.errors import HypruneError
+from hyprune.evaluate import harness
+from hyprune.evaluate.perplexity import check_window_args, perplexity, perplexity_windows
+from hyprune.io import atomic_write_json, check_output
+from hyprune.models import load_config, load_model, load_tokenizer, parse_dtype
+from hyprune.report import eval_report, eval_report_paths
 
 
 def evaluate(model: str | os.PathLike, config: EvalConfig | None = None, *, out: str | os.PathLike | None = None,
@@ -25,11 +32,6 @@ def evaluate(model: str | os.PathLike, config: EvalConfig | None = None, *, out:
     trust_remote_code, gguf_file), or pass ``config`` / ``load``. With ``out`` a report is written next
     to it: ``<stem>.report.md`` and ``<stem>.report.json`` (`hyprune.report.eval_report`).
     """
-    from hyprune.data import check_source
-    from hyprune.evaluate import harness
-    from hyprune.io import check_output
-    from hyprune.models import load_config, load_tokenizer, parse_dtype
-
     config, load = resolve("eval", {**fields, "model": str(model) if isinstance(model, os.PathLike) else model},
                            (EvalConfig, config), (LoadConfig, load))
     c = config
@@ -48,9 +50,6 @@ def evaluate(model: str | os.PathLike, config: EvalConfig | None = None, *, out:
 
 
 def _check_arguments(c: EvalConfig) -> None:
-    from hyprune.evaluate import harness
-    from hyprune.evaluate.perplexity import check_window_args
-
     if c.data is None and c.tasks is None:
         raise HypruneError("Nothing to evaluate: pass --data FILE --seq-len L (perplexity) and/or --tasks a,b "
                            "(lm-eval).")
@@ -74,12 +73,6 @@ def _limit(c: EvalConfig) -> int | float | None:
 
 def _measure(model, c: EvalConfig, load: LoadConfig, tokenizer, task_names, manager, out, progress: bool) -> dict:
     """Read the weights once; perplexity and tasks; write ``out`` and its report."""
-    from hyprune.evaluate import harness
-    from hyprune.evaluate.perplexity import perplexity, perplexity_windows
-    from hyprune.io import atomic_write_json
-    from hyprune.models import load_model
-    from hyprune.report import eval_report, eval_report_paths
-
     windows = None
     if c.data is not None:
         windows = perplexity_windows(tokenizer, c.data, c.seq_len, c.num_windows, text_field=c.text_field,

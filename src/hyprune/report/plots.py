@@ -12,8 +12,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from hyprune.depth import BlockScores
 
 # The axes a Minitron importance sweep scores, in the order a reader expects them.
 IMPORTANCE_AXES = ("hidden", "mamba_heads", "mamba_head_dim", "ssm_state", "attention_heads", "ffn")
@@ -45,8 +49,6 @@ def importance_heatmap(importance: dict, path: str | Path) -> Path:
     layer value: a cell shows how a layer ranks against the other layers on that axis. Grey cells are
     axes the layer does not have.
     """
-    import numpy as np
-
     layers = importance["layers"]
     axes = [a for a in IMPORTANCE_AXES if any(a in entry for entry in layers)]
     values = np.full((len(layers), len(axes)), np.nan)
@@ -168,3 +170,33 @@ def pareto_plot(points: Sequence[dict], metric: str, path: str | Path) -> Path:
     ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
     ax.set_title(f"{metric.capitalize()} vs size (and speed)", fontsize=9)
     return save_figure(fig, path)
+
+
+# Colours of block kinds in depth plots.
+KIND_COLORS = {"mamba": "#4C72B0", "attention": "#DD8452", "mlp": "#55A868", "moe": "#C44E52", "transformer": "#8172B3"}
+
+
+def block_scores_plot(result: BlockScores, path: str | Path) -> Path:
+    """A per-block bar plot of `hyprune.depth` scores (colour = block kind) as PNG."""
+    from matplotlib.patches import Patch  # with new_figure's imports: few commands draw
+
+    count = len(result.scores)
+    fig = new_figure(max(6.0, 0.28 * count + 2), 3.6)
+    ax = fig.add_subplot()
+    kinds = [result.kinds[j] if result.window == 1 else "window" for j in range(count)]
+    colors = [KIND_COLORS.get(k, "#8C8C8C") for k in kinds]
+    ax.bar(range(count), result.scores, color=colors)
+    ax.set_xlabel(f"blocks (windows of {result.window})" if result.window > 1 else "block index")
+    ax.set_ylabel(f"{result.method} (higher = more important)", fontsize=8)
+    span = f", windows of {result.window} blocks" if result.window > 1 else ""
+    ax.set_title(f"{result.family + ': ' if result.family else ''}{result.method}{span}", fontsize=9)
+    ax.axhline(0, color="black", linewidth=0.6)
+    if count <= 64:
+        labels = [str(j) if result.window == 1 else f"{j}-{j + result.window - 1}" for j in range(count)]
+        ax.set_xticks(range(count), labels, rotation=90 if result.window > 1 and count > 16 else 0)
+        ax.tick_params(axis="x", labelsize=7)
+    if result.window == 1:
+        present = [k for k in KIND_COLORS if k in kinds]
+        ax.legend(handles=[Patch(color=KIND_COLORS[k], label=k) for k in present], fontsize=8)
+    fig.savefig(path, dpi=120)
+    return Path(path)

@@ -17,6 +17,7 @@ from hyprune.errors import HypruneError
 from hyprune.report import plots
 from hyprune.report.document import Report, fmt, load_report
 from hyprune.report.search import CANDIDATES_FILE, search_report
+from hyprune.resume import describe_changes
 
 SUMMARY_FILE = "hyprune_summary.json"
 DISTILL_FILE = "hyprune_distill.json"
@@ -138,8 +139,6 @@ def distill_report(run_dir: str | Path) -> Report:
         f"Final student: `{final}`; per-step log: `log.jsonl`.")
     for e in events:
         if e["event"] == "resume_changed":
-            from hyprune.resume import describe_changes
-
             report.paragraph(f"Resumed at step {e.get('step')} with changed settings (`--resume-changed`): "
                              f"{describe_changes(e.get('changed', {}))}.")
     report.heading("Results")

@@ -42,9 +42,12 @@ from typing import Sequence
 
 import torch
 
+from hyprune.apply import pruned_config
 from hyprune.arch import registered
 from hyprune.arch.family import Family, Layout
 from hyprune.errors import HypruneError
+from hyprune.evaluate.bench import cache_bytes
+from hyprune.models import parse_dtype
 from hyprune.parts import PARTS, components
 
 # family -> its parameter-count facts (`Family.layout`, written in the family's file)
@@ -125,8 +128,6 @@ def shaped_config(family: Family, config, sizes: dict[str, int], kept: Sequence[
     """The config a plan with ``sizes`` (canonical axis -> size) keeping source blocks ``kept`` would give:
     `hyprune.apply.pruned_config` reads only the result sizes, the kept blocks and their kinds from a
     plan, so a stand-in with those three builds it for a shape that has no plan (no indices) yet."""
-    from hyprune.apply import pruned_config
-
     kinds = family.block_kinds(config)
     stand_in = SimpleNamespace(result_sizes=lambda: dict(sizes), kept_blocks=lambda: list(kept),
                                layers=[SimpleNamespace(kind=k) for k in kinds])
@@ -134,8 +135,6 @@ def shaped_config(family: Family, config, sizes: dict[str, int], kept: Sequence[
 
 
 def weight_bytes(parameters: int, dtype: torch.dtype | str = torch.float32) -> int:
-    from hyprune.models import parse_dtype
-
     return parameters * torch.empty((), dtype=parse_dtype(dtype)).element_size()
 
 
@@ -145,8 +144,6 @@ def memory_bytes(family: Family, config, context: int, dtype: torch.dtype | str 
     ``batch`` sequences (`hyprune.evaluate.cache_bytes`: KV grows with the context, conv and SSM states
     do not). Activations and workspace are left out: they depend on the kernels, not the architecture.
     """
-    from hyprune.evaluate.bench import cache_bytes
-
     weights = weight_bytes(count_parameters(family, config)["total"], dtype)
     cache = cache_bytes(config, family, context, dtype)
     return {"weights": weights, "cache": batch * cache["total"], "total": weights + batch * cache["total"]}

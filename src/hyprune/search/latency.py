@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from hyprune.arch.family import ATTENTION, MAMBA, MLP, Family
 from hyprune.errors import HypruneError
+from hyprune.evaluate import bench
 from hyprune.search.counting import count_parameters, shaped_config
 from hyprune.search.space import Candidate, blocks_to_drop
 
@@ -75,7 +77,7 @@ class LatencyModel:
 def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative least squares (a cost cannot be negative), over the features that vary among the
     measured shapes; a feature that does not vary is folded into the constant (coefficient 0)."""
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # scipy loads in ~0.5 s; only a latency fit needs it
 
     varies = np.ptp(x, axis=0) > 0
     varies[0] = True  # the constant
@@ -105,9 +107,6 @@ def measure(family: Family, config, shapes: list[Candidate], metric: str = "deco
             device: str | None = None, workdir: str | Path | None = None,
             progress: bool = True) -> tuple[list[float], str]:
     """Milliseconds per decode step (or per prefill) of every shape, in one interleaved `bench` run."""
-    from hyprune.evaluate import bench
-    from transformers import AutoModelForCausalLM
-
     if metric not in METRICS:
         raise HypruneError(f"--latency-metric must be one of {', '.join(METRICS)}, got '{metric}'.")
     kinds = family.block_kinds(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hyprune.io import atomic_write_json
 from hyprune.report.search import CANDIDATES_FILE, PLOT_FILE, TABLE_ROWS, plot_ranking, search_report  # noqa: F401 (re-exported)
 from hyprune.search.space import Budget, Candidate
 
@@ -43,8 +44,6 @@ def candidate_rows(candidates: list[Candidate], ranked: list[Candidate], final_o
 def write_outputs(out: Path, family, source_params: int, budget: Budget, candidates, ranked, final_order,
                   records: dict, plan, lat_model, settings: dict, score: str, shapes: int, feasible: int) -> dict:
     """Write plan.json, candidates.json and the report (report.md/json, ranking.png); returns the summary."""
-    from hyprune.io import atomic_write_json
-
     rows = candidate_rows(candidates, ranked, final_order, records, source_params)
     distilled = [r for r in rows if "distilled" in r]
     uniform = next((r for r in rows if r["uniform"]), None)

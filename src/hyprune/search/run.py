@@ -24,14 +24,36 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hyprune.apply import apply_plan
 from hyprune.config import DataConfig, LoadConfig, SearchConfig, resolve
+from hyprune.data import calibration_windows, check_source, heldout_windows
+from hyprune.depth import METHODS as DEPTH_METHODS
+from hyprune.depth import block_importance, load_block_scores, save_block_scores
+from hyprune.distill import distill
+from hyprune.distill.losses import forward_kl
 from hyprune.errors import HypruneError
+from hyprune.evaluate import perplexity
+from hyprune.importance import activation_scores, load_scores, save_scores, summarize_scores
 from hyprune.io import atomic_write_json, check_output
+from hyprune.models import load_config, load_model, load_tokenizer
+from hyprune.plan import make_plan
+from hyprune.resume import check_resume, describe_changes, file_fingerprint, model_fingerprint
 from hyprune.search import latency as latency_lib
-from hyprune.search.report import spearman, write_outputs  # noqa: F401 (spearman re-exported)
 from hyprune.search.counting import check_countable, count_parameters
-from hyprune.search.space import (Candidate, add_memory, blocks_to_drop, drop_options, enumerate_shapes,
-                                  make_budget, parse_drop, parse_space, sample, uniform_candidate, within_budget)
+from hyprune.search.report import spearman, write_outputs  # noqa: F401 (spearman re-exported)
+from hyprune.search.space import (
+    Candidate,
+    add_memory,
+    blocks_to_drop,
+    drop_options,
+    enumerate_shapes,
+    make_budget,
+    parse_drop,
+    parse_space,
+    sample,
+    uniform_candidate,
+    within_budget,
+)
 
 STATE_FILE = "state.json"
 STATE_FORMAT = "hyprune-search-state/1"
@@ -54,8 +76,6 @@ def _slug(candidate_id: str, index: int) -> str:
 @torch.inference_mode()
 def kl_to_teacher(student, teacher_logits: list[torch.Tensor], windows: torch.Tensor, batch_size: int) -> float:
     """Mean KL(teacher || student) per token on ``windows``, the teacher's logits given per batch."""
-    from hyprune.distill.losses import forward_kl
-
     device = next(student.parameters()).device
     total, count = 0.0, 0
     for t_logits, start in zip(teacher_logits, range(0, len(windows), batch_size)):
@@ -75,8 +95,6 @@ def _teacher_logits(model, windows: torch.Tensor, batch_size: int) -> list[torch
 
 def zero_shot_score(model, windows: torch.Tensor, score: str, batch_size: int, teacher_logits=None) -> float:
     """LM loss (nats per token, `hyprune.evaluate.perplexity`) or KL to the teacher; lower is better."""
-    from hyprune.evaluate import perplexity
-
     if score == "kl":
         return kl_to_teacher(model, teacher_logits, windows, batch_size)
     return perplexity(model, windows, batch_size=batch_size)["loss"]
@@ -94,8 +112,6 @@ def _open_run_dir(out: Path, settings: dict, resume: bool, overwrite: bool, inpu
     fingerprints, `hyprune.resume`) as the saved one; a change is refused with the changed keys unless
     ``allow_changed`` (``--resume-changed``), which records the changes in the state and the notes.
     """
-    from hyprune.resume import check_resume, describe_changes
-
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
         check_output(out, "dir", inputs=inputs, reuse=True)
@@ -191,10 +207,6 @@ def search(model: str, data: str, out: str, config: SearchConfig | None = None, 
 
 def _check_request(run: _Search) -> None:
     """Everything that can be checked from the config, before any weights: budget, space, shapes within it."""
-    from hyprune.data import check_source
-    from hyprune.depth import METHODS as DEPTH_METHODS
-    from hyprune.models import load_config
-
     c = run.config
     config, family = load_config(run.model, **run.load.source())
     run.model_config, run.family = config, family
@@ -223,8 +235,6 @@ def _check_request(run: _Search) -> None:
 
 def _settings(run: _Search) -> dict:
     """What the search's result depends on (compared on resume), and how fast it worked."""
-    from hyprune.resume import file_fingerprint, model_fingerprint
-
     c, d, load = run.config, run.calibration, run.load
     return {"model": str(run.model), "data": str(run.data), "eval_data": c.eval_data, "seq_len": d.seq_len,
             "num_samples": d.num_samples, "eval_windows": c.eval_windows, "seed": d.seed, "score": c.score,
@@ -265,8 +275,6 @@ def _latency_model(run: _Search):
 
 def _windows(run: _Search, tokenizer, steps: int):
     """(calibration, held-out, distillation) windows: held-out from ``eval_data`` or the text after calibration."""
-    from hyprune.data import calibration_windows, heldout_windows
-
     c, d = run.config, run.calibration
     kd_windows_count = steps * c.distill_batch
     from_data = d.num_samples + (0 if c.eval_data is not None else c.eval_windows) + kd_windows_count
@@ -292,10 +300,6 @@ def _windows(run: _Search, tokenizer, steps: int):
 def _rank(run: _Search, candidates: list[Candidate], uniform, lat_model) -> dict:
     """Weights, the one importance sweep and block scores; every candidate's zero-shot score; the short
     distillation of the top-k; the final ranking and the outputs."""
-    from hyprune.apply import apply_plan
-    from hyprune.models import load_model, load_tokenizer
-    from hyprune.plan import make_plan
-
     c, d = run.config, run.calibration
     tokenizer = load_tokenizer(run.model, **run.load.source())
     steps = math.ceil(c.distill_tokens / (c.distill_batch * d.seq_len)) if c.distill_tokens and c.top_k else 0
@@ -351,8 +355,6 @@ def _short_distill(teacher, student, kd_windows, held, kd: dict, run_dir: Path, 
                    batch_size: int, teacher_logits, zero_shot: float) -> dict:
     """Distill one candidate with the shared settings ``kd``; its final score and held-out LM-loss curve
     (read from the run's log; the zero-shot loss is the curve's first point when the score is the loss)."""
-    from hyprune.distill import distill
-
     summary = distill(teacher, student, kd_windows, kd, run_dir, eval_windows=held, overwrite=True,
                       tokenizer=tokenizer)
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -365,8 +367,6 @@ def _short_distill(teacher, student, kd_windows, held, kd: dict, run_dir: Path, 
 
 def _importance(model, family, windows, out: Path, batch_size: int, progress: bool):
     """The one activation sweep, saved in ``out/scores`` and reused on resume."""
-    from hyprune.importance import activation_scores, load_scores, save_scores, summarize_scores
-
     folder = out / "scores"
     if (folder / "scores.safetensors").is_file():
         return load_scores(folder, family, model.config)
@@ -377,8 +377,6 @@ def _importance(model, family, windows, out: Path, batch_size: int, progress: bo
 
 def _block_scores(model, family, windows, out: Path, method: str, batch_size: int, progress: bool):
     """Block importance for the depth candidates (which blocks of a kind go), saved and reused on resume."""
-    from hyprune.depth import block_importance, load_block_scores, save_block_scores
-
     folder = out / "scores"
     if (folder / "block_scores.json").is_file():
         return load_block_scores(folder, family, model.config)
