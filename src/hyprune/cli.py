@@ -209,9 +209,8 @@ def score(
             _run(api.score, load.model, calibration.data, out, calibration=calibration, load=load,
                  overwrite=overwrite, progress=not quiet)
         else:
-            common = dict(**calibration.model_dump(exclude={"data"}), **load.load_kwargs(), overwrite=overwrite,
-                          progress=not quiet)
-            result = _run(depth_lib.score_depth, load.model, calibration.data, depth, out, window=window, **common)
+            result = _run(depth_lib.score_depth, load.model, calibration.data, depth, out, window=window,
+                          calibration=calibration, load=load, overwrite=overwrite, progress=not quiet)
             out_console.print(depth_lib.format_block_table(result))
     out_console.print(f"scores written to {out}")
 

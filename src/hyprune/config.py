@@ -24,7 +24,6 @@ from typing import Annotated, Any, Callable, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from hyprune.depth import parse_block_list
 from hyprune.errors import HypruneError, validation_message
 from hyprune.methods import MethodOptions, parse_nm
 from hyprune.plan import parse_target
@@ -169,8 +168,18 @@ def _parse_nm(text: str):
     return parse_nm(text)
 
 
-def _parse_block_list(text: str) -> list[int]:
-    return parse_block_list(text)
+def parse_block_list(text: str) -> list[int]:
+    """``"3,5,7"`` -> [3, 5, 7] (the text of ``--drop-block-list``; checked by `drop_blocks_from_list`)."""
+    items = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            items.append(int(part))
+        except ValueError:
+            raise HypruneError(f"Block index '{part}' is not a whole number. Example: 3,5,7") from None
+    return items
 
 
 def parse_ints(flag: str):
@@ -232,7 +241,7 @@ class PruneConfig(WorkflowConfig):
     scores: Path_ | None = Field(None, description="Reuse saved scores instead of a sweep.")
     plan_file: Annotated[Path_ | None, Cli(flag="--plan")] = Field(None, description="Apply this plan (no scoring).")
     drop_blocks: int | None = Field(None, ge=1, description="Drop this many blocks (depth pruning).")
-    drop_block_list: Annotated[list[int] | None, Cli(parse=_parse_block_list)] = Field(
+    drop_block_list: Annotated[list[int] | None, Cli(parse=parse_block_list)] = Field(
         None, description="Drop these blocks: I,J,...")
     depth_method: str = Field("block_influence", description="block_influence, angular, kl or lm_loss "
                                                              "(for --drop-blocks).")

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from hyprune.arch import family_for_config
 from hyprune.arch.family import Family
+from hyprune.config import DataConfig, LoadConfig, parse_block_list, resolve
 from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
 from hyprune.io import atomic_dir, atomic_write_json, check_output
@@ -464,20 +465,6 @@ def choose_blocks_to_drop(scores, n: int, mode: str = "lowest", keep_kinds: Sequ
     return list(range(best, best + n))
 
 
-def parse_block_list(text: str) -> list[int]:
-    """``"3,5,7"`` -> [3, 5, 7] (the text of ``--drop-block-list``; checked by `drop_blocks_from_list`)."""
-    items = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            items.append(int(part))
-        except ValueError:
-            raise HypruneError(f"Block index '{part}' is not a whole number. Example: 3,5,7") from None
-    return items
-
-
 def drop_blocks_from_list(blocks: str | Iterable[int], num_blocks: int) -> list[int]:
     """Parse and check an explicit list (``"3,5,7"`` or ``[3, 5, 7]``); returns it sorted.
 
@@ -688,46 +675,35 @@ def depth_plan(
     return result, scores
 
 
-def score_depth(
-    model: str,
-    data: str,
-    method: str = "block_influence",
-    out: str | None = None,
-    seq_len: int = 256,
-    num_samples: int = 64,
-    batch_size: int = 8,
-    seed: int = 0,
-    window: int = 1,
-    text_field: str = "text",
-    split: str = "train",
-    overwrite: bool = False,
-    progress: bool = True,
-    **load_kwargs,
-) -> BlockScores:
+def score_depth(model: str, data: str, method: str = "block_influence", out: str | None = None, *, window: int = 1,
+                calibration: DataConfig | None = None, load: LoadConfig | None = None, overwrite: bool = False,
+                progress: bool = True, **fields) -> BlockScores:
     """Score every block of ``model`` on ``data`` with ``method``; write the ranking to ``out`` if given.
 
     ``out`` receives ``block_scores.json`` and ``block_scores.png`` (written to a temporary folder and
-    renamed into place). ``load_kwargs`` go to `hyprune.models.load_model` (dtype, device, device_map,
-    allow_pickle, trust_remote_code, ...). Everything cheap is checked before the weights are read.
+    renamed into place). ``fields`` are `DataConfig` (seq_len, num_samples, batch_size, seed, ...) and
+    `LoadConfig` (dtype, device, ...) fields, or pass ``calibration`` / ``load`` configs. Everything
+    cheap is checked before the weights are read.
     """
+    calibration, load = resolve("score --depth", {**fields, "data": data, "model": model},
+                                (DataConfig, calibration), (LoadConfig, load))
     _check_method(method)
     if window != 1 and method != "angular":
         raise HypruneError(f"--window applies to the angular method only, not '{method}'.")
-    source = {"trust_remote_code": load_kwargs.get("trust_remote_code", False),
-              "gguf_file": load_kwargs.get("gguf_file")}
-    config, family = load_config(model, **source)
+    config, family = load_config(model, **load.source())
     num_blocks = len(family.block_kinds(config))
     if not 1 <= window <= num_blocks:
         raise HypruneError(f"--window must be between 1 and the number of blocks ({num_blocks}); got {window}.")
     check_source(data)
     if out is not None:
         check_output(out, "dir", overwrite, inputs=(model, data))
-    tokenizer = load_tokenizer(model, **source)
-    windows = calibration_windows(tokenizer, data, seq_len, num_samples, seed=seed, text_field=text_field, split=split)
-    loaded, family = load_model(model, **load_kwargs)
-    result = block_importance(loaded, windows, method, family, window=window, batch_size=batch_size, progress=progress)
-    result.calibration = {"model": str(model), "data": str(data), "seq_len": seq_len, "windows": len(windows),
-                          "seed": seed}
+    tokenizer = load_tokenizer(model, **load.source())
+    windows = calibration_windows(tokenizer, data, **calibration.window_kwargs())
+    loaded, family = load_model(model, **load.load_kwargs())
+    result = block_importance(loaded, windows, method, family, window=window, batch_size=calibration.batch_size,
+                              progress=progress)
+    result.calibration = {"model": str(model), "data": str(data), "seq_len": calibration.seq_len,
+                          "windows": len(windows), "seed": calibration.seed}
     if out is not None:
         with atomic_dir(out) as tmp:
             save_block_scores(result, tmp)

@@ -68,7 +68,26 @@ def search_report(summary: dict, rows: list[dict], out: Path) -> Report:
     (table and plot), latency model. ``summary`` becomes its ``data``; the winner and the uniform
     baseline its points (perplexity = exp of the held-out LM loss, where the search measured one)."""
     winner, uniform = rows[0], next((r for r in rows if r["uniform"]), None)
+    compared = [("winner", winner)] + ([("uniform", uniform)] if uniform else [])
     report = Report("search", f"Search report: {summary['model']}")
+    report.paragraph(_overview(summary, winner))
+    _comparison(report, summary, compared, uniform is not None)
+    _ranking(report, summary, rows)
+    if summary.get("latency_model"):
+        _latency(report, summary["latency_model"])
+    settings = summary["settings"]
+    evaluation = {"data": settings["eval_data"] or f"held-out windows of {settings['data']}",
+                  "seq_len": settings["seq_len"], "windows": settings["eval_windows"], "stride": None}
+    for label, r in compared:
+        loss = _lm_loss(r, summary["score"])
+        report.point(label, str(out / r["distill_dir"] / "final") if "distill_dir" in r else None, r["parameters"],
+                     perplexity=None if loss is None else math.exp(loss), candidate=r["id"],
+                     distilled="distilled" in r, latency_ms=r.get("latency_ms"), evaluation=evaluation)
+    report.data = summary
+    return report
+
+
+def _overview(summary: dict, winner: dict) -> str:
     lines = [f"- family: {summary['family']}, source parameters: {summary['source_parameters']:,}",
              f"- budget: {summary['budget']}", *(f"- note: {n}" for n in summary["notes"]),
              f"- shapes enumerated: {summary['shapes']:,}; within the budget: {summary['within_budget']:,}; "
@@ -81,17 +100,20 @@ def search_report(summary: dict, rows: list[dict], out: Path) -> Report:
     if summary.get("spearman_zero_shot_vs_distilled") is not None:
         lines.append(f"- Spearman(zero-shot, after distillation) over the distilled candidates: "
                      f"{summary['spearman_zero_shot_vs_distilled']:.3f}")
-    report.paragraph("\n".join(lines))
+    return "\n".join(lines)
 
+
+def _comparison(report: Report, summary: dict, compared: list[tuple[str, dict]], has_uniform: bool) -> None:
     report.heading("Winner and uniform baseline")
     report.paragraph(f"Scores are the {summary['score_description']}; lower is better. The uniform baseline cuts "
                      "every axis alike and drops no block."
-                     + ("" if uniform else " It was not among the candidates (outside the budget or the space)."))
-    compared = [("winner", winner)] + ([("uniform", uniform)] if uniform else [])
+                     + ("" if has_uniform else " It was not among the candidates (outside the budget or the space)."))
     report.table(["", "candidate", "parameters", "zero-shot", "after distillation", "final rank"],
                  [[label, f"`{r['id']}`", r["parameters"], r["zero_shot"], r.get("distilled"), r["final_rank"]]
                   for label, r in compared])
 
+
+def _ranking(report: Report, summary: dict, rows: list[dict]) -> None:
     report.heading("Ranking")
     report.paragraph("Distilled candidates first, by their score after the short distillation, then the others by "
                      "their zero-shot score.")
@@ -106,26 +128,15 @@ def search_report(summary: dict, rows: list[dict], out: Path) -> Report:
     if len(rows) > TABLE_ROWS:
         report.paragraph(f"{len(rows) - TABLE_ROWS} more in `{CANDIDATES_FILE}`.")
 
-    lat = summary.get("latency_model")
-    if lat:
-        err = lat.get("held_out_error") or {}
-        report.heading("Latency model")
-        report.paragraph(
-            f"{lat['metric']} ms at batch {lat['batch']}, context {lat['context']} on {lat['device']}; costs (ms): "
-            + ", ".join(f"{k} {v:.4g}" for k, v in lat["costs_ms"].items()) + ".\n"
-            f"Held-out error over {err.get('shapes', 0)} measured shapes (fit on {err.get('fitted_on', 0)}): "
-            f"mean {fmt(err.get('mean_abs_rel_error'), 3)}, max {fmt(err.get('max_abs_rel_error'), 3)} "
-            "(absolute relative error); details in `latency.json`.")
 
-    settings = summary["settings"]
-    evaluation = {"data": settings["eval_data"] or f"held-out windows of {settings['data']}",
-                  "seq_len": settings["seq_len"], "windows": settings["eval_windows"], "stride": None}
-    for label, r in compared:
-        loss = _lm_loss(r, summary["score"])
-        report.point(label, str(out / r["distill_dir"] / "final") if "distill_dir" in r else None, r["parameters"],
-                     perplexity=None if loss is None else math.exp(loss), candidate=r["id"],
-                     distilled="distilled" in r, latency_ms=r.get("latency_ms"), evaluation=evaluation)
-    report.data = summary
-    return report
+def _latency(report: Report, lat: dict) -> None:
+    err = lat.get("held_out_error") or {}
+    report.heading("Latency model")
+    report.paragraph(
+        f"{lat['metric']} ms at batch {lat['batch']}, context {lat['context']} on {lat['device']}; costs (ms): "
+        + ", ".join(f"{k} {v:.4g}" for k, v in lat["costs_ms"].items()) + ".\n"
+        f"Held-out error over {err.get('shapes', 0)} measured shapes (fit on {err.get('fitted_on', 0)}): "
+        f"mean {fmt(err.get('mean_abs_rel_error'), 3)}, max {fmt(err.get('max_abs_rel_error'), 3)} "
+        "(absolute relative error); details in `latency.json`.")
 
 

@@ -8,9 +8,12 @@ distill and eval runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from hyprune.arch.family import Family
 from hyprune.io import atomic_write_json
+from hyprune.plan import Plan
 from hyprune.report.search import CANDIDATES_FILE, PLOT_FILE, TABLE_ROWS, plot_ranking, search_report  # noqa: F401 (re-exported)
 from hyprune.search.space import Budget, Candidate
 
@@ -41,19 +44,39 @@ def candidate_rows(candidates: list[Candidate], ranked: list[Candidate], final_o
     return rows
 
 
-def write_outputs(out: Path, family, source_params: int, budget: Budget, candidates, ranked, final_order,
-                  records: dict, plan, lat_model, settings: dict, score: str, shapes: int, feasible: int) -> dict:
+@dataclass
+class SearchOutcome:
+    """What a finished search hands to its outputs: the source, the budget, every candidate with its
+    records (scores, curves), the rankings, the winner's plan and the latency model (or None)."""
+
+    family: Family
+    source_params: int
+    budget: Budget
+    settings: dict
+    score: str
+    shapes: int
+    feasible: int
+    candidates: list[Candidate]
+    ranked: list[Candidate]
+    final_order: list[Candidate]
+    records: dict
+    plan: Plan
+    latency_model: object = None
+
+
+def write_outputs(out: Path, outcome: SearchOutcome) -> dict:
     """Write plan.json, candidates.json and the report (report.md/json, ranking.png); returns the summary."""
-    rows = candidate_rows(candidates, ranked, final_order, records, source_params)
+    o = outcome
+    rows = candidate_rows(o.candidates, o.ranked, o.final_order, o.records, o.source_params)
     distilled = [r for r in rows if "distilled" in r]
     uniform = next((r for r in rows if r["uniform"]), None)
     winner = rows[0]
     summary = {
-        "model": settings["model"], "family": family.name, "source_parameters": source_params,
-        "budget": budget.describe(), "notes": budget.notes, "settings": settings,
-        "shapes": shapes, "within_budget": feasible, "evaluated": len(rows), "distilled": len(distilled),
-        "distill_tokens": settings["distill_tokens"] if distilled else 0,
-        "score": score, "score_description": "KL(teacher || candidate) per token" if score == "kl" else
+        "model": o.settings["model"], "family": o.family.name, "source_parameters": o.source_params,
+        "budget": o.budget.describe(), "notes": o.budget.notes, "settings": o.settings,
+        "shapes": o.shapes, "within_budget": o.feasible, "evaluated": len(rows), "distilled": len(distilled),
+        "distill_tokens": o.settings["distill_tokens"] if distilled else 0,
+        "score": o.score, "score_description": "KL(teacher || candidate) per token" if o.score == "kl" else
         "next-token loss in nats on held-out windows",
         "winner": {k: winner[k] for k in ("id", "target", "drop", "parameters", "ratio", "zero_shot",
                                           "active_parameters", "distilled") if k in winner},
@@ -62,11 +85,11 @@ def write_outputs(out: Path, family, source_params: int, budget: Budget, candida
         | ({"distilled": uniform["distilled"]} if "distilled" in uniform else {}),
         "spearman_zero_shot_vs_distilled": spearman([r["zero_shot"] for r in distilled],
                                                     [r["distilled"] for r in distilled]),
-        "latency_model": None if lat_model is None else lat_model.to_json(),
+        "latency_model": None if o.latency_model is None else o.latency_model.to_json(),
         "files": {"plan": "plan.json", "candidates": CANDIDATES_FILE, "report": "report.md", "state": "state.json"},
     }
-    atomic_write_json(out / "plan.json", plan.model_dump(exclude_none=True))
-    atomic_write_json(out / CANDIDATES_FILE, {"source_parameters": source_params, "budget": budget.describe(),
-                                              "score": score, "candidates": rows})
+    atomic_write_json(out / "plan.json", o.plan.model_dump(exclude_none=True))
+    atomic_write_json(out / CANDIDATES_FILE, {"source_parameters": o.source_params, "budget": o.budget.describe(),
+                                              "score": o.score, "candidates": rows})
     search_report(summary, rows, out).write(out)
     return summary

@@ -40,7 +40,7 @@ from hyprune.plan import make_plan
 from hyprune.resume import check_resume, describe_changes, file_fingerprint, model_fingerprint
 from hyprune.search import latency as latency_lib
 from hyprune.search.counting import check_countable, count_parameters
-from hyprune.search.report import spearman, write_outputs  # noqa: F401 (spearman re-exported)
+from hyprune.search.report import SearchOutcome, spearman, write_outputs  # noqa: F401 (spearman re-exported)
 from hyprune.search.space import (
     Candidate,
     add_memory,
@@ -347,8 +347,9 @@ def _rank(run: _Search, candidates: list[Candidate], uniform, lat_model) -> dict
                          if "distilled" in records[cand.id] else (1, records[cand.id]["zero_shot"], cand.id))
     plan = plan_for(final_order[0])
     plan.method = f"{plan.method}+search"
-    return write_outputs(run.out, family, run.source_params, run.budget, candidates, ranked, final_order, records,
-                         plan, lat_model, run.settings, c.score, len(run.shapes), len(run.feasible))
+    return write_outputs(run.out, SearchOutcome(
+        family, run.source_params, run.budget, run.settings, c.score, len(run.shapes), len(run.feasible),
+        candidates, ranked, final_order, records, plan, lat_model))
 
 
 def _short_distill(teacher, student, kd_windows, held, kd: dict, run_dir: Path, tokenizer, score: str,

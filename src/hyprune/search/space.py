@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hyprune.arch.family import MOE, MOE_AXES, Family, expert_groups
-from hyprune.parts import kinds_with_axis
+from hyprune.config import space_from_text
 from hyprune.depth import protected_kinds
 from hyprune.errors import HypruneError
+from hyprune.parts import kinds_with_axis
 from hyprune.plan import EXPERT_ALIGNMENT, resolve_target
-from hyprune.config import space_from_text
 from hyprune.search.counting import active_parameters, count_parameters, memory_bytes, shaped_config
 
 SEARCHED_BY_DEFAULT = ("hidden", "ffn", "mamba_heads", "mamba_head_dim", "attention_heads", "mamba_expand",
