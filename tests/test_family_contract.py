@@ -259,3 +259,18 @@ def test_falcon_mamba_state_norms_average_over_the_kept_states(ids):
         for norm in (layer.mixer.b_layernorm, layer.mixer.c_layernorm):
             del norm.forward  # back to the full-width statistic
     assert rel_err(pruned, zeroed(ids).logits) > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cache_bytes_formula_equals_the_real_cache(name, ids):
+    """`hyprune bench`'s analytic cache bytes (each part's count) equal the bytes the model's own cache holds
+    after a prefill, for the source and the pruned model (batch 2: twice one sequence's bytes)."""
+    from hyprune.compat import cache_argument, output_cache
+    from hyprune.evaluate.bench import cache_bytes, measured_cache_bytes
+
+    model, _, pruned = built(name)
+    for m in (model, pruned):
+        out = m(input_ids=ids, use_cache=True)
+        measured = measured_cache_bytes(output_cache(out, cache_argument(m)))
+        assert measured > 0, name
+        assert measured == 2 * cache_bytes(m.config, family_for_config(m.config), ids.shape[1])["total"], name
