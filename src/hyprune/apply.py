@@ -137,7 +137,7 @@ def model_from_state_dict(config, state: dict[str, torch.Tensor], like):
     Built on the meta device and handed the tensors by assignment, so nothing is initialised or copied;
     any tensor the config expects but ``state`` lacks (or the reverse) is an error.
     """
-    with _parameters_on_meta():
+    with parameters_on_meta():
         new_model = AutoModelForCausalLM.from_config(config, dtype=like.dtype)
     # Tied weights (if the config ties them) share one tensor in state_dict; load all keys present.
     missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
@@ -160,7 +160,7 @@ def _is_tied(model, key: str) -> bool:
 
 
 @contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Build a model whose parameters live on the meta device (no memory, no init cost) while its
     buffers are real: non-persistent buffers (rotary ``inv_freq``, FalconH1's ``mup_vector``) are
     computed from the *pruned* config at construction, exactly as ``from_pretrained`` would.

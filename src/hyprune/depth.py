@@ -220,6 +220,66 @@ def _batches(windows: torch.Tensor, batch_size: int):
 # ---------------------------------------------------------------------------------------------
 # One hooked sweep: block influence and angular distance
 # ---------------------------------------------------------------------------------------------
+class SweepRecorder:
+    """Block influence and angular distance from the blocks' inputs and outputs, recorded by forward hooks.
+
+    Blocks and batches may come in any order (a full forward per batch, or block by block in
+    `hyprune.stream`): `at_batch` says which batch the hooks see. Every sum adds its batches in batch
+    order, so both orders give the same floats.
+    """
+
+    def __init__(self, family: Family, config, window: int = 1):
+        self.kinds, self.family = family.block_kinds(config), family.name
+        L = self.num_blocks = len(self.kinds)
+        if not 1 <= window <= L:
+            raise HypruneError(f"The angular window must be between 1 and the number of blocks ({L}); got {window}.")
+        self.window = window
+        self.bi = [dict() for _ in range(L)]  # block -> batch -> sum over its tokens of 1 - cos(x_in, x_out)
+        # last-token residual vectors, [batch, hidden] float64 on the CPU: (0, b) = input of block 0 for
+        # batch b, (i + 1, b) = output of block i
+        self.last: dict[tuple[int, int], torch.Tensor] = {}
+        self.sizes: dict[int, tuple[int, int]] = {}  # batch -> (samples, tokens)
+        self.batch = 0
+
+    def at_batch(self, b: int) -> None:
+        self.batch = b
+
+    def attach(self, layers) -> list:
+        def hook(i):
+            def record(module, args, kwargs, output):
+                x_in, x_out = _block_input(args, kwargs), _block_output(output)
+                cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [batch, seq]
+                self.bi[i][self.batch] = float((1 - cos).double().sum())
+                if i == 0:
+                    self.last[0, self.batch] = x_in[:, -1].detach().double().cpu()
+                    self.sizes[self.batch] = (x_in.shape[0], x_in.shape[0] * x_in.shape[1])
+                self.last[i + 1, self.batch] = x_out[:, -1].detach().double().cpu()
+
+            return record
+
+        return [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(layers)]
+
+    def result(self) -> dict[str, BlockScores]:
+        L, w, batches = self.num_blocks, self.window, sorted(self.sizes)
+        if any(len(self.last) != (L + 1) * len(batches) or b not in self.bi[i] for i in range(L) for b in batches):
+            raise HypruneError("Some blocks were not reached by the forward pass; cannot score depth.")
+        bi_sum = [0.0] * L  # in float64 (Python floats), batch by batch
+        for i in range(L):
+            for b in batches:
+                bi_sum[i] += self.bi[i][b]
+        ang_sum = [0.0] * (L - w + 1)
+        for b in batches:
+            for l in range(L - w + 1):
+                cos = F.cosine_similarity(self.last[l, b], self.last[l + w, b], dim=-1).clamp(-1.0, 1.0)  # [batch]
+                ang_sum[l] += float((torch.arccos(cos) / math.pi).sum())
+        samples, tokens = (sum(self.sizes[b][k] for b in batches) for k in (0, 1))
+        common = dict(kinds=self.kinds, family=self.family, samples=samples, tokens=tokens)
+        return {
+            "block_influence": BlockScores("block_influence", [s / tokens for s in bi_sum], **common),
+            "angular": BlockScores("angular", [s / samples for s in ang_sum], window=w, **common),
+        }
+
+
 @torch.inference_mode()
 def stream_sweep(model, windows: torch.Tensor, family: Family, window: int = 1, batch_size: int = 8,
                  progress: bool = True) -> dict[str, BlockScores]:
@@ -227,50 +287,18 @@ def stream_sweep(model, windows: torch.Tensor, family: Family, window: int = 1, 
 
     Returns ``{"block_influence": BlockScores, "angular": BlockScores}``.
     """
-    kinds = family.block_kinds(model.config)
-    layers = family.layers(model)
-    L = len(layers)
-    if not 1 <= window <= L:
-        raise HypruneError(f"The angular window must be between 1 and the number of blocks ({L}); got {window}.")
-    bi_sum = [0.0] * L  # sum over tokens of 1 - cos(x_in, x_out), in float64 (Python floats)
-    ang_sum = [0.0] * (L - window + 1)
-    tokens = samples = 0
-    # Last-token residual vectors of the current batch: stream[0] = input of block 0,
-    # stream[i + 1] = output of block i; each [batch, hidden], float64, on the CPU.
-    stream: list[torch.Tensor | None] = [None] * (L + 1)
-
-    def hook(i):
-        def record(module, args, kwargs, output):
-            x_in, x_out = _block_input(args, kwargs), _block_output(output)
-            cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [batch, seq]
-            bi_sum[i] += float((1 - cos).double().sum())
-            if i == 0:
-                stream[0] = x_in[:, -1].detach().double().cpu()
-            stream[i + 1] = x_out[:, -1].detach().double().cpu()
-
-        return record
-
-    handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(layers)]
+    recorder = SweepRecorder(family, model.config, window)
+    handles = recorder.attach(family.layers(model))
     device = _device(model)
     try:
-        for batch in tqdm(_batches(windows, batch_size), desc="block sweep", unit="batch", disable=not progress):
-            stream[:] = [None] * (L + 1)
+        for b, batch in enumerate(tqdm(_batches(windows, batch_size), desc="block sweep", unit="batch",
+                                       disable=not progress)):
+            recorder.at_batch(b)
             model(input_ids=batch.to(device), use_cache=False, **_no_logits(model))
-            if any(s is None for s in stream):
-                raise HypruneError("Some blocks were not reached by the forward pass; cannot score depth.")
-            for l in range(L - window + 1):
-                cos = F.cosine_similarity(stream[l], stream[l + window], dim=-1).clamp(-1.0, 1.0)  # [batch]
-                ang_sum[l] += float((torch.arccos(cos) / math.pi).sum())
-            tokens += batch.numel()
-            samples += len(batch)
     finally:
         for h in handles:
             h.remove()
-    common = dict(kinds=kinds, family=family.name, samples=samples, tokens=tokens)
-    return {
-        "block_influence": BlockScores("block_influence", [s / tokens for s in bi_sum], **common),
-        "angular": BlockScores("angular", [s / samples for s in ang_sum], window=window, **common),
-    }
+    return recorder.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,5 +742,5 @@ __all__ = [
     "BLOCK_PLOT_FILE", "BLOCK_SCORES_FILE", "METHODS", "MODES", "BlockScores", "block_importance",
     "block_importance_all", "check_depth_request", "choose_blocks_to_drop", "depth_plan", "drop_blocks_from_list", "parse_block_list",
     "format_block_table", "load_block_scores", "protected_kinds", "removal_sweep",
-    "removed_block", "save_block_scores", "score_depth", "stream_sweep", "with_dropped_blocks",
+    "removed_block", "save_block_scores", "SweepRecorder", "score_depth", "stream_sweep", "with_dropped_blocks",
 ]

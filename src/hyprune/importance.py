@@ -41,7 +41,7 @@ from hyprune.parts.base import ChannelStat, output_hook
 SCORES_FILE = "scores.safetensors"
 SUMMARY_FILE = "scores.json"
 
-__all__ = ["ChannelStat", "activation_scores", "summarize_scores", "save_scores", "load_scores"]
+__all__ = ["ChannelStat", "activation_scores", "collect_scores", "register_hooks", "summarize_scores", "save_scores", "load_scores"]
 
 
 @contextmanager
@@ -53,7 +53,7 @@ def _hooks(handles):
             h.remove()
 
 
-def _register(model, family: Family, kinds: list[str], stat) -> list:
+def register_hooks(model, family: Family, kinds: list[str], stat) -> list:
     """Every hook of the sweep: each block's pre-norms (once each) and each part's own (`hyprune.parts`)."""
     handles = []
     for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
@@ -66,7 +66,7 @@ def _register(model, family: Family, kinds: list[str], stat) -> list:
     return handles
 
 
-def _collect(model, family: Family, kinds: list[str], stats: dict[str, ChannelStat]) -> dict[str, torch.Tensor]:
+def collect_scores(model, family: Family, kinds: list[str], stats: dict[str, ChannelStat]) -> dict[str, torch.Tensor]:
     """The finished scores: per block its hidden scores (summed over its pre-norms) and its parts' scores."""
     scores: dict[str, torch.Tensor] = {}
     hidden_total = None
@@ -97,14 +97,14 @@ def activation_scores(
     """
     kinds = family.block_kinds(model.config)
     stats: dict[str, ChannelStat] = {}
-    handles = _register(model, family, kinds, lambda key: stats.setdefault(key, ChannelStat()))
+    handles = register_hooks(model, family, kinds, lambda key: stats.setdefault(key, ChannelStat()))
     device = next(model.parameters()).device
     with _hooks(handles):
         for start in tqdm(range(0, len(windows), batch_size), desc="importance sweep", unit="batch",
                           disable=not progress):
             batch = windows[start : start + batch_size].to(device)
             model(input_ids=batch, use_cache=False)
-    return _collect(model, family, kinds, stats)
+    return collect_scores(model, family, kinds, stats)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,357 @@
+"""A model whose blocks live on disk until they run: the skeleton, one block's weights at a time.
+
+`BlockwiseModel` builds the model from its config with every parameter on the meta device (no memory;
+the non-persistent buffers such as rotary frequencies are real, computed from the config as
+``from_pretrained`` would), then loads the tensors of one module (a block, the embeddings) from the
+safetensors shards onto the compute device, and frees them again.
+
+`run_blocks` drives a block-major sweep: the windows go through the embeddings once, then through
+block 0 (all of them), block 1, ... Each block's outputs are the next block's inputs, kept as
+``[windows, seq, hidden]`` in the compute dtype (`ActivationStore`: in memory, or a memory-mapped
+file on disk when they would not fit). Whatever the hooks attached to the skeleton's modules record
+sees the same inputs, in the same batch order, as an in-memory forward, so running sums agree bit for
+bit.
+
+The keyword arguments the model hands each block (attention masks, rotary embeddings, position ids)
+come from the model's own forward: one pass with every block replaced by a recorder that returns its
+input (`_capture_calls`), so no family's glue is rewritten here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (WeightConverter, WeightRenaming, convert_and_load_state_dict_in_model,
+                                             rename_source_key)
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
+
+from hyprune.apply import parameters_on_meta
+from hyprune.errors import HypruneError
+from hyprune.models import load_config, parse_dtype
+from hyprune.stream.shards import ShardReader
+
+log = logging.getLogger("hyprune.stream")
+
+# Fraction of the available memory the two activation buffers (a block's inputs and outputs) may take
+# before they spill to disk.
+SPILL_FRACTION = 0.25
+
+# Families the block-by-block path refuses, and why.
+NOT_STREAMED = {
+    "zamba2": "its shared transformer blocks are stored once and tied into the hybrid layers by "
+              "transformers at load time, which loading one block at a time does not reproduce yet.",
+}
+
+
+class _StopForward(Exception):
+    """Raised after the last block during the capture pass: the head is not needed there."""
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for tensors on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+class ActivationStore:
+    """``[windows, seq, hidden]`` block inputs or outputs, addressed by batch: in memory, or on disk.
+
+    On disk it is a file mapped with ``torch.from_file`` (shared, so writes go to the file and the
+    kernel may evict the pages), in ``spill_dir``; the path and size are logged.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+                 spill_dir: Path | None = None):
+        self.shape, self.dtype, self.path = shape, dtype, None
+        count = shape[0] * shape[1] * shape[2]
+        if spill_dir is None:
+            self.data = torch.empty(shape, dtype=dtype, device=device)
+            return
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="hyprune-activations-", suffix=".bin", dir=spill_dir)
+        os.close(fd)
+        self.path = Path(name)
+        self.data = torch.from_file(name, shared=True, size=count, dtype=dtype).view(shape)
+        log.info("block activations spill to %s (%.1f MiB)", name, count * self.data.element_size() / 2**20)
+
+    def close(self) -> None:
+        del self.data
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Call:
+    """How the model called a block for one batch: the positional and keyword arguments after the
+    hidden states, and whether the hidden states came by keyword."""
+
+    args: tuple
+    kwargs: dict
+    by_keyword: bool
+
+
+class BlockwiseModel:
+    """The skeleton of a checkpoint folder, with `onload` / `offload` of one module's tensors.
+
+    Tensors are read by their names in the shards and handed to transformers' own loader
+    (``convert_and_load_state_dict_in_model``, the function ``from_pretrained`` uses) with the model's
+    conversion mapping, so legacy names (NemotronH's ``backbone.``) and per-expert tensors that the
+    model fuses (Jamba) load exactly as ``from_pretrained`` would load them. Modules that several
+    blocks share (Zamba2's shared transformer) are loaded once and stay.
+    """
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", dtype=None):
+        self.folder = Path(folder)
+        self.config, self.family = load_config(folder)
+        if self.family.name in NOT_STREAMED:
+            raise HypruneError(f"{self.family.name} cannot be read block by block: {NOT_STREAMED[self.family.name]} "
+                               "Run without --stream (in memory).")
+        self.reader = ShardReader(folder)
+        self.device = torch.device(device)
+        stored = self.reader.dtype(next(iter(self.reader.names())))
+        dtype = parse_dtype(dtype)
+        self.dtype = stored if dtype in (None, "auto") else dtype
+        with parameters_on_meta():
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.model.eval()
+        for module in self.model.modules():  # the buffers to the device; the parameters are meta until loaded
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(self.device)
+        self._mapping = get_model_conversion_mapping(self.model)
+        self._targets = self._target_names()
+        self._shared = self._shared_parameters()
+        for path in self.outside_blocks():
+            self.onload(path)
+
+    def _target_names(self) -> dict[str, str]:
+        """Source tensor name -> the model parameter it loads into (after the conversion mapping)."""
+        renamings = [m for m in self._mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self._mapping if isinstance(m, WeightConverter)]
+        meta = self.model.state_dict()
+        prefix = self.model.base_model_prefix
+        targets, unknown = {}, []
+        for name in self.reader.names():
+            target, _ = rename_source_key(name, renamings, converters, prefix, meta)
+            if target not in meta and name in meta:
+                target = name
+            (unknown.append(name) if target not in meta else targets.__setitem__(name, target))
+        if unknown:
+            raise HypruneError(
+                f"{self.folder} holds tensors that {type(self.model).__name__} of this transformers version has no "
+                f"place for (e.g. '{unknown[0]}'), so it cannot be read block by block; prune it in memory (--no-stream).")
+        return targets
+
+    def _shared_parameters(self) -> set[int]:
+        """ids of parameters that more than one block holds."""
+        owners: dict[int, set[int]] = {}
+        for i, layer in enumerate(self.layers):
+            for p in layer.parameters():
+                owners.setdefault(id(p), set()).add(i)
+        return {pid for pid, blocks in owners.items() if len(blocks) > 1}
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.family.layers(self.model)
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    def onload(self, path: str) -> nn.Module:
+        """Read every tensor that loads into the module at ``path`` (a state-dict prefix) onto the device."""
+        module = self.module(path)
+        sources = [s for s, t in self._targets.items() if t.startswith(path + ".")]
+        state = {s: self.reader.read(s) for s in sources}
+        fp32 = [*(getattr(self.model, "_keep_in_fp32_modules", None) or []),
+                *(getattr(self.model, "_keep_in_fp32_modules_strict", None) or [])]
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        config = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self._mapping, device_map={"": self.device},
+                                     dtype_plan={k: torch.float32 for k in fp32} if half else {})
+        with _quiet_loading():
+            convert_and_load_state_dict_in_model(self.model, state, config)
+        for name, param in module.named_parameters():
+            if param.is_meta and id(param) not in self._shared:
+                raise HypruneError(f"{self.folder} holds no tensor for '{path}.{name}', which the model needs.")
+        return module
+
+    def offload(self, path: str) -> None:
+        """Free the module's parameters (back to the meta device); its buffers and shared parameters stay."""
+        for module in self.module(path).modules():
+            for name, param in module._parameters.items():
+                if param is not None and id(param) not in self._shared:
+                    module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    @contextmanager
+    def loaded(self, path: str):
+        module = self.onload(path)
+        try:
+            yield module
+        finally:
+            self.offload(path)
+
+    def outside_blocks(self) -> list[str]:
+        """Module paths (parent of a tensor) whose weights are not a block's own, the embeddings', the final
+        norm's or the head's: shared weights (Zamba2's shared transformer), loaded for the whole sweep."""
+        blocks = re.compile(rf"^{re.escape(self.family.base)}\.layers\.\d+\.")
+        fixed = (self.embeddings + ".", self.final_norm + ".", "lm_head.")
+        shared_names = {n for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in self._shared}
+        paths = set()
+        for target in self._targets.values():
+            if target.startswith(fixed) or (blocks.match(target) and target not in shared_names):
+                continue
+            paths.add(target.rsplit(".", 1)[0])
+        return sorted(paths)
+
+    @property
+    def embeddings(self) -> str:
+        return f"{self.family.base}.{self.family.embeddings}"
+
+    @property
+    def final_norm(self) -> str:
+        return f"{self.family.base}.{self.family.final_norm}"
+
+
+@contextmanager
+def _quiet_loading():
+    """transformers' loader shows a progress bar per call; one per block is noise."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _capture_calls(bm: BlockwiseModel, batch: torch.Tensor) -> tuple[torch.Tensor, list[_Call]]:
+    """One forward of the model whose blocks only record how they are called: (the first block's input,
+    one `_Call` per block). The embeddings must be loaded.
+
+    A recorder returns its input as the block's output: a tensor, or for models that unpack a block's
+    output (Bamba: ``hidden_states, attn_weights = layer(...)``) a tuple padded with None; what a
+    recorder returns is never used, only the arguments each block is called with.
+    """
+    error = None
+    for arity in (None, 2, 3):
+        try:
+            return _record(bm, batch, arity)
+        except (ValueError, TypeError, AttributeError) as e:  # the model did not take this output shape
+            error = e
+    raise HypruneError(f"{type(bm.model).__name__} cannot be run block by block: its forward fails when a "
+                       f"block's output is only recorded ({error}).")
+
+
+def _record(bm: BlockwiseModel, batch: torch.Tensor, arity: int | None) -> tuple[torch.Tensor, list[_Call]]:
+    calls: list[_Call] = []
+    first: list[torch.Tensor] = []
+    originals = []
+
+    def recorder(*args, **kwargs):
+        by_keyword = not args
+        hidden = kwargs.pop("hidden_states") if by_keyword else args[0]
+        if not first:
+            first.append(hidden)
+        calls.append(_Call(args[1:], kwargs, by_keyword))
+        return hidden if arity is None else (hidden, *[None] * (arity - 1))
+
+    def stop_here(*_):
+        raise _StopForward
+
+    for layer in bm.layers:  # the recorder replaces forward; the blocks' own hooks must not see it
+        originals.append((layer.forward, layer._forward_hooks, layer._forward_pre_hooks))
+        layer.forward, layer._forward_hooks, layer._forward_pre_hooks = recorder, OrderedDict(), OrderedDict()
+    stop = bm.module(bm.final_norm).register_forward_pre_hook(stop_here)
+    try:
+        bm.model(input_ids=batch.to(bm.device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        stop.remove()
+        for layer, (forward, hooks, pre_hooks) in zip(bm.layers, originals):
+            layer.forward, layer._forward_hooks, layer._forward_pre_hooks = forward, hooks, pre_hooks
+    if len(calls) != len(bm.layers):
+        raise HypruneError(f"The model called {len(calls)} of its {len(bm.layers)} blocks in one forward; "
+                           "it cannot be run block by block.")
+    return first[0], calls
+
+
+def _output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+@torch.inference_mode()
+def run_blocks(bm: BlockwiseModel, windows: torch.Tensor, batch_size: int = 8, *, spill_dir: str | Path | None = None,
+               progress: bool = True, on_block: Callable[[int, int], None] | None = None) -> None:
+    """Every window through every block, block by block (see the module docstring).
+
+    ``on_block(i, batch_index)`` is called before block ``i`` runs on a batch (hooks use it to know
+    which batch they see). Mamba blocks need no state across windows: each window is an independent
+    sequence and the sweep runs with ``use_cache=False``, so a block sees a window exactly as a
+    full forward would.
+    """
+    batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
+    with bm.loaded(bm.embeddings):
+        captured = [_capture_calls(bm, b) for b in tqdm(batches, desc="embeddings", unit="batch", disable=not progress)]
+    shape = (len(windows), windows.shape[1], bm.config.hidden_size)
+    spill = _spill_dir(shape, bm, spill_dir)
+    current, nxt = (ActivationStore(shape, bm.dtype, bm.device if spill is None else torch.device("cpu"), spill)
+                    for _ in range(2))
+    try:
+        for b, (first, _) in enumerate(captured):
+            current.data[b * batch_size : b * batch_size + len(first)] = first
+        for i in tqdm(range(len(bm.layers)), desc="blocks", unit="block", disable=not progress):
+            with bm.loaded(f"{bm.family.base}.layers.{i}") as block:
+                for b, (_, calls) in enumerate(captured):
+                    if on_block is not None:
+                        on_block(i, b)
+                    rows = slice(b * batch_size, b * batch_size + len(batches[b]))
+                    x, call = current.data[rows].to(bm.device), calls[i]
+                    out = block(*call.args, hidden_states=x, **call.kwargs) if call.by_keyword else \
+                        block(x, *call.args, **call.kwargs)
+                    nxt.data[rows] = _output(out).to(nxt.data.device)
+            current, nxt = nxt, current
+    finally:
+        current.close()
+        nxt.close()
+
+
+def _spill_dir(shape: tuple[int, int, int], bm: BlockwiseModel, spill_dir: str | Path | None) -> Path | None:
+    """Where the activations go: ``spill_dir`` if given, else memory unless two buffers would take more
+    than `SPILL_FRACTION` of the free memory (then the system's temporary folder)."""
+    if spill_dir is not None:
+        return Path(spill_dir)
+    need = 2 * shape[0] * shape[1] * shape[2] * torch.tensor([], dtype=bm.dtype).element_size()
+    if need <= SPILL_FRACTION * available_memory(bm.device):
+        return None
+    log.info("block activations (%.1f GiB for inputs and outputs) do not fit in memory", need / 2**30)
+    return Path(tempfile.gettempdir())
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes of the checkpoint's tensors as stored."""
+    return ShardReader(folder).total_bytes()
+
+
+__all__ = ["ActivationStore", "BlockwiseModel", "available_memory", "checkpoint_bytes", "run_blocks"]
