@@ -15,17 +15,17 @@ import random
 from pathlib import Path
 
 import pytest
+import test_dense
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_family_contract import NAMES, built
 from transformers import AutoModelForCausalLM
 
-import test_dense
 from hyprune.apply import apply_plan
 from hyprune.errors import HypruneError
 from hyprune.stream.apply import stream_apply
 from hyprune.stream.shards import ShardReader, ShardWriter
-from test_family_contract import NAMES, built
 
 
 def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -33,19 +33,26 @@ def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
-            for name in f.keys():
+            names = f.keys()
+            for name in names:
                 assert name not in out, f"{name} is in two shards"
                 out[name] = f.get_tensor(name)
     return out
 
 
 def file_of(folder: Path) -> dict[str, str]:
-    return {name: path.name for path in folder.glob("*.safetensors") for name in safe_open(path, "pt").keys()}
+    out = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            names = f.keys()
+        out.update(dict.fromkeys(names, path.name))
+    return out
 
 
 def data_bytes(path: Path) -> list[int]:
     with safe_open(path, "pt") as f:
-        return [f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in f.keys()]
+        names = f.keys()
+        return [f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in names]
 
 
 # ---- ShardReader / ShardWriter -------------------------------------------------------------------

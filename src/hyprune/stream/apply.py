@@ -60,7 +60,7 @@ def _steps(reader: ShardReader, slicer: TensorSlicer, src: CheckpointLayout, dst
     unused = [f for f in reader.names() if src.model_name(f)[0] not in known]
     if unused:
         warnings.warn(f"{len(unused)} checkpoint tensors fit no weight of the model and are not copied "
-                      f"(from_pretrained ignores them too), e.g. {sorted(unused)[0]}.", stacklevel=3)
+                      f"(from_pretrained ignores them too), e.g. {min(unused)}.", stacklevel=3)
     return steps
 
 

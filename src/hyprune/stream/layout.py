@@ -16,8 +16,13 @@ from copy import deepcopy
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key, rename_source_key,
-                                             revert_weight_conversion)
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+    revert_weight_conversion,
+)
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from hyprune.errors import HypruneError

@@ -18,7 +18,7 @@ import torch
 
 from hyprune.errors import HypruneError
 
-__all__ = ["ShardReader", "ShardWriter", "shard_names", "DTYPES"]
+__all__ = ["DTYPES", "ShardReader", "ShardWriter", "shard_names"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -202,7 +202,7 @@ class ShardWriter:
             offset += nbytes(shape, dtype)
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
-        self._file = open(self.folder / self.files[name], "wb")
+        self._file = open(self.folder / self.files[name], "wb")  # noqa: SIM115 (open across write calls)
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._left = len(shard)
 
