@@ -61,47 +61,73 @@ def pruned_config(family: Family, config, plan: Plan):
     return new
 
 
-def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut every tensor of ``state`` to the plan and renumber kept blocks. Inputs are not modified."""
-    sizes = family.sizes(config)
-    hidden = _idx(plan.hidden)
-    base = family.base
-    top_rules = {
-        f"{base}.{family.embeddings}.weight": [(1, hidden)],
-        f"{base}.{family.final_norm}.weight": [(0, hidden)],
-        "lm_head.weight": [(1, hidden)],
-    }
-    kept = plan.kept_blocks()
-    new_index = {old: new for new, old in enumerate(kept)}
-    layer_re = re.compile(rf"^{re.escape(base)}\.layers\.(\d+)\.(.+)$")
-    cache: dict[int, dict] = {}
-    out = {}
-    for name, tensor in state.items():
-        match = layer_re.match(name)
-        if match:
-            i, rest = int(match.group(1)), match.group(2)
-            if i not in new_index:
-                continue  # a dropped block
-            if i not in cache:
-                lp = plan.layers[i]
-                cache[i] = layer_rules(family, lp, sizes, hidden, config)
-            rules = _find_rule(cache[i], rest)
-            if family.renumber is not None:
-                rest = family.renumber(rest, config, kept)
-                if rest is None:
-                    continue  # part of a dropped block that a kept block also holds (a per-use adapter slot)
-            new_name = f"{base}.layers.{new_index[i]}.{rest}"
-        else:
-            rules = top_rules.get(name)
-            new_name = name
+class TensorSlicer:
+    """How one source tensor becomes its pruned tensor: its new name (`target`) and its cut (`slice`).
+
+    One tensor at a time, so the same rules serve a state dict in memory (`slice_state_dict`) and a
+    checkpoint streamed from its shards (`hyprune.stream.apply`), and a meta tensor gives the pruned
+    shape without any data.
+    """
+
+    def __init__(self, family: Family, config, plan: Plan):
+        self.family, self.config, self.plan = family, config, plan
+        self.sizes = family.sizes(config)
+        self.hidden = _idx(plan.hidden)
+        base = family.base
+        self.top_rules = {
+            f"{base}.{family.embeddings}.weight": [(1, self.hidden)],
+            f"{base}.{family.final_norm}.weight": [(0, self.hidden)],
+            "lm_head.weight": [(1, self.hidden)],
+        }
+        self.kept = plan.kept_blocks()
+        self.new_index = {old: new for new, old in enumerate(self.kept)}
+        self.layer_re = re.compile(rf"^{re.escape(base)}\.layers\.(\d+)\.(.+)$")
+        self._block_rules: dict[int, dict] = {}
+
+    def _resolve(self, name: str) -> tuple[str | None, list | None]:
+        """(new name or None when the tensor is dropped, its slicing steps or None when unknown)."""
+        match = self.layer_re.match(name)
+        if not match:
+            return name, self.top_rules.get(name)
+        i, rest = int(match.group(1)), match.group(2)
+        if i not in self.new_index:
+            return None, None  # a dropped block
+        if i not in self._block_rules:
+            self._block_rules[i] = layer_rules(self.family, self.plan.layers[i], self.sizes, self.hidden, self.config)
+        rules = _find_rule(self._block_rules[i], rest)
+        if self.family.renumber is not None:
+            rest = self.family.renumber(rest, self.config, self.kept)
+            if rest is None:
+                return None, rules  # part of a dropped block that a kept block also holds (a per-use adapter slot)
+        return f"{self.family.base}.layers.{self.new_index[i]}.{rest}", rules
+
+    def target(self, name: str) -> str | None:
+        """The tensor's name in the pruned model, or None when the plan drops it."""
+        return self._resolve(name)[0]
+
+    def slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the source tensor ``name``) cut to the plan; contiguous, the input is not modified."""
+        new_name, rules = self._resolve(name)
         if rules is None:
+            if new_name is None:
+                raise HypruneError(f"Tensor '{name}' is dropped by the plan; there is nothing to slice.")
             raise HypruneError(
-                f"Don't know how to prune tensor '{name}' of {family.name}; hyprune supports the dense "
+                f"Don't know how to prune tensor '{name}' of {self.family.name}; hyprune supports the dense "
                 "Mamba/attention/MLP layout. Please report the model so its layout can be added."
             )
         for step in rules:
             tensor = step(tensor) if callable(step) else tensor.index_select(step[0], step[1].to(tensor.device))
-        out[new_name] = tensor.contiguous()
+        return tensor.contiguous()
+
+
+def slice_state_dict(family: Family, config, plan: Plan, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut every tensor of ``state`` to the plan and renumber kept blocks. Inputs are not modified."""
+    slicer = TensorSlicer(family, config, plan)
+    out = {}
+    for name, tensor in state.items():
+        new_name = slicer.target(name)
+        if new_name is not None:
+            out[new_name] = slicer.slice(name, tensor)
     return out
 
 

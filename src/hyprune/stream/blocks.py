@@ -20,10 +20,10 @@ input (`_capture_calls`), so no family's glue is rewritten here.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 import os
 import re
 import tempfile
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +33,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (WeightConverter, WeightRenaming, convert_and_load_state_dict_in_model,
-                                             rename_source_key)
-from transformers.modeling_utils import LoadStateDictConfig
-from transformers.utils import logging as hf_logging
 
 from hyprune.apply import parameters_on_meta
 from hyprune.errors import HypruneError
 from hyprune.models import load_config, parse_dtype
+from hyprune.stream.layout import CheckpointLayout
 from hyprune.stream.shards import ShardReader
 
 log = logging.getLogger("hyprune.stream")
@@ -115,10 +111,10 @@ class _Call:
 class BlockwiseModel:
     """The skeleton of a checkpoint folder, with `onload` / `offload` of one module's tensors.
 
-    Tensors are read by their names in the shards and handed to transformers' own loader
-    (``convert_and_load_state_dict_in_model``, the function ``from_pretrained`` uses) with the model's
-    conversion mapping, so legacy names (NemotronH's ``backbone.``) and per-expert tensors that the
-    model fuses (Jamba) load exactly as ``from_pretrained`` would load them. Modules that several
+    Tensors are read by their names in the shards and converted to the model's names and layout by
+    `hyprune.stream.layout.CheckpointLayout` (transformers' own conversion mapping), so legacy names
+    (NemotronH's ``backbone.``) and per-expert tensors that the model fuses (Jamba) load as
+    ``from_pretrained`` would load them. Modules that several
     blocks share (Zamba2's shared transformer) are loaded once and stay.
     """
 
@@ -140,29 +136,16 @@ class BlockwiseModel:
             for name, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[name] = buffer.to(self.device)
-        self._mapping = get_model_conversion_mapping(self.model)
-        self._targets = self._target_names()
-        self._shared = self._shared_parameters()
-        for path in self.outside_blocks():
-            self.onload(path)
-
-    def _target_names(self) -> dict[str, str]:
-        """Source tensor name -> the model parameter it loads into (after the conversion mapping)."""
-        renamings = [m for m in self._mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in self._mapping if isinstance(m, WeightConverter)]
-        meta = self.model.state_dict()
-        prefix = self.model.base_model_prefix
-        targets, unknown = {}, []
-        for name in self.reader.names():
-            target, _ = rename_source_key(name, renamings, converters, prefix, meta)
-            if target not in meta and name in meta:
-                target = name
-            (unknown.append(name) if target not in meta else targets.__setitem__(name, target))
+        self.layout = CheckpointLayout(self.model)
+        self._groups = self.layout.groups(self.reader.names())  # model name -> its file tensors
+        unknown = sorted(set(self._groups) - set(self.model.state_dict()))
         if unknown:
             raise HypruneError(
                 f"{self.folder} holds tensors that {type(self.model).__name__} of this transformers version has no "
                 f"place for (e.g. '{unknown[0]}'), so it cannot be read block by block; prune it in memory (--no-stream).")
-        return targets
+        self._shared = self._shared_parameters()
+        for path in self.outside_blocks():
+            self.onload(path)
 
     def _shared_parameters(self) -> set[int]:
         """ids of parameters that more than one block holds."""
@@ -180,17 +163,20 @@ class BlockwiseModel:
         return self.model.get_submodule(path)
 
     def onload(self, path: str) -> nn.Module:
-        """Read every tensor that loads into the module at ``path`` (a state-dict prefix) onto the device."""
+        """Read every tensor of the module at ``path`` (a state-dict prefix) onto the device, converted from
+        the file's names and layout to the model's as ``from_pretrained`` converts them."""
         module = self.module(path)
-        sources = [s for s, t in self._targets.items() if t.startswith(path + ".")]
-        state = {s: self.reader.read(s) for s in sources}
+        files = [f for name, group in self._groups.items() if name.startswith(path + ".") for f in group]
+        state = self.layout.to_model({f: self.reader.read(f) for f in files})
         fp32 = [*(getattr(self.model, "_keep_in_fp32_modules", None) or []),
                 *(getattr(self.model, "_keep_in_fp32_modules_strict", None) or [])]
-        half = self.dtype in (torch.float16, torch.bfloat16)
-        config = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self._mapping, device_map={"": self.device},
-                                     dtype_plan={k: torch.float32 for k in fp32} if half else {})
-        with _quiet_loading():
-            convert_and_load_state_dict_in_model(self.model, state, config)
+        for name, tensor in state.items():
+            if tensor.is_floating_point():
+                keep32 = self.dtype in (torch.float16, torch.bfloat16) and any(k in name for k in fp32)
+                tensor = tensor.to(torch.float32 if keep32 else self.dtype)
+            state[name] = tensor.to(self.device)
+        local = {name[len(path) + 1:]: tensor for name, tensor in state.items()}
+        module.load_state_dict(local, strict=False, assign=True)
         for name, param in module.named_parameters():
             if param.is_meta and id(param) not in self._shared:
                 raise HypruneError(f"{self.folder} holds no tensor for '{path}.{name}', which the model needs.")
@@ -218,7 +204,7 @@ class BlockwiseModel:
         fixed = (self.embeddings + ".", self.final_norm + ".", "lm_head.")
         shared_names = {n for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in self._shared}
         paths = set()
-        for target in self._targets.values():
+        for target in self._groups:
             if target.startswith(fixed) or (blocks.match(target) and target not in shared_names):
                 continue
             paths.add(target.rsplit(".", 1)[0])
@@ -231,18 +217,6 @@ class BlockwiseModel:
     @property
     def final_norm(self) -> str:
         return f"{self.family.base}.{self.family.final_norm}"
-
-
-@contextmanager
-def _quiet_loading():
-    """transformers' loader shows a progress bar per call; one per block is noise."""
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def _capture_calls(bm: BlockwiseModel, batch: torch.Tensor) -> tuple[torch.Tensor, list[_Call]]:
@@ -351,7 +325,7 @@ def _spill_dir(shape: tuple[int, int, int], bm: BlockwiseModel, spill_dir: str |
 
 def checkpoint_bytes(folder: str | Path) -> int:
     """Bytes of the checkpoint's tensors as stored."""
-    return ShardReader(folder).total_bytes()
+    return sum(ShardReader(folder).shard_sizes().values())
 
 
 __all__ = ["ActivationStore", "BlockwiseModel", "available_memory", "checkpoint_bytes", "run_blocks"]
