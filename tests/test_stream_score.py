@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_family_contract import CASES, NAMES, VOCAB
 
 from hyprune.arch import family_for_config
-from hyprune.depth import stream_sweep
+from hyprune.depth import removal_sweep, stream_sweep
 from hyprune.importance import activation_scores
 from hyprune.stream.blocks import NOT_STREAMED
-from hyprune.stream.score import stream_activation_scores, stream_block_scores
-
-from test_family_contract import CASES, NAMES, VOCAB
+from hyprune.stream.score import stream_activation_scores, stream_block_scores, stream_removal_scores
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +71,20 @@ def test_streamed_block_scores_equal_in_memory(name, saved):
         else:
             assert got[method].scores == expected[method].scores, method
         assert (got[method].samples, got[method].tokens) == (expected[method].samples, expected[method].tokens)
+
+
+@pytest.mark.parametrize("name", STREAMED)
+def test_streamed_removal_scores_equal_in_memory(name, saved):
+    """KL and LM loss without each block: every candidate a stream of its own, each block read once."""
+    model, folder = saved(name)
+    family = family_for_config(model.config)
+    expected = removal_sweep(model, WINDOWS, family, batch_size=2, progress=False)
+    got = stream_removal_scores(folder, WINDOWS, batch_size=2, progress=False)
+    for method in ("kl", "lm_loss"):
+        if name in TOLERANT:
+            assert got[method].scores == pytest.approx(expected[method].scores, rel=1e-5, abs=1e-6), method
+        else:
+            assert got[method].scores == expected[method].scores, method
 
 
 def test_zamba2_is_refused_with_the_reason(saved):

@@ -310,6 +310,48 @@ def _loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
                                  reduction="sum"))
 
 
+class RemovalSums:
+    """KL(full || without block i) and the LM-loss increase, summed batch by batch.
+
+    `full` takes a batch's full-model logits, then `removed` the logits with each block removed, in
+    any order of blocks; batches must come in order (a full forward per removed block, or block by
+    block in `hyprune.stream`: the same floats either way).
+    """
+
+    def __init__(self, family: Family, config):
+        self.kinds, self.family = family.block_kinds(config), family.name
+        L = len(self.kinds)
+        self.kl_sum, self.loss_sum = [0.0] * L, [0.0] * L
+        self.tokens = self.loss_tokens = self.samples = 0
+        self.ids = self.log_p = self.p = None
+        self.base_loss = 0.0
+
+    def full(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        logits = logits.float()  # [batch, seq, vocab]
+        self.ids, self.log_p = ids, F.log_softmax(logits, dim=-1)
+        self.p = self.log_p.exp()
+        self.base_loss = _loss_sum(logits, ids)
+        self.tokens += ids.numel()
+        self.loss_tokens += ids[:, 1:].numel()
+        self.samples += len(ids)
+
+    def removed(self, i: int, logits: torch.Tensor) -> None:
+        logits, p, log_p = logits.float(), self.p, self.log_p
+        for r in range(len(self.ids)):  # one sample at a time: temporaries of [seq, vocab], not [batch, seq, vocab]
+            log_q = F.log_softmax(logits[r], dim=-1)
+            # p log(p / q), with 0 where p == 0 (a -inf logit would otherwise give 0 * nan)
+            kl = torch.where(p[r] > 0, p[r] * (log_p[r] - log_q), torch.zeros((), device=p.device))
+            self.kl_sum[i] += float(kl.sum(dtype=torch.float64))
+        self.loss_sum[i] += _loss_sum(logits, self.ids) - self.base_loss
+
+    def result(self) -> dict[str, BlockScores]:
+        common = dict(kinds=self.kinds, family=self.family, samples=self.samples, tokens=self.tokens)
+        return {
+            "kl": BlockScores("kl", [s / self.tokens for s in self.kl_sum], **common),
+            "lm_loss": BlockScores("lm_loss", [s / self.loss_tokens for s in self.loss_sum], **common),
+        }
+
+
 @torch.inference_mode()
 def removal_sweep(model, windows: torch.Tensor, family: Family, batch_size: int = 8,
                   progress: bool = True) -> dict[str, BlockScores]:
@@ -320,43 +362,22 @@ def removal_sweep(model, windows: torch.Tensor, family: Family, batch_size: int 
     Memory: about four [batch, seq, vocab] float32 tensors at a time; lower ``batch_size`` for large
     vocabularies.
     """
-    kinds = family.block_kinds(model.config)
     layers = family.layers(model)
-    L = len(layers)
     batches = _batches(windows, batch_size)
-    kl_sum, loss_sum = [0.0] * L, [0.0] * L
-    tokens = loss_tokens = samples = 0
+    sums = RemovalSums(family, model.config)
     device = _device(model)
-    bar = tqdm(total=len(batches) * L, desc="block removal", unit="pass", disable=not progress)
+    bar = tqdm(total=len(batches) * len(layers), desc="block removal", unit="pass", disable=not progress)
     try:
         for batch in batches:
             ids = batch.to(device)
-            full = model(input_ids=ids, use_cache=False).logits.float()  # [batch, seq, vocab]
-            log_p = F.log_softmax(full, dim=-1)
-            p = log_p.exp()
-            base_loss = _loss_sum(full, ids)
-            del full
+            sums.full(model(input_ids=ids, use_cache=False).logits, ids)
             for i, block in enumerate(layers):
                 with removed_block(block):
-                    logits = model(input_ids=ids, use_cache=False).logits.float()
-                for r in range(len(ids)):  # one sample at a time: temporaries of [seq, vocab], not [batch, seq, vocab]
-                    log_q = F.log_softmax(logits[r], dim=-1)
-                    # p log(p / q), with 0 where p == 0 (a -inf logit would otherwise give 0 * nan)
-                    kl = torch.where(p[r] > 0, p[r] * (log_p[r] - log_q), torch.zeros((), device=p.device))
-                    kl_sum[i] += float(kl.sum(dtype=torch.float64))
-                loss_sum[i] += _loss_sum(logits, ids) - base_loss
-                del logits
+                    sums.removed(i, model(input_ids=ids, use_cache=False).logits)
                 bar.update(1)
-            tokens += ids.numel()
-            loss_tokens += ids[:, 1:].numel()
-            samples += len(ids)
     finally:
         bar.close()
-    common = dict(kinds=kinds, family=family.name, samples=samples, tokens=tokens)
-    return {
-        "kl": BlockScores("kl", [s / tokens for s in kl_sum], **common),
-        "lm_loss": BlockScores("lm_loss", [s / loss_tokens for s in loss_sum], **common),
-    }
+    return sums.result()
 
 
 def block_importance_all(model, windows: torch.Tensor, methods: Iterable[str] = METHODS,
@@ -742,5 +763,5 @@ __all__ = [
     "BLOCK_PLOT_FILE", "BLOCK_SCORES_FILE", "METHODS", "MODES", "BlockScores", "block_importance",
     "block_importance_all", "check_depth_request", "choose_blocks_to_drop", "depth_plan", "drop_blocks_from_list", "parse_block_list",
     "format_block_table", "load_block_scores", "protected_kinds", "removal_sweep",
-    "removed_block", "save_block_scores", "SweepRecorder", "score_depth", "stream_sweep", "with_dropped_blocks",
+    "RemovalSums", "removed_block", "save_block_scores", "SweepRecorder", "score_depth", "stream_sweep", "with_dropped_blocks",
 ]

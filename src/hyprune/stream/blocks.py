@@ -131,11 +131,13 @@ class BlockwiseModel:
         self.dtype = stored if dtype in (None, "auto") else dtype
         with parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.model.tie_weights()  # a tied head is the embeddings' tensor (`CheckpointLayout.sources`)
         self.model.eval()
         for module in self.model.modules():  # the buffers to the device; the parameters are meta until loaded
             for name, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[name] = buffer.to(self.device)
+        self.stub_arity: int | None | bool = False  # how a skipped block returns (`_capture_calls`); False: unknown
         self.layout = CheckpointLayout(self.model)
         self._groups = self.layout.groups(self.reader.names())  # model name -> its file tensors
         unknown = sorted(set(self._groups) - set(self.model.state_dict()))
@@ -143,6 +145,7 @@ class BlockwiseModel:
             raise HypruneError(
                 f"{self.folder} holds tensors that {type(self.model).__name__} of this transformers version has no "
                 f"place for (e.g. '{unknown[0]}'), so it cannot be read block by block; prune it in memory (--no-stream).")
+        self._holders = self.layout.sources(self.reader.names())  # model name -> the name its data is saved as
         self._shared = self._shared_parameters()
         for path in self.outside_blocks():
             self.onload(path)
@@ -166,8 +169,10 @@ class BlockwiseModel:
         """Read every tensor of the module at ``path`` (a state-dict prefix) onto the device, converted from
         the file's names and layout to the model's as ``from_pretrained`` converts them."""
         module = self.module(path)
-        files = [f for name, group in self._groups.items() if name.startswith(path + ".") for f in group]
-        state = self.layout.to_model({f: self.reader.read(f) for f in files})
+        holders = {name: self._holders[f"{path}.{name}"] for name in module.state_dict(keep_vars=True)}
+        files = [f for holder in set(holders.values()) for f in self._groups[holder]]
+        converted = self.layout.to_model({f: self.reader.read(f) for f in files})
+        state = {name: converted[holder] for name, holder in holders.items()}
         fp32 = [*(getattr(self.model, "_keep_in_fp32_modules", None) or []),
                 *(getattr(self.model, "_keep_in_fp32_modules_strict", None) or [])]
         for name, tensor in state.items():
@@ -175,8 +180,7 @@ class BlockwiseModel:
                 keep32 = self.dtype in (torch.float16, torch.bfloat16) and any(k in name for k in fp32)
                 tensor = tensor.to(torch.float32 if keep32 else self.dtype)
             state[name] = tensor.to(self.device)
-        local = {name[len(path) + 1:]: tensor for name, tensor in state.items()}
-        module.load_state_dict(local, strict=False, assign=True)
+        module.load_state_dict(state, strict=False, assign=True)
         for name, param in module.named_parameters():
             if param.is_meta and id(param) not in self._shared:
                 raise HypruneError(f"{self.folder} holds no tensor for '{path}.{name}', which the model needs.")
@@ -228,9 +232,11 @@ def _capture_calls(bm: BlockwiseModel, batch: torch.Tensor) -> tuple[torch.Tenso
     recorder returns is never used, only the arguments each block is called with.
     """
     error = None
-    for arity in (None, 2, 3):
+    for arity in (None, 2, 3) if bm.stub_arity is False else (bm.stub_arity,):
         try:
-            return _record(bm, batch, arity)
+            result = _record(bm, batch, arity)
+            bm.stub_arity = arity
+            return result
         except (ValueError, TypeError, AttributeError) as e:  # the model did not take this output shape
             error = e
     raise HypruneError(f"{type(bm.model).__name__} cannot be run block by block: its forward fails when a "
@@ -275,6 +281,63 @@ def _output(result) -> torch.Tensor:
     return result[0] if isinstance(result, (tuple, list)) else result
 
 
+class BlockSweep:
+    """The windows of one block-major sweep: each batch's block calls (captured once, from the embeddings)
+    and the activation buffers the blocks read and write.
+
+    ``buffers`` is how many ``[windows, seq, hidden]`` buffers the caller will hold at once (2 for a
+    plain sweep: inputs and outputs); with more than `SPILL_FRACTION` of the free memory they go to disk.
+    """
+
+    def __init__(self, bm: BlockwiseModel, windows: torch.Tensor, batch_size: int, *, buffers: int = 2,
+                 spill_dir: str | Path | None = None, progress: bool = True):
+        self.bm, self.batch_size, self.progress = bm, batch_size, progress
+        self.batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
+        with bm.loaded(bm.embeddings):
+            self.captured = [_capture_calls(bm, b) for b in tqdm(self.batches, desc="embeddings", unit="batch",
+                                                                 disable=not progress)]
+        self.shape = (len(windows), windows.shape[1], bm.config.hidden_size)
+        self.spill = _spill_dir(self.shape, bm, spill_dir, buffers)
+        self.stores: list[ActivationStore] = []
+
+    def rows(self, b: int) -> slice:
+        return slice(b * self.batch_size, b * self.batch_size + len(self.batches[b]))
+
+    def new_store(self) -> ActivationStore:
+        device = self.bm.device if self.spill is None else torch.device("cpu")
+        store = ActivationStore(self.shape, self.bm.dtype, device, self.spill)
+        self.stores.append(store)
+        return store
+
+    def embedded(self) -> ActivationStore:
+        """A buffer holding every window's input to the first block."""
+        store = self.new_store()
+        for b, (first, _) in enumerate(self.captured):
+            store.data[self.rows(b)] = first
+        return store
+
+    def forward(self, i: int, block: nn.Module, src: ActivationStore, dst: ActivationStore,
+                on_batch: Callable[[int, int], None] | None = None) -> None:
+        """Block ``i`` over every batch of ``src`` into ``dst`` (``dst`` may be ``src``: a batch's rows are
+        written once the block is done with them)."""
+        for b, (_, calls) in enumerate(self.captured):
+            if on_batch is not None:
+                on_batch(i, b)
+            rows, call = self.rows(b), calls[i]
+            x = src.data[rows].to(self.bm.device)
+            out = block(*call.args, hidden_states=x, **call.kwargs) if call.by_keyword else \
+                block(x, *call.args, **call.kwargs)
+            dst.data[rows] = _output(out).to(dst.data.device)
+
+    def block_paths(self) -> list[str]:
+        return [f"{self.bm.family.base}.layers.{i}" for i in range(len(self.bm.layers))]
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+        self.stores.clear()
+
+
 @torch.inference_mode()
 def run_blocks(bm: BlockwiseModel, windows: torch.Tensor, batch_size: int = 8, *, spill_dir: str | Path | None = None,
                progress: bool = True, on_block: Callable[[int, int], None] | None = None) -> None:
@@ -285,41 +348,53 @@ def run_blocks(bm: BlockwiseModel, windows: torch.Tensor, batch_size: int = 8, *
     sequence and the sweep runs with ``use_cache=False``, so a block sees a window exactly as a
     full forward would.
     """
-    batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
-    with bm.loaded(bm.embeddings):
-        captured = [_capture_calls(bm, b) for b in tqdm(batches, desc="embeddings", unit="batch", disable=not progress)]
-    shape = (len(windows), windows.shape[1], bm.config.hidden_size)
-    spill = _spill_dir(shape, bm, spill_dir)
-    current, nxt = (ActivationStore(shape, bm.dtype, bm.device if spill is None else torch.device("cpu"), spill)
-                    for _ in range(2))
+    sweep = BlockSweep(bm, windows, batch_size, spill_dir=spill_dir, progress=progress)
     try:
-        for b, (first, _) in enumerate(captured):
-            current.data[b * batch_size : b * batch_size + len(first)] = first
-        for i in tqdm(range(len(bm.layers)), desc="blocks", unit="block", disable=not progress):
-            with bm.loaded(f"{bm.family.base}.layers.{i}") as block:
-                for b, (_, calls) in enumerate(captured):
-                    if on_block is not None:
-                        on_block(i, b)
-                    rows = slice(b * batch_size, b * batch_size + len(batches[b]))
-                    x, call = current.data[rows].to(bm.device), calls[i]
-                    out = block(*call.args, hidden_states=x, **call.kwargs) if call.by_keyword else \
-                        block(x, *call.args, **call.kwargs)
-                    nxt.data[rows] = _output(out).to(nxt.data.device)
+        current, nxt = sweep.embedded(), sweep.new_store()
+        for i, path in enumerate(tqdm(sweep.block_paths(), desc="blocks", unit="block", disable=not progress)):
+            with bm.loaded(path) as block:
+                sweep.forward(i, block, current, nxt, on_block)
             current, nxt = nxt, current
     finally:
-        current.close()
-        nxt.close()
+        sweep.close()
 
 
-def _spill_dir(shape: tuple[int, int, int], bm: BlockwiseModel, spill_dir: str | Path | None) -> Path | None:
-    """Where the activations go: ``spill_dir`` if given, else memory unless two buffers would take more
-    than `SPILL_FRACTION` of the free memory (then the system's temporary folder)."""
+def head_logits(bm: BlockwiseModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits of the model for last-block outputs ``hidden`` ([batch, seq, hidden]): the model's own
+    forward from the final norm on (its head, any logit scaling), with the blocks skipped. The final norm
+    and the head must be loaded."""
+    originals = []
+
+    def skip(*args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        return x if bm.stub_arity is None else (x, *[None] * (bm.stub_arity - 1))
+
+    def swap_in(module, args):
+        return (hidden.to(bm.device), *args[1:])
+
+    for layer in bm.layers:
+        originals.append((layer.forward, layer._forward_hooks, layer._forward_pre_hooks))
+        layer.forward, layer._forward_hooks, layer._forward_pre_hooks = skip, OrderedDict(), OrderedDict()
+    handle = bm.module(bm.final_norm).register_forward_pre_hook(swap_in)
+    try:
+        embeds = torch.zeros(hidden.shape, dtype=bm.dtype, device=bm.device)
+        return bm.model(inputs_embeds=embeds, use_cache=False).logits
+    finally:
+        handle.remove()
+        for layer, (forward, hooks, pre_hooks) in zip(bm.layers, originals):
+            layer.forward, layer._forward_hooks, layer._forward_pre_hooks = forward, hooks, pre_hooks
+
+
+def _spill_dir(shape: tuple[int, int, int], bm: BlockwiseModel, spill_dir: str | Path | None,
+               buffers: int = 2) -> Path | None:
+    """Where the activations go: ``spill_dir`` if given, else memory unless ``buffers`` buffers would take
+    more than `SPILL_FRACTION` of the free memory (then the system's temporary folder)."""
     if spill_dir is not None:
         return Path(spill_dir)
-    need = 2 * shape[0] * shape[1] * shape[2] * torch.tensor([], dtype=bm.dtype).element_size()
+    need = buffers * shape[0] * shape[1] * shape[2] * torch.tensor([], dtype=bm.dtype).element_size()
     if need <= SPILL_FRACTION * available_memory(bm.device):
         return None
-    log.info("block activations (%.1f GiB for inputs and outputs) do not fit in memory", need / 2**30)
+    log.info("block activations (%.1f GiB in %d buffers) do not fit in memory", need / 2**30, buffers)
     return Path(tempfile.gettempdir())
 
 
@@ -328,4 +403,4 @@ def checkpoint_bytes(folder: str | Path) -> int:
     return sum(ShardReader(folder).shard_sizes().values())
 
 
-__all__ = ["ActivationStore", "BlockwiseModel", "available_memory", "checkpoint_bytes", "run_blocks"]
+__all__ = ["ActivationStore", "BlockSweep", "BlockwiseModel", "head_logits", "available_memory", "checkpoint_bytes", "run_blocks"]

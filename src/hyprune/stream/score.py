@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from hyprune.depth import BlockScores, SweepRecorder
+from hyprune.depth import BlockScores, RemovalSums, SweepRecorder
 from hyprune.importance import ChannelStat, collect_scores, register_hooks
-from hyprune.stream.blocks import BlockwiseModel, run_blocks
+from hyprune.stream.blocks import BlockSweep, BlockwiseModel, head_logits, run_blocks
 
 
 def stream_activation_scores(model: str | Path, windows: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
@@ -52,4 +53,46 @@ def stream_block_scores(model: str | Path, windows: torch.Tensor, *, window: int
     return recorder.result()
 
 
-__all__ = ["stream_activation_scores", "stream_block_scores"]
+@torch.inference_mode()
+def stream_removal_scores(model: str | Path, windows: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
+                          dtype=None, spill_dir: str | Path | None = None,
+                          progress: bool = True) -> dict[str, BlockScores]:
+    """`hyprune.depth.removal_sweep` (KL and LM-loss increase with each block removed), block by block.
+
+    Removing block i leaves its input as the input of block i + 1, so every candidate is a stream of its
+    own from block i on: when block j is loaded it runs the full model's stream and every candidate
+    stream i < j, and each block is still read once. What it costs: L(L + 1)/2 block passes over the
+    windows instead of the L of a sweep (the in-memory method runs L + 1 full forwards: the same
+    compute), and L + 1 activation buffers of [windows, seq, hidden] at the end (on disk when they would
+    not fit); the head then runs L + 1 times per batch.
+    """
+    bm = BlockwiseModel(model, device, dtype)
+    L = len(bm.layers)
+    sweep = BlockSweep(bm, windows, batch_size, buffers=L + 2, spill_dir=spill_dir, progress=progress)
+    try:
+        main, spare, candidates = sweep.embedded(), sweep.new_store(), []
+        bar = tqdm(total=L * (L + 1) // 2, desc="block removal", unit="pass", disable=not progress)
+        for i, path in enumerate(sweep.block_paths()):
+            with bm.loaded(path) as block:
+                for stream in candidates:
+                    sweep.forward(i, block, stream, stream)
+                removed = sweep.new_store()  # without block i: its input goes on
+                removed.data.copy_(main.data)
+                sweep.forward(i, block, main, spare)
+                main, spare = spare, main
+            candidates.append(removed)
+            bar.update(i + 1)
+        bar.close()
+        sums = RemovalSums(bm.family, bm.config)
+        with bm.loaded(bm.final_norm), bm.loaded("lm_head"):
+            for b, ids in enumerate(sweep.batches):
+                rows = sweep.rows(b)
+                sums.full(head_logits(bm, main.data[rows]), ids.to(bm.device))
+                for i, stream in enumerate(candidates):
+                    sums.removed(i, head_logits(bm, stream.data[rows]))
+        return sums.result()
+    finally:
+        sweep.close()
+
+
+__all__ = ["stream_activation_scores", "stream_block_scores", "stream_removal_scores"]
