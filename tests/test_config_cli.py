@@ -41,7 +41,7 @@ def test_every_config_field_has_its_option_and_every_option_is_a_field(name):
             assert field in options, (name, cls.__name__, field)
             param = options[field]
             if param.param_type_name == "option":
-                assert flag_of(cls, field) in param.opts
+                assert flag_of(cls, field).split("/") == [*param.opts, *param.secondary_opts]  # --on/--off pairs
             covered.add(field)
     assert set(options) - covered <= NOT_CONFIG_OPTIONS, set(options) - covered
 

@@ -29,9 +29,9 @@ from hyprune.depth import (
     load_block_scores,
     removed_block,
     save_block_scores,
-    score_depth,
     with_dropped_blocks,
 )
+from hyprune.api import score_depth
 from hyprune.errors import HypruneError
 from hyprune.importance import activation_scores
 from hyprune.plan import identity_plan, make_plan

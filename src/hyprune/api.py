@@ -21,12 +21,15 @@ from hyprune.compat import probe_generate
 from hyprune.config import DataConfig, LoadConfig, PruneConfig, resolve
 from hyprune.data import calibration_windows, check_source
 from hyprune.errors import HypruneError
-from hyprune.importance import activation_scores, load_scores, save_scores, summarize_scores
+from hyprune.importance import load_scores, save_scores, summarize_scores
 from hyprune.io import atomic_dir, check_output
 from hyprune.methods import Method, get_method
 from hyprune.models import count_parameters, load_config, load_model, load_tokenizer, savable
 from hyprune.plan import Plan, load_plan_for, make_plan, parse_target, resolve_target, summarize
 from hyprune.report import write_run_report
+from hyprune.source import open_source
+from hyprune.stream.apply import stream_apply
+from hyprune.stream.choice import should_stream
 
 
 def score(model: str, data: str, out: str | None = None, *, calibration: DataConfig | None = None,
@@ -35,25 +38,61 @@ def score(model: str, data: str, out: str | None = None, *, calibration: DataCon
     """Activation importance of every prunable structure of ``model`` on ``data``; saved to ``out`` if given.
 
     ``fields`` are `DataConfig` (seq_len, num_samples, batch_size, seed, ...) and `LoadConfig` (dtype,
-    device, ...) fields, or pass ``calibration`` / ``load`` configs.
+    device, stream, ...) fields, or pass ``calibration`` / ``load`` configs. With ``stream`` (or when the
+    weights would not fit in memory) the model is read block by block (`hyprune.stream`).
     """
     calibration, load = resolve("score", {**fields, "data": data, "model": model}, (DataConfig, calibration),
                                 (LoadConfig, load))
     config, family = load_config(model, **load.source())
+    streamed = should_stream(load)
     check_source(data)
     if out is not None:
         check_output(out, "dir", overwrite, inputs=(model, data))
     tokenizer = load_tokenizer(model, **load.source())
     windows = calibration_windows(tokenizer, data, **calibration.window_kwargs())
-    loaded, family = load_model(model, **load.load_kwargs())
-    scores = activation_scores(loaded, windows, family, batch_size=calibration.batch_size, progress=progress)
+    source = open_source(load, calibration.batch_size, progress, streamed)
+    scores = source.activation_scores(windows)
     if out is not None:
-        summary = summarize_scores(scores, family, loaded.config)
+        summary = summarize_scores(scores, family, source.config)
         summary["calibration"] = {"data": str(data), "seq_len": calibration.seq_len, "windows": len(windows),
-                                  "seed": calibration.seed}
+                                  "seed": calibration.seed, "streamed": streamed}
         with atomic_dir(out) as tmp:
             save_scores(scores, tmp, summary)
     return scores
+
+
+def score_depth(model: str, data: str, method: str = "block_influence", out: str | None = None, *, window: int = 1,
+                calibration: DataConfig | None = None, load: LoadConfig | None = None, overwrite: bool = False,
+                progress: bool = True, **fields) -> depth.BlockScores:
+    """Score every block of ``model`` on ``data`` with ``method``; write the ranking to ``out`` if given.
+
+    ``out`` receives ``block_scores.json`` and ``block_scores.png`` (written to a temporary folder and
+    renamed into place). ``fields`` are `DataConfig` (seq_len, num_samples, batch_size, seed, ...) and
+    `LoadConfig` (dtype, device, stream, ...) fields, or pass ``calibration`` / ``load`` configs. Everything
+    cheap is checked before the weights are read.
+    """
+    calibration, load = resolve("score --depth", {**fields, "data": data, "model": model},
+                                (DataConfig, calibration), (LoadConfig, load))
+    depth.check_method(method)
+    if window != 1 and method != "angular":
+        raise HypruneError(f"--window applies to the angular method only, not '{method}'.")
+    config, family = load_config(model, **load.source())
+    num_blocks = len(family.block_kinds(config))
+    if not 1 <= window <= num_blocks:
+        raise HypruneError(f"--window must be between 1 and the number of blocks ({num_blocks}); got {window}.")
+    streamed = should_stream(load)
+    check_source(data)
+    if out is not None:
+        check_output(out, "dir", overwrite, inputs=(model, data))
+    tokenizer = load_tokenizer(model, **load.source())
+    windows = calibration_windows(tokenizer, data, **calibration.window_kwargs())
+    result = open_source(load, calibration.batch_size, progress, streamed).block_scores(windows, method, window)
+    result.calibration = {"model": str(model), "data": str(data), "seq_len": calibration.seq_len,
+                          "windows": len(windows), "seed": calibration.seed}
+    if out is not None:
+        with atomic_dir(out) as tmp:
+            depth.save_block_scores(result, tmp)
+    return result
 
 
 def write_plan(model: str, scores: str, target: dict[str, int], out: str | None = None,
@@ -86,6 +125,7 @@ class _PruneJob:
     progress: bool
     config: object = None
     family: object = None
+    streamed: bool = False
 
     @property
     def model(self) -> str:
@@ -108,8 +148,14 @@ def prune(model: str, out: str, config: PruneConfig | None = None, *, calibratio
     job = _PruneJob(str(out) if not isinstance(out, str) else out, config, calibration, load, overwrite, progress)
     job.config, job.family = load_config(model, **load.source())
     check_output(out, "dir", overwrite, inputs=(model, calibration.data, config.scores, config.plan_file))
+    job.streamed = should_stream(load)
     registered = get_method(config.method)
     if registered is not None:
+        if job.streamed:
+            raise HypruneError(
+                f"--method {registered.name} needs the whole model in memory (the SSM methods take gradients or "
+                "statistics across the network; Wanda and SparseGPT are not yet written block by block). "
+                "Prune in memory (--no-stream), or use the activation method, depth pruning or --plan with --stream.")
         return _prune_with_method(registered, job)
     return _prune_with_plan(job)
 
@@ -133,7 +179,8 @@ def _check_plan_request(job: _PruneJob) -> None:
 
 
 def _prune_with_plan(job: _PruneJob) -> dict:
-    """`prune` by a plan: loaded (``plan_file``) or made from width scores and/or depth scores."""
+    """`prune` by a plan: loaded (``plan_file``) or made from width scores and/or depth scores, on the model
+    loaded whole or read block by block (`hyprune.source`)."""
     _check_plan_request(job)
     p, family = job.prune, job.family
     target = parse_target(p.target)
@@ -147,23 +194,23 @@ def _prune_with_plan(job: _PruneJob) -> dict:
                                                "(or --scores / --plan).")
     else:
         tokenizer, windows = _optional_tokenizer(job), None
-    loaded, family = load_model(job.model, **job.load.load_kwargs())
+    source = open_source(job.load, job.calibration.batch_size, job.progress, job.streamed)
     block_scores = None
     if the_plan is None:
         if target:
-            if width_sweep:
-                saved = activation_scores(loaded, windows, family, batch_size=job.calibration.batch_size,
-                                          progress=job.progress)
-            the_plan = make_plan(family, loaded.config, saved, target, method=p.method,
+            saved = source.activation_scores(windows) if width_sweep else saved
+            the_plan = make_plan(family, source.config, saved, target, method=p.method,
                                  group_aware=p.method != "group-blind")
         if p.drop_blocks:
-            the_plan, block_scores = depth.depth_plan(loaded, p.drop_blocks, p.depth_method, p.depth_mode,
-                                                      windows=windows, plan=the_plan,
-                                                      batch_size=job.calibration.batch_size, progress=job.progress)
+            block_scores = source.block_scores(windows, p.depth_method,
+                                               depth.depth_window(p.depth_method, p.depth_mode, p.drop_blocks))
+            the_plan = depth.plan_from_block_scores(family, source.config, block_scores, p.drop_blocks, p.depth_mode,
+                                                    the_plan)
         elif drop_list:
-            the_plan = depth.with_dropped_blocks(the_plan, drop_list, family, loaded.config)
-    summary = _apply_and_save(job, loaded, family, the_plan, tokenizer,
-                              summarize_scores(saved, family, loaded.config) if target else None)
+            the_plan = depth.with_dropped_blocks(the_plan, drop_list, family, source.config)
+    importance = summarize_scores(saved, family, source.config) if target else None
+    summary = (_stream_and_save(job, the_plan, importance) if source.streamed else
+               _apply_and_save(job, source.model, family, the_plan, tokenizer, importance))
     if block_scores is not None:
         depth.save_block_scores(block_scores, job.out)
     write_run_report(job.out)
@@ -182,6 +229,17 @@ def _apply_and_save(job: _PruneJob, loaded, family, the_plan: Plan, tokenizer, i
     save_pruned(pruned, tokenizer, job.out, {"plan.json": the_plan.model_dump(exclude_none=True),
                                              "hyprune_summary.json": summary}, overwrite=job.overwrite)
     return summary
+
+
+def _stream_and_save(job: _PruneJob, the_plan: Plan, importance: dict | None) -> dict:
+    """The plan applied shard to shard (`hyprune.stream.apply`); the summary says generate was not probed
+    (that would load the pruned model whole)."""
+    extra = {"method": {"name": job.prune.method},
+             "generate": {"transformers": transformers.__version__, "stock_generate_error": None,
+                          "probed": False}}
+    if importance is not None:
+        extra["importance"] = importance
+    return stream_apply(job.model, the_plan, job.out, overwrite=job.overwrite, progress=job.progress, summary=extra)
 
 
 def _prune_with_method(method: Method, job: _PruneJob) -> dict:

@@ -209,7 +209,7 @@ def score(
             _run(api.score, load.model, calibration.data, out, calibration=calibration, load=load,
                  overwrite=overwrite, progress=not quiet)
         else:
-            result = _run(depth_lib.score_depth, load.model, calibration.data, depth, out, window=window,
+            result = _run(api.score_depth, load.model, calibration.data, depth, out, window=window,
                           calibration=calibration, load=load, overwrite=overwrite, progress=not quiet)
             out_console.print(depth_lib.format_block_table(result))
     out_console.print(f"scores written to {out}")
@@ -333,8 +333,9 @@ DISTILL_NOT_ON_CLI = ("weight_decay", "betas", "grad_clip", "hidden_alpha", "blo
 # fine-tuning is the plain LM loss on one model: no loss settings, no teacher plan, no FSDP option
 FINETUNE_NOT_ON_CLI = DISTILL_NOT_ON_CLI + ("loss", "temperature", "beta", "ce_weight", "hidden_loss", "plan",
                                             "fsdp")
-# the models are --teacher/--student (distill) or the MODEL argument (finetune); one device, no GGUF
-TRAIN_LOAD_NOT_ON_CLI = ("model", "device_map", "gguf_file")
+# the models are --teacher/--student (distill) or the MODEL argument (finetune); one device, no GGUF;
+# no --stream anywhere but score and prune: training, evaluation, bench and search hold the whole model
+TRAIN_LOAD_NOT_ON_CLI = ("model", "device_map", "gguf_file", "stream")
 
 
 def _print_training_summary(summary: dict, out: str) -> None:
@@ -383,7 +384,7 @@ def finetune(
     _print_training_summary(summary, out)
 
 
-@config_command("cache-teacher", skip={LoadConfig: ("device_map", "gguf_file")})
+@config_command("cache-teacher", skip={LoadConfig: ("device_map", "gguf_file", "stream")})
 def cache_teacher(
     load: LoadConfig, config: CacheConfig,
     out: str = typer.Option(..., "--out", help="Cache folder (sharded safetensors + manifest)."),
@@ -396,7 +397,7 @@ def cache_teacher(
 
 
 # Evaluation ------------------------------------------------------------------------------------
-@config_command("eval", skip={LoadConfig: ()})
+@config_command("eval", skip={LoadConfig: ("stream",)})
 def eval_command(
     load: LoadConfig, config: EvalConfig,
     out: str = typer.Option(..., "--out", help="RESULTS.json (perplexity, tokens, tasks...)."),
@@ -415,8 +416,8 @@ def eval_command(
 
 
 # bench loads every model alike: no MODEL argument of the LoadConfig (the models are an argument list),
-# and no --device-map (the models are measured on one device)
-@config_command(skip={LoadConfig: ("model", "device_map")})
+# and no --device-map (the models are measured on one device), no --stream
+@config_command(skip={LoadConfig: ("model", "device_map", "stream")})
 def bench(
     models: list[str] = typer.Argument(..., help="One model, or two to compare (ratios B / A)."),
     load: LoadConfig = None, config: BenchConfig = None,
@@ -494,8 +495,8 @@ def demo(
 
 
 # Architecture search ---------------------------------------------------------------------------
-# search reads one model on one device: no --device-map, no --gguf-file
-@config_command(skip={LoadConfig: ("device_map", "gguf_file")})
+# search reads one model on one device: no --device-map, no --gguf-file (and no --stream)
+@config_command(skip={LoadConfig: ("device_map", "gguf_file", "stream")})
 def search(
     load: LoadConfig, calibration: DataConfig, config: SearchConfig,
     out: str = typer.Option(..., "--out", help="Run folder: plan.json, candidates.json, report.md/json, ranking.png."),

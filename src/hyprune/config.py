@@ -122,10 +122,14 @@ class LoadConfig(WorkflowConfig):
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights.")
     trust_remote_code: bool = Field(False, description="Run the checkpoint's own modeling code.")
     gguf_file: Path_ | None = Field(None, description="Load this GGUF file from the MODEL folder (needs `gguf`).")
+    stream: Annotated[bool | None, Cli(flag="--stream/--no-stream")] = Field(
+        None, description="Read the model block by block from its safetensors shards, one block in memory "
+                          "(default: when the weights would not fit in the free memory of the device).")
 
     def load_kwargs(self, exclude: tuple = ()) -> dict:
-        """The keyword arguments of `hyprune.models.load_model` (everything but ``model`` and ``exclude``)."""
-        return self.model_dump(exclude={"model", *exclude})
+        """The keyword arguments of `hyprune.models.load_model` (everything but ``model``, ``stream`` and
+        ``exclude``)."""
+        return self.model_dump(exclude={"model", "stream", *exclude})
 
     def source(self) -> dict:
         """Where the config and the tokenizer come from (`load_config`, `load_tokenizer`)."""

@@ -50,11 +50,9 @@ from tqdm.auto import tqdm
 
 from hyprune.arch import family_for_config
 from hyprune.arch.family import Family
-from hyprune.config import DataConfig, LoadConfig, parse_block_list, resolve
-from hyprune.data import calibration_windows, check_source
+from hyprune.config import parse_block_list
 from hyprune.errors import HypruneError
-from hyprune.io import atomic_dir, atomic_write_json, check_output
-from hyprune.models import load_config, load_model, load_tokenizer
+from hyprune.io import atomic_write_json
 from hyprune.plan import Plan, identity_plan, validate_plan
 from hyprune.report.plots import block_scores_plot
 
@@ -155,7 +153,7 @@ _DESCRIPTIONS = {
 }
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
     if method not in METHODS:
         raise HypruneError(f"Unknown depth method '{method}'. Use one of: {', '.join(METHODS)}.")
 
@@ -386,7 +384,7 @@ def block_importance_all(model, windows: torch.Tensor, methods: Iterable[str] = 
     """Several methods at once, sharing sweeps: ``{method: BlockScores}`` for the methods asked for."""
     methods = list(dict.fromkeys(methods))
     for m in methods:
-        _check_method(m)
+        check_method(m)
     family = family or family_for_config(model.config)
     out: dict[str, BlockScores] = {}
     if any(m in SWEEP_METHODS for m in methods):
@@ -403,7 +401,7 @@ def block_importance(model, windows: torch.Tensor, method: str = "block_influenc
     Higher = more important, for every method. ``window`` (angular only) scores runs of that many
     consecutive blocks. See the module docstring for the definitions.
     """
-    _check_method(method)
+    check_method(method)
     if window != 1 and method != "angular":
         raise HypruneError(f"A window of {window} blocks applies to the angular method only, not '{method}'.")
     return block_importance_all(model, windows, [method], family, window, batch_size, progress)[method]
@@ -631,7 +629,7 @@ def load_block_scores(path: str | Path, family: Family | None = None, config=Non
 def check_depth_request(family: Family, config, drop_blocks: int, method: str = "block_influence",
                         mode: str = "lowest", keep_kinds: Sequence[str] | None = None) -> None:
     """Everything about a depth request that can be checked from the config alone (before any weights)."""
-    _check_method(method)
+    check_method(method)
     if mode not in MODES:
         raise HypruneError(f"Unknown depth mode '{mode}'. Use one of: {', '.join(MODES)}.")
     kinds = family.block_kinds(config)
@@ -698,64 +696,41 @@ def depth_plan(
     Scores are computed on the unpruned source model. Returns ``(plan, block_scores)``.
     """
     family = family_for_config(model.config)
-    keep = protected_kinds(family, model.config) if keep_kinds is None else tuple(keep_kinds)
-    check_depth_request(family, model.config, drop_blocks, method, mode, keep)
+    if scores is None:
+        check_depth_request(family, model.config, drop_blocks, method, mode, keep_kinds)
+        if windows is None:
+            raise HypruneError("Depth scoring needs calibration text: pass --data FILE (or saved block scores).")
+        scores = block_importance(model, windows, method, family, window=depth_window(method, mode, drop_blocks),
+                                  batch_size=batch_size, progress=progress)
+    return plan_from_block_scores(family, model.config, scores, drop_blocks, mode, plan, keep_kinds), scores
+
+
+def depth_window(method: str, mode: str, drop_blocks: int) -> int:
+    """Blocks per scored candidate: ``angular`` with ``contiguous`` scores windows of ``drop_blocks`` blocks."""
+    return drop_blocks if (method == "angular" and mode == "contiguous") else 1
+
+
+def plan_from_block_scores(family: Family, config, scores: BlockScores | str | Path, drop_blocks: int,
+                           mode: str = "lowest", plan: Plan | None = None,
+                           keep_kinds: Sequence[str] | None = None) -> Plan:
+    """`depth_plan` from block scores already made (in memory, streamed, or a saved ``block_scores.json``)."""
+    keep = protected_kinds(family, config) if keep_kinds is None else tuple(keep_kinds)
+    if not isinstance(scores, BlockScores):
+        scores = load_block_scores(scores, family, config)
+    elif scores.kinds != family.block_kinds(config):
+        raise HypruneError(f"The block scores were made for another layer pattern ({scores.kinds}).")
+    check_depth_request(family, config, drop_blocks, scores.method, mode, keep)
     if plan is not None:
-        validate_plan(plan, family, model.config)
+        validate_plan(plan, family, config)
         if plan.drop_blocks:
             raise HypruneError(f"The plan already drops blocks {plan.drop_blocks}; pass a plan without "
                                "drop_blocks together with --drop-blocks, or put every block into the plan.")
-    if scores is None:
-        if windows is None:
-            raise HypruneError("Depth scoring needs calibration text: pass --data FILE (or saved block scores).")
-        window = drop_blocks if (method == "angular" and mode == "contiguous") else 1
-        scores = block_importance(model, windows, method, family, window=window, batch_size=batch_size,
-                                  progress=progress)
-    elif not isinstance(scores, BlockScores):
-        scores = load_block_scores(scores, family, model.config)
-    elif scores.kinds != family.block_kinds(model.config):
-        raise HypruneError(f"The block scores were made for another layer pattern ({scores.kinds}).")
     blocks = choose_blocks_to_drop(scores, drop_blocks, mode, keep_kinds=keep,
-                                   never_kinds=tuple(family.undroppable(model.config)))
-    result = with_dropped_blocks(plan, blocks, family, model.config)
+                                   never_kinds=tuple(family.undroppable(config)))
+    result = with_dropped_blocks(plan, blocks, family, config)
     base_method = "identity" if plan is None else plan.method
     depth = f"depth:{scores.method}/{mode}"
     result.method = depth if base_method == "identity" else f"{base_method}+{depth}"
-    return result, scores
-
-
-def score_depth(model: str, data: str, method: str = "block_influence", out: str | None = None, *, window: int = 1,
-                calibration: DataConfig | None = None, load: LoadConfig | None = None, overwrite: bool = False,
-                progress: bool = True, **fields) -> BlockScores:
-    """Score every block of ``model`` on ``data`` with ``method``; write the ranking to ``out`` if given.
-
-    ``out`` receives ``block_scores.json`` and ``block_scores.png`` (written to a temporary folder and
-    renamed into place). ``fields`` are `DataConfig` (seq_len, num_samples, batch_size, seed, ...) and
-    `LoadConfig` (dtype, device, ...) fields, or pass ``calibration`` / ``load`` configs. Everything
-    cheap is checked before the weights are read.
-    """
-    calibration, load = resolve("score --depth", {**fields, "data": data, "model": model},
-                                (DataConfig, calibration), (LoadConfig, load))
-    _check_method(method)
-    if window != 1 and method != "angular":
-        raise HypruneError(f"--window applies to the angular method only, not '{method}'.")
-    config, family = load_config(model, **load.source())
-    num_blocks = len(family.block_kinds(config))
-    if not 1 <= window <= num_blocks:
-        raise HypruneError(f"--window must be between 1 and the number of blocks ({num_blocks}); got {window}.")
-    check_source(data)
-    if out is not None:
-        check_output(out, "dir", overwrite, inputs=(model, data))
-    tokenizer = load_tokenizer(model, **load.source())
-    windows = calibration_windows(tokenizer, data, **calibration.window_kwargs())
-    loaded, family = load_model(model, **load.load_kwargs())
-    result = block_importance(loaded, windows, method, family, window=window, batch_size=calibration.batch_size,
-                              progress=progress)
-    result.calibration = {"model": str(model), "data": str(data), "seq_len": calibration.seq_len,
-                          "windows": len(windows), "seed": calibration.seed}
-    if out is not None:
-        with atomic_dir(out) as tmp:
-            save_block_scores(result, tmp)
     return result
 
 
@@ -763,5 +738,5 @@ __all__ = [
     "BLOCK_PLOT_FILE", "BLOCK_SCORES_FILE", "METHODS", "MODES", "BlockScores", "block_importance",
     "block_importance_all", "check_depth_request", "choose_blocks_to_drop", "depth_plan", "drop_blocks_from_list", "parse_block_list",
     "format_block_table", "load_block_scores", "protected_kinds", "removal_sweep",
-    "RemovalSums", "removed_block", "save_block_scores", "SweepRecorder", "score_depth", "stream_sweep", "with_dropped_blocks",
+    "RemovalSums", "check_method", "depth_window", "plan_from_block_scores", "removed_block", "save_block_scores", "SweepRecorder", "stream_sweep", "with_dropped_blocks",
 ]

@@ -24,7 +24,6 @@ expert the router rarely picks, or picks with small weights, scores low.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 

@@ -33,7 +33,7 @@ from hyprune.errors import HypruneError, validation_message
 from hyprune.io import atomic_write_text
 from hyprune.parts import PARTS, Context, mamba2
 from hyprune.parts.base import check_indices as _check_indices  # noqa: F401 (re-exported)
-from hyprune.parts.base import top_k, top_k_within_groups
+from hyprune.parts.base import top_k
 from hyprune.parts.moe import EXPERT_ALIGNMENT, check_expert_alignment, check_router  # noqa: F401 (re-exported)
 
 PLAN_FORMAT = "hyprune-plan/1"

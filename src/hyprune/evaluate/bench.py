@@ -27,7 +27,6 @@ ratios ``B / A`` are taken within the same run.
 from __future__ import annotations
 
 import gc
-import inspect
 import os
 import platform
 import re
@@ -298,7 +297,7 @@ def _check_request(model_ids: list, config: BenchConfig, load: LoadConfig, out, 
 def _load_models(model_ids: list, config: BenchConfig, load: LoadConfig, torch_dtype, dev):
     """Every model, all resident at once so that runs can alternate, and its entry of the result."""
     models, entries = [], []
-    load_kwargs = load.model_dump(exclude={"model", "dtype", "device", "device_map"})
+    load_kwargs = load.model_dump(exclude={"model", "dtype", "device", "device_map", "stream"})
     for m in model_ids:
         # on the CPU from_pretrained's default placement is right; device_map="cpu" would need accelerate
         model, family = load_model(m, dtype=torch_dtype, device=None if dev.type == "cpu" else str(dev),

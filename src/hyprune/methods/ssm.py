@@ -35,7 +35,8 @@ from hyprune.apply import apply_plan, model_from_state_dict
 from hyprune.arch.family import MAMBA, Family, registered
 from hyprune.errors import HypruneError
 from hyprune.methods import Method, MethodOptions, MethodResult, register
-from hyprune.plan import identity_plan, top_k, top_k_within_groups
+from hyprune.parts.base import top_k, top_k_within_groups
+from hyprune.plan import identity_plan
 
 STATE_SCORES = {
     "state-taylor2": "second-order Taylor (W^2 E[g^2]) over the B and C rows",

@@ -100,11 +100,12 @@ def _write_side_files(model: Path, new_config, plan: Plan, tmp: Path, summary: d
 
 @torch.no_grad()
 def stream_apply(model: str | Path, plan: Plan, out: str | Path, *, overwrite: bool = False, progress: bool = True,
-                 max_shard_bytes: int | None = None) -> dict:
+                 max_shard_bytes: int | None = None, summary: dict | None = None) -> dict:
     """Apply ``plan`` to the checkpoint folder ``model`` tensor by tensor and write the pruned checkpoint to ``out``.
 
     Shards are at most ``max_shard_bytes`` (default: the source's largest shard) unless a single tensor
-    is larger. Returns a summary: tensors and shards written, bytes, source and pruned parameter counts.
+    is larger. Returns a summary (written to ``hyprune_summary.json`` with the entries of ``summary``):
+    tensors and shards written, bytes, source and pruned parameter counts.
     """
     model = Path(model).expanduser()
     config, family = load_config(model)
@@ -129,7 +130,7 @@ def stream_apply(model: str | Path, plan: Plan, out: str | Path, *, overwrite: b
         finally:
             writer.abort()
         summary = {"source": str(model), "streamed": True, "tensors": len(entries), "shards": len(writer.shards),
-                   "bytes": writer.total_size, "parameters": parameters, **summarize(plan)}
+                   "bytes": writer.total_size, "parameters": parameters, **summarize(plan), **(summary or {})}
         _write_side_files(model, new_config, plan, tmp, summary)
     return summary
 
