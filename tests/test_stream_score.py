@@ -35,17 +35,7 @@ def saved(tmp_path_factory):
 
 
 STREAMED = [name for name in NAMES if name not in NOT_STREAMED]
-# Jamba's streamed scores differ from the in-memory ones by ~3e-7 relative (the block's inputs and weights
-# are equal bit for bit; the Mamba-1 scan output is not, cause not found yet): compared to 1e-6 relative
-# (block influence, 1 - cos, also to 1e-7 absolute: the cancellation makes small values relatively noisier).
-TOLERANT = {"jamba": 1e-6}
 WINDOWS = torch.randint(1, VOCAB, (5, 12), generator=torch.Generator().manual_seed(1))
-
-
-def same(a: torch.Tensor, b: torch.Tensor, name: str) -> bool:
-    if name not in TOLERANT:
-        return torch.equal(a, b)
-    return bool(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) <= TOLERANT[name])
 
 
 @pytest.mark.parametrize("name", STREAMED)
@@ -56,7 +46,7 @@ def test_streamed_activation_scores_equal_in_memory(name, saved):
     expected = activation_scores(model, WINDOWS, family, batch_size=2, progress=False)
     got = stream_activation_scores(folder, WINDOWS, batch_size=2, progress=False)
     assert got.keys() == expected.keys()
-    assert all(same(got[k], expected[k], name) for k in got), [k for k in got if not same(got[k], expected[k], name)]
+    assert all(torch.equal(got[k], expected[k]) for k in got), [k for k in got if not torch.equal(got[k], expected[k])]
 
 
 @pytest.mark.parametrize("name", STREAMED)
@@ -66,10 +56,7 @@ def test_streamed_block_scores_equal_in_memory(name, saved):
     expected = stream_sweep(model, WINDOWS, family, window=2, batch_size=2, progress=False)
     got = stream_block_scores(folder, WINDOWS, window=2, batch_size=2, progress=False)
     for method in ("block_influence", "angular"):
-        if name in TOLERANT:
-            assert got[method].scores == pytest.approx(expected[method].scores, rel=TOLERANT[name], abs=1e-7), method
-        else:
-            assert got[method].scores == expected[method].scores, method
+        assert got[method].scores == expected[method].scores, method
         assert (got[method].samples, got[method].tokens) == (expected[method].samples, expected[method].tokens)
 
 
@@ -81,10 +68,7 @@ def test_streamed_removal_scores_equal_in_memory(name, saved):
     expected = removal_sweep(model, WINDOWS, family, batch_size=2, progress=False)
     got = stream_removal_scores(folder, WINDOWS, batch_size=2, progress=False)
     for method in ("kl", "lm_loss"):
-        if name in TOLERANT:
-            assert got[method].scores == pytest.approx(expected[method].scores, rel=1e-5, abs=1e-6), method
-        else:
-            assert got[method].scores == expected[method].scores, method
+        assert got[method].scores == expected[method].scores, method
 
 
 def test_zamba2_is_refused_with_the_reason(saved):

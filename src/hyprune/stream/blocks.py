@@ -165,9 +165,14 @@ class BlockwiseModel:
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
 
+    @torch.inference_mode(False)
     def onload(self, path: str) -> nn.Module:
         """Read every tensor of the module at ``path`` (a state-dict prefix) onto the device, converted from
-        the file's names and layout to the model's as ``from_pretrained`` converts them."""
+        the file's names and layout to the model's as ``from_pretrained`` converts them.
+
+        Outside inference mode even inside a sweep: weights made as inference tensors take other kernels
+        in some ops (Jamba's Mamba-1 mixer then differs from the loaded model by ~1e-7).
+        """
         module = self.module(path)
         holders = {name: self._holders[f"{path}.{name}"] for name in module.state_dict(keep_vars=True)}
         files = [f for holder in set(holders.values()) for f in self._groups[holder]]
