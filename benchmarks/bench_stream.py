@@ -49,8 +49,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prune import QuietGate, git_state, machine_info, median, mib, proc_status_kb  # noqa: E402
-from make_nemotron_8b import checkpoint_name, generate, shape_fields  # noqa: E402
+from bench_prune import QuietGate, git_state, machine_info, median, mib, proc_status_kb
+from make_nemotron_8b import checkpoint_name, generate, shape_fields
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared"
@@ -379,8 +379,10 @@ def compare_model(path: str, args, gate: QuietGate) -> dict:
     identical = [compare_scores(rec["streamed"]["out"], rec["in_memory"]["out"]) for rec in kept]
     return {"model": path, "parameters": loaded.num_parameters(), "windows": list(windows.shape),
             "batch_size": args.batch_size, "wall_s": walls, "median_s": med,
-            "ratio_vs_in_memory": med["streamed"] / med["in_memory"], "ratio_vs_sweep": med["streamed"] / med["sweep_only"],
-            "contended_reps": sum(rec["contended"] for rec in kept), "identical_every_rep": all(c["identical"] for c in identical),
+            "ratio_vs_in_memory": med["streamed"] / med["in_memory"],
+            "ratio_vs_sweep": med["streamed"] / med["sweep_only"],
+            "contended_reps": sum(rec["contended"] for rec in kept),
+            "identical_every_rep": all(c["identical"] for c in identical),
             "identity": identical[-1]}
 
 
@@ -437,8 +439,10 @@ def verify_lines(v: dict) -> list[str]:
     loaded = v["loaded"]
     return ["", "| check on the pruned folder | result |", "| --- | --- |",
             f"| config | {', '.join(f'{k} {x}' for k, x in v['config'].items())} |",
-            f"| shards / `model.safetensors.index.json` | {v['shards']} / {'present' if v['index_json'] else '**absent**'} |",
-            f"| keys vs meta model (stored as `{v['stored_prefix']}*`) | {len(v['missing'])} missing, {len(v['unexpected'])} unexpected, "
+            f"| shards / `model.safetensors.index.json` | {v['shards']} / "
+            f"{'present' if v['index_json'] else '**absent**'} |",
+            f"| keys vs meta model (stored as `{v['stored_prefix']}*`) | {len(v['missing'])} missing, "
+            f"{len(v['unexpected'])} unexpected, "
             f"{len(v['shape_mismatches'])} shape mismatches |",
             f"| `num_parameters()` (meta) / analytic `count_parameters` / in the shards | "
             f"{v['meta_num_parameters']:,} / {v['analytic_parameters']:,} / {v['shard_parameters']:,} "
