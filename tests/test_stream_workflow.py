@@ -89,8 +89,9 @@ def test_stream_is_chosen_when_the_weights_do_not_fit(sharded_dir, monkeypatch, 
 
 
 def test_stream_refusals_come_before_any_work(sharded_dir, calib_txt, tmp_path, tiny_tokenizer):
-    with pytest.raises(HypruneError, match="--method wanda needs the whole model in memory"):
-        api.prune(str(sharded_dir), tmp_path / "w", method="wanda", sparsity=0.5, data=str(calib_txt), stream=True)
+    with pytest.raises(HypruneError, match="--method state-taylor2 needs the whole model in memory"):
+        api.prune(str(sharded_dir), tmp_path / "w", method="state-taylor2", ratio=0.25, data=str(calib_txt),
+                  stream=True)
     with pytest.raises(HypruneError, match="GGUF"):
         should_stream(LoadConfig(model=sharded_dir, stream=True, gguf_file="x.gguf"))
     with pytest.raises(HypruneError, match="--device-map"):
@@ -120,3 +121,18 @@ def test_activations_spill_to_disk_with_the_same_scores(sharded_dir, calib_txt, 
     assert "spill to" in caplog.text and str(tmp_path) in caplog.text
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert not list(tmp_path.glob("hyprune-activations-*"))  # removed after the sweep
+
+
+def test_prune_stream_wanda_cli_equals_in_memory(sharded_dir, calib_txt, tmp_path):
+    outs = {}
+    for flag in ("--stream", "--no-stream"):
+        outs[flag] = tmp_path / flag.strip("-")
+        result = invoke("prune", sharded_dir, "--data", calib_txt, "--out", outs[flag], flag, "--method", "wanda",
+                        "--sparsity", 0.5, *COMMON)
+        assert result.exit_code == 0, result.output
+    streamed, whole = tensors(outs["--stream"]), tensors(outs["--no-stream"])
+    assert all(torch.equal(streamed[k], whole[k]) for k in whole)
+    summaries = [json.loads((outs[f] / "hyprune_summary.json").read_text()) for f in outs]
+    assert summaries[0]["method"]["total"] == summaries[1]["method"]["total"]
+    assert summaries[0]["parameters"] == summaries[1]["parameters"]
+    assert (outs["--stream"] / "report.md").is_file()

@@ -30,6 +30,7 @@ from hyprune.report import write_run_report
 from hyprune.source import open_source
 from hyprune.stream.apply import stream_apply
 from hyprune.stream.choice import should_stream
+from hyprune.stream.sparsify import STREAMED_METHODS, stream_sparsify
 
 
 def score(model: str, data: str, out: str | None = None, *, calibration: DataConfig | None = None,
@@ -45,11 +46,7 @@ def score(model: str, data: str, out: str | None = None, *, calibration: DataCon
                                 (LoadConfig, load))
     config, family = load_config(model, **load.source())
     streamed = should_stream(load)
-    check_source(data)
-    if out is not None:
-        check_output(out, "dir", overwrite, inputs=(model, data))
-    tokenizer = load_tokenizer(model, **load.source())
-    windows = calibration_windows(tokenizer, data, **calibration.window_kwargs())
+    windows = _scoring_windows(model, data, out, overwrite, calibration, load)
     source = open_source(load, calibration.batch_size, progress, streamed)
     scores = source.activation_scores(windows)
     if out is not None:
@@ -81,11 +78,7 @@ def score_depth(model: str, data: str, method: str = "block_influence", out: str
     if not 1 <= window <= num_blocks:
         raise HypruneError(f"--window must be between 1 and the number of blocks ({num_blocks}); got {window}.")
     streamed = should_stream(load)
-    check_source(data)
-    if out is not None:
-        check_output(out, "dir", overwrite, inputs=(model, data))
-    tokenizer = load_tokenizer(model, **load.source())
-    windows = calibration_windows(tokenizer, data, **calibration.window_kwargs())
+    windows = _scoring_windows(model, data, out, overwrite, calibration, load)
     result = open_source(load, calibration.batch_size, progress, streamed).block_scores(windows, method, window)
     result.calibration = {"model": str(model), "data": str(data), "seq_len": calibration.seq_len,
                           "windows": len(windows), "seed": calibration.seed}
@@ -93,6 +86,16 @@ def score_depth(model: str, data: str, method: str = "block_influence", out: str
         with atomic_dir(out) as tmp:
             depth.save_block_scores(result, tmp)
     return result
+
+
+def _scoring_windows(model: str, data: str, out: str | None, overwrite: bool, calibration: DataConfig,
+                     load: LoadConfig) -> torch.Tensor:
+    """The data and the output checked, then the calibration windows: all before any weights are read."""
+    check_source(data)
+    if out is not None:
+        check_output(out, "dir", overwrite, inputs=(model, data))
+    tokenizer = load_tokenizer(model, **load.source())
+    return calibration_windows(tokenizer, data, **calibration.window_kwargs())
 
 
 def write_plan(model: str, scores: str, target: dict[str, int], out: str | None = None,
@@ -151,11 +154,11 @@ def prune(model: str, out: str, config: PruneConfig | None = None, *, calibratio
     job.streamed = should_stream(load)
     registered = get_method(config.method)
     if registered is not None:
-        if job.streamed:
+        if job.streamed and registered.name not in STREAMED_METHODS:
             raise HypruneError(
-                f"--method {registered.name} needs the whole model in memory (the SSM methods take gradients or "
-                "statistics across the network; Wanda and SparseGPT are not yet written block by block). "
-                "Prune in memory (--no-stream), or use the activation method, depth pruning or --plan with --stream.")
+                f"--method {registered.name} needs the whole model in memory (the structured SSM methods take "
+                "gradients or statistics across the network). Prune in memory (--no-stream), or with --stream use "
+                f"the activation method, depth pruning, --plan, or --method {'/'.join(STREAMED_METHODS)}.")
         return _prune_with_method(registered, job)
     return _prune_with_plan(job)
 
@@ -254,6 +257,8 @@ def _prune_with_method(method: Method, job: _PruneJob) -> dict:
         tokenizer, windows = _calibration(job, f"--method {method.name} needs calibration text: pass --data FILE.")
     else:
         tokenizer, windows = _optional_tokenizer(job), None
+    if job.streamed:
+        return _sparsify_streamed(method, job, options, windows)
     loaded, family = load_model(job.model, **job.load.load_kwargs())
     before = count_parameters(loaded, family)
     result = method.run(loaded, family, windows, options, batch_size=job.calibration.batch_size,
@@ -266,6 +271,20 @@ def _prune_with_method(method: Method, job: _PruneJob) -> dict:
         extra["plan.json"] = result.plan.model_dump(exclude_none=True)
         summary.update(summarize(result.plan))
     save_pruned(savable(result.model), tokenizer, job.out, extra, overwrite=job.overwrite)
+    write_run_report(job.out)
+    return summary
+
+
+def _sparsify_streamed(method: Method, job: _PruneJob, options, windows) -> dict:
+    """A sparsity method block by block (`hyprune.stream.sparsify`): the same tensors as in memory."""
+    with torch.device("meta"):  # the architecture does not change: one count, from the config
+        parameters = count_parameters(AutoModelForCausalLM.from_config(job.config), job.family)
+    summary = {"parameters": {"before": parameters, "after": parameters},
+               "generate": {"transformers": transformers.__version__, "stock_generate_error": None, "probed": False}}
+    report = stream_sparsify(job.model, job.out, method.name, options, windows, batch_size=job.calibration.batch_size,
+                             device=job.load.device or "cpu", dtype=job.load.dtype, overwrite=job.overwrite,
+                             progress=job.progress, summary=summary)
+    summary = {"source": str(job.model), "streamed": True, "method": {"name": method.name, **report}, **summary}
     write_run_report(job.out)
     return summary
 

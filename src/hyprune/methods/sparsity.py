@@ -26,8 +26,11 @@ input statistics, pruned, and run again to make the inputs of the next block.
 
 from __future__ import annotations
 
+import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -42,11 +45,12 @@ from hyprune.methods import Method, MethodOptions, MethodResult, register
 GROUPS = {
     "in_proj": "Mamba in_proj (z, x, B, C, dt rows)",
     "out_proj": "Mamba out_proj",
-    "mamba": "Mamba in_proj and out_proj",
+    "ssm_proj": "Mamba-1 x_proj",
+    "mamba": "Mamba in_proj and out_proj (and Mamba-1's x_proj)",
     "attention": "attention q/k/v/o projections",
     "mlp": "MLP projections",
 }
-_GROUP_MEMBERS = {"mamba": {"in_proj", "out_proj"}}
+_GROUP_MEMBERS = {"mamba": {"in_proj", "out_proj", "ssm_proj"}}
 SPARSEGPT_BLOCK = 128  # columns per lazy-update block (and per mask-selection block), as in the paper
 SPARSEGPT_DAMP = 0.01  # dampening: this fraction of the mean diagonal of H is added to the diagonal
 
@@ -71,9 +75,9 @@ def block_linears(model, family: Family) -> list[Target]:
     for i, (block, kind) in enumerate(zip(family.layers(model), kinds)):
         for part, _, mixer in family.block_parts(block, kind):
             for sub_name, module in mixer.named_modules():
-                if isinstance(module, nn.Linear):
-                    name = f"{family.layer_prefix(i)}.{part.mixer}.{sub_name}.weight"
-                    out.append(Target(name, PARTS[part.kind].linear_group(sub_name), module, i))
+                group = PARTS[part.kind].linear_group(sub_name) if isinstance(module, nn.Linear) else None
+                if group is not None:
+                    out.append(Target(f"{family.layer_prefix(i)}.{part.mixer}.{sub_name}.weight", group, module, i))
     return out
 
 
@@ -199,6 +203,18 @@ class InputStats:
         self.total = part if self.total is None else self.total + part
 
 
+@contextmanager
+def input_stats(targets: list[Target], gram: bool):
+    """``{name: InputStats}`` of ``targets``, filled by hooks on their inputs while the context is open."""
+    stats = {t.name: InputStats(gram) for t in targets}
+    handles = [t.module.register_forward_pre_hook(lambda m, args, s=stats[t.name]: s.add(args[0])) for t in targets]
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class _Stop(Exception):
     """Raised in the capture pass at the last block: the final norm and the LM head need not run."""
 
@@ -269,16 +285,10 @@ def prune_sequentially(model, family: Family, targets: list[Target], windows: to
     for i in tqdm(range(last + 1), desc="prune blocks", unit="block", disable=not progress):
         block = layers[i]
         if i in by_block:
-            stats = {t.name: InputStats(gram) for t in by_block[i]}
-            handles = [t.module.register_forward_pre_hook(lambda m, args, s=stats[t.name]: s.add(args[0]))
-                       for t in by_block[i]]
-            try:
+            with input_stats(by_block[i], gram) as stats:
                 for h, arguments in zip(hidden, calls):
                     args, kwargs = arguments[i]
                     block(h, *args, **kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
             for t in by_block[i]:
                 prune_layer(t, stats[t.name])
         if i < last:
@@ -289,7 +299,7 @@ def prune_sequentially(model, family: Family, targets: list[Target], windows: to
 # ---------------------------------------------------------------------------------------------
 # The methods
 # ---------------------------------------------------------------------------------------------
-def _describe(options: MethodOptions) -> dict:
+def describe_options(options: MethodOptions) -> dict:
     return {"sparsity": options.sparsity, "nm": f"{options.nm[0]}:{options.nm[1]}" if options.nm else None,
             "targets": options.targets or "all linear layers inside blocks"}
 
@@ -316,18 +326,27 @@ def check(name: str):
     return check_options
 
 
-def sparsity_report(targets: list[Target]) -> dict:
-    """Zeros per pruned tensor and in total (counted on the weights as they will be saved)."""
-    tensors = []
+def tensor_rows(targets: list[Target]) -> list[dict]:
+    """Zeros per pruned tensor (counted on the weights as they will be saved)."""
+    rows = []
     for t in targets:
         w = t.module.weight
         zeros = int((w == 0).sum())
-        tensors.append({"name": t.name, "group": t.group, "shape": list(w.shape), "zeros": zeros,
-                        "sparsity": zeros / w.numel()})
-    numel = sum(t.module.weight.numel() for t in targets)
-    zeros = sum(row["zeros"] for row in tensors)
-    return {"tensors": tensors, "total": {"tensors": len(tensors), "weights": numel, "zeros": zeros,
-                                          "sparsity": zeros / numel}}
+        rows.append({"name": t.name, "group": t.group, "shape": list(w.shape), "zeros": zeros,
+                     "sparsity": zeros / w.numel()})
+    return rows
+
+
+def report_from_rows(rows: list[dict]) -> dict:
+    numel = sum(math.prod(row["shape"]) for row in rows)
+    zeros = sum(row["zeros"] for row in rows)
+    return {"tensors": rows, "total": {"tensors": len(rows), "weights": numel, "zeros": zeros,
+                                       "sparsity": zeros / numel}}
+
+
+def sparsity_report(targets: list[Target]) -> dict:
+    """Zeros per pruned tensor and in total."""
+    return report_from_rows(tensor_rows(targets))
 
 
 def _zero_(module: nn.Linear, mask: torch.Tensor, new_weight: torch.Tensor | None = None) -> None:
@@ -337,26 +356,38 @@ def _zero_(module: nn.Linear, mask: torch.Tensor, new_weight: torch.Tensor | Non
         module.weight[mask.to(module.weight.device)] = 0
 
 
+def layer_pruner(name: str, options: MethodOptions) -> Callable[[Target, InputStats | None], None]:
+    """How method ``name`` zeroes one target layer in place, given its input statistics (None: magnitude)."""
+    sparsity, nm = options.sparsity, options.nm
+
+    def magnitude(t: Target, stats: InputStats | None) -> None:
+        _zero_(t.module, lowest_mask(t.module.weight.detach().abs(), sparsity, nm))
+
+    def wanda(t: Target, stats: InputStats) -> None:
+        _zero_(t.module, lowest_mask(wanda_scores(t.module.weight.detach(), stats.total), sparsity, nm))
+
+    def sparsegpt(t: Target, stats: InputStats) -> None:
+        weight, mask = sparsegpt_prune(t.module.weight.detach(), stats.total, sparsity, nm)
+        _zero_(t.module, mask, weight)
+
+    return {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}[name]
+
+
+GRAM = {"wanda": False, "sparsegpt": True}  # the input statistics each data method needs
+
+
 def _run(name: str):
     def run(model, family: Family, windows, options: MethodOptions, *, batch_size: int = 8,
             progress: bool = True) -> MethodResult:
         targets = select_targets(model, family, options.targets)
-        sparsity, nm = options.sparsity, options.nm
+        prune_layer = layer_pruner(name, options)
         if name == "magnitude":
             for t in tqdm(targets, desc="magnitude", unit="tensor", disable=not progress):
-                _zero_(t.module, lowest_mask(t.module.weight.detach().abs(), sparsity, nm))
-        elif name == "wanda":
-            prune_sequentially(model, family, targets, windows, gram=False, batch_size=batch_size, progress=progress,
-                               prune_layer=lambda t, s: _zero_(t.module, lowest_mask(
-                                   wanda_scores(t.module.weight.detach(), s.total), sparsity, nm)))
+                prune_layer(t, None)
         else:
-            def prune_layer(t: Target, stats: InputStats) -> None:
-                weight, mask = sparsegpt_prune(t.module.weight.detach(), stats.total, sparsity, nm)
-                _zero_(t.module, mask, weight)
-
-            prune_sequentially(model, family, targets, windows, gram=True, batch_size=batch_size, progress=progress,
-                               prune_layer=prune_layer)
-        report = {**_describe(options), **sparsity_report(targets)}
+            prune_sequentially(model, family, targets, windows, gram=GRAM[name], batch_size=batch_size,
+                               progress=progress, prune_layer=prune_layer)
+        report = {**describe_options(options), **sparsity_report(targets)}
         if windows is not None:
             report["calibration_windows"] = list(windows.shape)
         return MethodResult(model=model, report=report)

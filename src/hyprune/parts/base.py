@@ -132,8 +132,9 @@ class PartKind(Protocol):
     def active_reduction(self, config, layout, sizes: dict[str, int]) -> int:
         """Parameters of the part that one token does not run through (an MoE's unpicked experts)."""
 
-    def linear_group(self, sub_name: str) -> str:
-        """The `hyprune.methods.sparsity` target group of the mixer's ``nn.Linear`` at ``sub_name``."""
+    def linear_group(self, sub_name: str) -> str | None:
+        """The `hyprune.methods.sparsity` target group of the mixer's ``nn.Linear`` at ``sub_name`` (None: not
+        a target)."""
 
 
 def idx(values) -> Index:
@@ -203,8 +204,8 @@ class BasePart:
     def active_reduction(self, config, layout, sizes) -> int:
         return 0
 
-    def linear_group(self, sub_name: str) -> str:
-        raise KeyError(self.kind)  # no sparsity target group: unstructured methods cover Mamba-2, attention, MLP
+    def linear_group(self, sub_name: str) -> str | None:
+        return None  # not a sparsity target (MoE routers and experts: unstructured methods leave them whole)
 
 
 CONV_KERNEL_FIELDS = ("conv_kernel", "mamba_d_conv", "d_conv")

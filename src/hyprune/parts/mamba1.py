@@ -137,5 +137,11 @@ class Mamba1(BasePart):
         return {"mamba_conv": inner * conv_kernel(config) * size,
                 "mamba_ssm": inner * int(getattr(config, family.fields["ssm_state"])) * ssm_size}
 
+    def linear_group(self, sub_name):
+        name = sub_name.rsplit(".", 1)[-1]
+        if name == "dt_proj":
+            return None  # the scan reads its weight directly (no forward call): no input statistics to prune by
+        return name if name in ("in_proj", "out_proj") else "ssm_proj"  # x_proj
+
 
 PART = Mamba1()

@@ -27,7 +27,7 @@ from hyprune.plan import Plan, summarize, validate_plan
 from hyprune.stream.layout import CheckpointLayout, skeleton
 from hyprune.stream.shards import ShardReader, ShardWriter
 
-__all__ = ["stream_apply"]
+__all__ = ["stream_apply", "write_side_files"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -79,10 +79,11 @@ def _read(reader: ShardReader, names: list[str], meta: bool) -> dict[str, torch.
     return {n: reader.read(n) for n in names}
 
 
-def _write_side_files(model: Path, new_config, plan: Plan, tmp: Path, summary: dict) -> None:
-    """config.json, generation config and tokenizer (when the source has them), plan.json, the summary."""
+def write_side_files(model: Path, new_config, plan: Plan | None, tmp: Path, summary: dict) -> None:
+    """config.json, generation config and tokenizer (when the source has them), plan.json (if any), the summary."""
     new_config.save_pretrained(tmp)
-    atomic_write_json(tmp / "plan.json", plan.model_dump(exclude_none=True))
+    if plan is not None:
+        atomic_write_json(tmp / "plan.json", plan.model_dump(exclude_none=True))
     atomic_write_json(tmp / "hyprune_summary.json", summary)
     if (model / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(model).save_pretrained(tmp)
@@ -131,6 +132,6 @@ def stream_apply(model: str | Path, plan: Plan, out: str | Path, *, overwrite: b
             writer.abort()
         summary = {"source": str(model), "streamed": True, "tensors": len(entries), "shards": len(writer.shards),
                    "bytes": writer.total_size, "parameters": parameters, **summarize(plan), **(summary or {})}
-        _write_side_files(model, new_config, plan, tmp, summary)
+        write_side_files(model, new_config, plan, tmp, summary)
     return summary
 

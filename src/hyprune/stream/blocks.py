@@ -27,7 +27,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -149,6 +149,10 @@ class BlockwiseModel:
         self._shared = self._shared_parameters()
         for path in self.outside_blocks():
             self.onload(path)
+
+    def files_of(self, name: str) -> list[str]:
+        """The file tensors a model tensor is built from (several for a fused tensor)."""
+        return self._groups[name]
 
     def _shared_parameters(self) -> set[int]:
         """ids of parameters that more than one block holds."""
@@ -325,6 +329,12 @@ class BlockSweep:
                 on_batch: Callable[[int, int], None] | None = None) -> None:
         """Block ``i`` over every batch of ``src`` into ``dst`` (``dst`` may be ``src``: a batch's rows are
         written once the block is done with them)."""
+        for rows, out in self.outputs(i, block, src, on_batch):
+            dst.data[rows] = out.to(dst.data.device)
+
+    def outputs(self, i: int, block: nn.Module, src: ActivationStore,
+                on_batch: Callable[[int, int], None] | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows, block ``i``'s output) for every batch of ``src``, called as the model calls the block."""
         for b, (_, calls) in enumerate(self.captured):
             if on_batch is not None:
                 on_batch(i, b)
@@ -332,7 +342,7 @@ class BlockSweep:
             x = src.data[rows].to(self.bm.device)
             out = block(*call.args, hidden_states=x, **call.kwargs) if call.by_keyword else \
                 block(x, *call.args, **call.kwargs)
-            dst.data[rows] = _output(out).to(dst.data.device)
+            yield rows, _output(out)
 
     def block_paths(self) -> list[str]:
         return [f"{self.bm.family.base}.layers.{i}" for i in range(len(self.bm.layers))]
