@@ -136,3 +136,12 @@ def test_prune_stream_wanda_cli_equals_in_memory(sharded_dir, calib_txt, tmp_pat
     assert summaries[0]["method"]["total"] == summaries[1]["method"]["total"]
     assert summaries[0]["parameters"] == summaries[1]["parameters"]
     assert (outs["--stream"] / "report.md").is_file()
+
+
+def test_score_depth_stream_equals_in_memory(sharded_dir, calib_txt, tmp_path):
+    for flag in ("--stream", "--no-stream"):
+        result = invoke("score", sharded_dir, "--data", calib_txt, "--out", tmp_path / flag, "--depth", "angular",
+                        "--window", 2, flag, *COMMON)
+        assert result.exit_code == 0, result.output
+    streamed, whole = (json.loads((tmp_path / f / "block_scores.json").read_text()) for f in ("--stream", "--no-stream"))
+    assert streamed["scores"] == whole["scores"] and streamed["window"] == 2

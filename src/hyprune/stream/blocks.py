@@ -90,7 +90,8 @@ class ActivationStore:
         os.close(fd)
         self.path = Path(name)
         self.data = torch.from_file(name, shared=True, size=count, dtype=dtype).view(shape)
-        log.info("block activations spill to %s (%.1f MiB)", name, count * self.data.element_size() / 2**20)
+        log.warning("hyprune: block activations spill to %s (%.1f MiB)", name,
+                    count * self.data.element_size() / 2**20)
 
     def close(self) -> None:
         del self.data
