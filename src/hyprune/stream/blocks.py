@@ -145,7 +145,8 @@ class BlockwiseModel:
         if unknown:
             raise HypruneError(
                 f"{self.folder} holds tensors that {type(self.model).__name__} of this transformers version has no "
-                f"place for (e.g. '{unknown[0]}'), so it cannot be read block by block; prune it in memory (--no-stream).")
+                f"place for (e.g. '{unknown[0]}'), so it cannot be read block by block; prune it in memory "
+                "(--no-stream).")
         self._holders = self.layout.sources(self.reader.names())  # model name -> the name its data is saved as
         self._shared = self._shared_parameters()
         for path in self.outside_blocks():
@@ -414,9 +415,4 @@ def _spill_dir(shape: tuple[int, int, int], bm: BlockwiseModel, spill_dir: str |
     return Path(tempfile.gettempdir())
 
 
-def checkpoint_bytes(folder: str | Path) -> int:
-    """Bytes of the checkpoint's tensors as stored."""
-    return sum(ShardReader(folder).shard_sizes().values())
-
-
-__all__ = ["ActivationStore", "BlockSweep", "BlockwiseModel", "head_logits", "available_memory", "checkpoint_bytes", "run_blocks"]
+__all__ = ["ActivationStore", "BlockSweep", "BlockwiseModel", "available_memory", "head_logits", "run_blocks"]
