@@ -71,14 +71,6 @@ def test_streamed_removal_scores_equal_in_memory(name, saved):
         assert got[method].scores == expected[method].scores, method
 
 
-def test_zamba2_is_refused_with_the_reason(saved):
-    from hyprune.errors import HypruneError
-
-    _, folder = saved("zamba2")
-    with pytest.raises(HypruneError, match="shared transformer blocks.*without --stream"):
-        stream_activation_scores(folder, WINDOWS, progress=False)
-
-
 @pytest.mark.filterwarnings("ignore:No tokenizer copied")  # the contract models have none
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("name", ["nemotron_h", "llama", "jamba", "falcon_h1", "granitemoehybrid"])
@@ -104,3 +96,14 @@ def test_streamed_sparsity_writes_what_in_memory_writes(name, method, saved, tmp
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got), [k for k in got if not torch.equal(got[k], expected[k])]
     assert report["total"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_streamed_sparsity_refuses_shared_block_weights(saved, tmp_path):
+    from hyprune.errors import HypruneError
+    from hyprune.methods import MethodOptions
+    from hyprune.stream.sparsify import stream_sparsify
+
+    _, folder = saved("zamba2")
+    with pytest.raises(HypruneError, match="shares weights between blocks.*--no-stream"):
+        stream_sparsify(folder, tmp_path / "out", "magnitude", MethodOptions(sparsity=0.5), None, progress=False)
+    assert not (tmp_path / "out").exists()

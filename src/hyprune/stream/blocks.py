@@ -46,11 +46,8 @@ log = logging.getLogger("hyprune.stream")
 # before they spill to disk.
 SPILL_FRACTION = 0.25
 
-# Families the block-by-block path refuses, and why.
-NOT_STREAMED = {
-    "zamba2": "its shared transformer blocks are stored once and tied into the hybrid layers by "
-              "transformers at load time, which loading one block at a time does not reproduce yet.",
-}
+# Families the block-by-block path refuses, and why (none at present; the check stays for new families).
+NOT_STREAMED: dict[str, str] = {}
 
 
 class _StopForward(Exception):
@@ -151,6 +148,12 @@ class BlockwiseModel:
         self._shared = self._shared_parameters()
         for path in self.outside_blocks():
             self.onload(path)
+
+    @property
+    def shares_weights(self) -> bool:
+        """Whether blocks share parameters (Zamba2's shared transformer), or hold weights tied to others."""
+        return bool(self._shared) or any(n != h for n, h in self._holders.items()
+                                         if n.startswith(f"{self.family.base}.layers."))
 
     def files_of(self, name: str) -> list[str]:
         """The file tensors a model tensor is built from (several for a fused tensor)."""

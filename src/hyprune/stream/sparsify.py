@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hyprune.errors import HypruneError
 from hyprune.io import atomic_dir, check_output
 from hyprune.methods import MethodOptions
 from hyprune.methods.sparsity import (GRAM, Target, describe_options, input_stats, layer_pruner, report_from_rows,
@@ -54,6 +55,9 @@ def stream_sparsify(model: str | Path, out: str | Path, method: str, options: Me
     are written to ``hyprune_summary.json`` with it.
     """
     bm = BlockwiseModel(model, device, dtype)
+    if bm.shares_weights:
+        raise HypruneError(f"{bm.family.name} shares weights between blocks (one copy saved for several blocks), "
+                           f"which --method {method} block by block cannot write once; prune it in memory (--no-stream).")
     out = check_output(out, "dir", overwrite, inputs=(model,))
     targets = select_targets(bm.model, bm.family, options.targets)
     by_block: dict[int, list[Target]] = {}
