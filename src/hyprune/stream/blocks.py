@@ -112,8 +112,8 @@ class BlockwiseModel:
     Tensors are read by their names in the shards and converted to the model's names and layout by
     `hyprune.stream.layout.CheckpointLayout` (transformers' own conversion mapping), so legacy names
     (NemotronH's ``backbone.``) and per-expert tensors that the model fuses (Jamba) load as
-    ``from_pretrained`` would load them. Modules that several
-    blocks share (Zamba2's shared transformer) are loaded once and stay.
+    ``from_pretrained`` would load them. Weights that several blocks share (Zamba2's shared transformer)
+    are read again with each block that holds them.
     """
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu", dtype=None):
