@@ -107,3 +107,24 @@ def test_streamed_sparsity_refuses_shared_block_weights(saved, tmp_path):
     with pytest.raises(HypruneError, match="shares weights between blocks.*--no-stream"):
         stream_sparsify(folder, tmp_path / "out", "magnitude", MethodOptions(sparsity=0.5), None, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_in_memory_sparsity_on_shared_blocks_prunes_each_weight_once(method, saved):
+    """Zamba2's shared transformer appears in several hybrid layers, each calling its own adapters: every
+    shared weight is pruned once, by the first block that calls it (it used to fail on the uncalled ones)."""
+    import copy
+
+    from hyprune.methods import MethodOptions, get_method
+
+    model, _ = saved("zamba2")
+    result = get_method(method).run(copy.deepcopy(model), family_for_config(model.config), WINDOWS,
+                                    MethodOptions(sparsity=0.5), batch_size=2, progress=False)
+    rows = result.report["tensors"]
+
+    def expected(row):  # Wanda zeroes round(R x inputs) per output row; SparseGPT R of each column block
+        cols = row["shape"][1]
+        return round(0.5 * cols) / cols if method == "wanda" else 0.5
+
+    assert rows and all(row["sparsity"] == pytest.approx(expected(row), abs=0.02) for row in rows), \
+        [(r["name"], r["sparsity"]) for r in rows if abs(r["sparsity"] - expected(r)) > 0.02]

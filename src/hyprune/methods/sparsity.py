@@ -282,6 +282,7 @@ def prune_sequentially(model, family: Family, targets: list[Target], windows: to
         by_block.setdefault(t.block, []).append(t)
     last = max(by_block)
     layers = family.layers(model)
+    done: set[int] = set()  # modules already pruned: a block shared by several uses (Zamba2) is pruned once
     for i in tqdm(range(last + 1), desc="prune blocks", unit="block", disable=not progress):
         block = layers[i]
         if i in by_block:
@@ -290,7 +291,10 @@ def prune_sequentially(model, family: Family, targets: list[Target], windows: to
                     args, kwargs = arguments[i]
                     block(h, *args, **kwargs)
             for t in by_block[i]:
-                prune_layer(t, stats[t.name])
+                # a layer this block holds but does not call (another use's adapter) waits for its own block
+                if id(t.module) not in done and stats[t.name].total is not None:
+                    prune_layer(t, stats[t.name])
+                    done.add(id(t.module))
         if i < last:
             hidden = [_block_output(block(h, *arguments[i][0], **arguments[i][1]))
                       for h, arguments in zip(hidden, calls)]
