@@ -257,10 +257,28 @@ def _capture_calls(bm: BlockwiseModel, batch: torch.Tensor) -> tuple[torch.Tenso
                        f"block's output is only recorded ({error}).")
 
 
+@contextmanager
+def _blocks_replaced(bm: BlockwiseModel, stub: Callable):
+    """Every block's forward replaced by ``stub`` (and the blocks' own hooks set aside, so they do not see
+    the stub's calls) while the context is open."""
+    originals = [(layer.forward, layer._forward_hooks, layer._forward_pre_hooks) for layer in bm.layers]
+    for layer in bm.layers:
+        layer.forward, layer._forward_hooks, layer._forward_pre_hooks = stub, OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        for layer, (forward, hooks, pre_hooks) in zip(bm.layers, originals):
+            layer.forward, layer._forward_hooks, layer._forward_pre_hooks = forward, hooks, pre_hooks
+
+
+def _as_block_output(hidden: torch.Tensor, arity: int | None):
+    """What a stubbed block returns: its input, as a tensor or padded to the tuple the model unpacks."""
+    return hidden if arity is None else (hidden, *[None] * (arity - 1))
+
+
 def _record(bm: BlockwiseModel, batch: torch.Tensor, arity: int | None) -> tuple[torch.Tensor, list[_Call]]:
     calls: list[_Call] = []
     first: list[torch.Tensor] = []
-    originals = []
 
     def recorder(*args, **kwargs):
         by_keyword = not args
@@ -268,23 +286,19 @@ def _record(bm: BlockwiseModel, batch: torch.Tensor, arity: int | None) -> tuple
         if not first:
             first.append(hidden)
         calls.append(_Call(args[1:], kwargs, by_keyword))
-        return hidden if arity is None else (hidden, *[None] * (arity - 1))
+        return _as_block_output(hidden, arity)
 
     def stop_here(*_):
         raise _StopForward
 
-    for layer in bm.layers:  # the recorder replaces forward; the blocks' own hooks must not see it
-        originals.append((layer.forward, layer._forward_hooks, layer._forward_pre_hooks))
-        layer.forward, layer._forward_hooks, layer._forward_pre_hooks = recorder, OrderedDict(), OrderedDict()
     stop = bm.module(bm.final_norm).register_forward_pre_hook(stop_here)
     try:
-        bm.model(input_ids=batch.to(bm.device), use_cache=False)
+        with _blocks_replaced(bm, recorder):
+            bm.model(input_ids=batch.to(bm.device), use_cache=False)
     except _StopForward:
         pass
     finally:
         stop.remove()
-        for layer, (forward, hooks, pre_hooks) in zip(bm.layers, originals):
-            layer.forward, layer._forward_hooks, layer._forward_pre_hooks = forward, hooks, pre_hooks
     if len(calls) != len(bm.layers):
         raise HypruneError(f"The model called {len(calls)} of its {len(bm.layers)} blocks in one forward; "
                            "it cannot be run block by block.")
@@ -383,26 +397,19 @@ def head_logits(bm: BlockwiseModel, hidden: torch.Tensor) -> torch.Tensor:
     """The logits of the model for last-block outputs ``hidden`` ([batch, seq, hidden]): the model's own
     forward from the final norm on (its head, any logit scaling), with the blocks skipped. The final norm
     and the head must be loaded."""
-    originals = []
-
     def skip(*args, **kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        return x if bm.stub_arity is None else (x, *[None] * (bm.stub_arity - 1))
+        return _as_block_output(args[0] if args else kwargs["hidden_states"], bm.stub_arity)
 
     def swap_in(module, args):
         return (hidden.to(bm.device), *args[1:])
 
-    for layer in bm.layers:
-        originals.append((layer.forward, layer._forward_hooks, layer._forward_pre_hooks))
-        layer.forward, layer._forward_hooks, layer._forward_pre_hooks = skip, OrderedDict(), OrderedDict()
     handle = bm.module(bm.final_norm).register_forward_pre_hook(swap_in)
     try:
-        embeds = torch.zeros(hidden.shape, dtype=bm.dtype, device=bm.device)
-        return bm.model(inputs_embeds=embeds, use_cache=False).logits
+        with _blocks_replaced(bm, skip):
+            embeds = torch.zeros(hidden.shape, dtype=bm.dtype, device=bm.device)
+            return bm.model(inputs_embeds=embeds, use_cache=False).logits
     finally:
         handle.remove()
-        for layer, (forward, hooks, pre_hooks) in zip(bm.layers, originals):
-            layer.forward, layer._forward_hooks, layer._forward_pre_hooks = forward, hooks, pre_hooks
 
 
 def _spill_dir(shape: tuple[int, int, int], bm: BlockwiseModel, spill_dir: str | Path | None,
