@@ -131,6 +131,9 @@ class BlockwiseModel:
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         self.model.tie_weights()  # a tied head is the embeddings' tensor (`CheckpointLayout.sources`)
         self.model.eval()
+        # parameters the model keeps in float32 under a half-precision dtype, as from_pretrained does
+        self._fp32 = [*(getattr(self.model, "_keep_in_fp32_modules", None) or []),
+                      *(getattr(self.model, "_keep_in_fp32_modules_strict", None) or [])]
         for module in self.model.modules():  # the buffers to the device; the parameters are meta until loaded
             for name, buffer in module._buffers.items():
                 if buffer is not None:
@@ -171,6 +174,11 @@ class BlockwiseModel:
     def layers(self) -> nn.ModuleList:
         return self.family.layers(self.model)
 
+    @property
+    def block_paths(self) -> list[str]:
+        """The state-dict prefix of every block, in order."""
+        return [self.family.layer_prefix(i) for i in range(len(self.layers))]
+
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
 
@@ -187,11 +195,9 @@ class BlockwiseModel:
         files = [f for holder in set(holders.values()) for f in self._groups[holder]]
         converted = self.layout.to_model({f: self.reader.read(f) for f in files})
         state = {name: converted[holder] for name, holder in holders.items()}
-        fp32 = [*(getattr(self.model, "_keep_in_fp32_modules", None) or []),
-                *(getattr(self.model, "_keep_in_fp32_modules_strict", None) or [])]
         for name, tensor in state.items():
             if tensor.is_floating_point():
-                keep32 = self.dtype in (torch.float16, torch.bfloat16) and any(k in name for k in fp32)
+                keep32 = self.dtype in (torch.float16, torch.bfloat16) and any(k in name for k in self._fp32)
                 tensor = tensor.to(torch.float32 if keep32 else self.dtype)
             state[name] = tensor.to(self.device)
         module.load_state_dict(state, strict=False, assign=True)
@@ -363,9 +369,6 @@ class BlockSweep:
                 block(x, *call.args, **call.kwargs)
             yield rows, _output(out)
 
-    def block_paths(self) -> list[str]:
-        return [f"{self.bm.family.base}.layers.{i}" for i in range(len(self.bm.layers))]
-
     def close(self) -> None:
         for store in self.stores:
             store.close()
@@ -385,7 +388,7 @@ def run_blocks(bm: BlockwiseModel, windows: torch.Tensor, batch_size: int = 8, *
     sweep = BlockSweep(bm, windows, batch_size, spill_dir=spill_dir, progress=progress)
     try:
         current, nxt = sweep.embedded(), sweep.new_store()
-        for i, path in enumerate(tqdm(sweep.block_paths(), desc="blocks", unit="block", disable=not progress)):
+        for i, path in enumerate(tqdm(bm.block_paths, desc="blocks", unit="block", disable=not progress)):
             with bm.loaded(path) as block:
                 sweep.forward(i, block, current, nxt, on_block)
             current, nxt = nxt, current

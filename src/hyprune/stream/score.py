@@ -72,7 +72,7 @@ def stream_removal_scores(model: str | Path, windows: torch.Tensor, *, batch_siz
     try:
         main, spare, candidates = sweep.embedded(), sweep.new_store(), []
         bar = tqdm(total=L * (L + 1) // 2, desc="block removal", unit="pass", disable=not progress)
-        for i, path in enumerate(sweep.block_paths()):
+        for i, path in enumerate(bm.block_paths):
             with bm.loaded(path) as block:
                 for stream in candidates:
                     sweep.forward(i, block, stream, stream)

@@ -63,7 +63,7 @@ def stream_sparsify(model: str | Path, out: str | Path, method: str, options: Me
     by_block: dict[int, list[Target]] = {}
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
-    paths = [f"{bm.family.base}.layers.{i}" for i in range(len(bm.layers))]
+    paths = bm.block_paths
     outside, blocks, entries = _entries(bm, paths)
     prune_layer, rows = layer_pruner(method, options), []
     sweep = BlockSweep(bm, windows, batch_size, progress=progress) if method in GRAM else None
