@@ -237,9 +237,7 @@ def _apply_and_save(job: _PruneJob, loaded, family, the_plan: Plan, tokenizer, i
 def _stream_and_save(job: _PruneJob, the_plan: Plan, importance: dict | None) -> dict:
     """The plan applied shard to shard (`hyprune.stream.apply`); the summary says generate was not probed
     (that would load the pruned model whole)."""
-    extra = {"method": {"name": job.prune.method},
-             "generate": {"transformers": transformers.__version__, "stock_generate_error": None,
-                          "probed": False}}
+    extra = {"method": {"name": job.prune.method}, "generate": generate_check(None)}
     if importance is not None:
         extra["importance"] = importance
     return stream_apply(job.model, the_plan, job.out, overwrite=job.overwrite, progress=job.progress, summary=extra)
@@ -279,8 +277,7 @@ def _sparsify_streamed(method: Method, job: _PruneJob, options, windows) -> dict
     """A sparsity method block by block (`hyprune.stream.sparsify`): the same tensors as in memory."""
     with torch.device("meta"):  # the architecture does not change: one count, from the config
         parameters = count_parameters(AutoModelForCausalLM.from_config(job.config), job.family)
-    summary = {"parameters": {"before": parameters, "after": parameters},
-               "generate": {"transformers": transformers.__version__, "stock_generate_error": None, "probed": False}}
+    summary = {"parameters": {"before": parameters, "after": parameters}, "generate": generate_check(None)}
     report = stream_sparsify(job.model, job.out, method.name, options, windows, batch_size=job.calibration.batch_size,
                              device=job.load.device or "cpu", dtype=job.load.dtype, overwrite=job.overwrite,
                              progress=job.progress, summary=summary)
@@ -294,7 +291,10 @@ def generate_check(model) -> dict:
 
     hyprune's own decoding works around known upstream bugs (`hyprune.compat`); a user's serving stack
     does not, so the summary says so (and the CLI prints it) rather than letting them find out later.
+    ``model`` None (a streamed prune, whose result is never loaded whole): not probed, and said so.
     """
+    if model is None:
+        return {"transformers": transformers.__version__, "stock_generate_error": None, "probed": False}
     return {"transformers": transformers.__version__, "stock_generate_error": probe_generate(model)}
 
 
