@@ -421,7 +421,7 @@ def _spill_dir(shape: tuple[int, int, int], bm: BlockwiseModel, spill_dir: str |
     more than `SPILL_FRACTION` of the free memory (then the system's temporary folder)."""
     if spill_dir is not None:
         return Path(spill_dir)
-    need = buffers * shape[0] * shape[1] * shape[2] * torch.tensor([], dtype=bm.dtype).element_size()
+    need = buffers * shape[0] * shape[1] * shape[2] * bm.dtype.itemsize
     if need <= SPILL_FRACTION * available_memory(bm.device):
         return None
     log.info("block activations (%.1f GiB in %d buffers) do not fit in memory", need / 2**30, buffers)
