@@ -107,14 +107,32 @@ def test_stream_refusals_come_before_any_work(sharded_dir, calib_txt, tmp_path, 
     assert not (tmp_path / "w").exists()
 
 
+def test_a_module_larger_than_the_free_memory_is_refused_by_name(sharded_dir, monkeypatch):
+    """The embeddings (read first) or a block that does not fit in the free memory: an error naming it and
+    its size in the compute dtype, before it is read."""
+    from hyprune.stream.score import stream_activation_scores
+
+    windows = torch.randint(1, 200, (2, 8), generator=torch.Generator().manual_seed(0))
+    reader = blocks.ShardReader(sharded_dir)
+    block = sum(torch.Size(reader.shape(n)).numel() * 4 for n in reader.names() if ".layers.0." in n)
+    free = iter([10**12])  # plenty for the embeddings, then less than block 0 needs
+    monkeypatch.setattr(blocks, "available_memory", lambda device: next(free, block - 1))
+    expected = rf"'model.layers.0' needs {block / 2**20:.2f} MiB as torch.float32 and cpu has "
+    with pytest.raises(HypruneError, match=expected + r".*does not fit"):
+        stream_activation_scores(sharded_dir, windows, batch_size=2, progress=False)
+    monkeypatch.setattr(blocks, "available_memory", lambda device: block - 1)
+    with pytest.raises(HypruneError, match=r"'model.embeddings' needs"):
+        stream_activation_scores(sharded_dir, windows, batch_size=2, progress=False)
+
+
 def test_activations_spill_to_disk_with_the_same_scores(sharded_dir, calib_txt, tmp_path, monkeypatch, caplog):
-    """Forced to spill (no free memory), the block inputs live in a file in the spill folder, logged, removed
+    """Forced to spill (no share of the free memory for activations), the block inputs live in a file in the spill folder, logged, removed
     after; the scores do not change."""
     from hyprune.stream.score import stream_activation_scores
 
     windows = torch.randint(1, 200, (5, 12), generator=torch.Generator().manual_seed(0))
     expected = stream_activation_scores(sharded_dir, windows, batch_size=2, progress=False)
-    monkeypatch.setattr(blocks, "available_memory", lambda device: 0)
+    monkeypatch.setattr(blocks, "SPILL_FRACTION", 0.0)
     monkeypatch.setattr(blocks.tempfile, "gettempdir", lambda: str(tmp_path))
     with caplog.at_level(logging.INFO, logger="hyprune.stream"):
         got = stream_activation_scores(sharded_dir, windows, batch_size=2, progress=False)

@@ -54,6 +54,10 @@ class _StopForward(Exception):
     """Raised after the last block during the capture pass: the head is not needed there."""
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free for tensors on ``device``: CUDA's free memory, or the host's MemAvailable."""
     if device.type == "cuda":
@@ -193,6 +197,7 @@ class BlockwiseModel:
         module = self.module(path)
         holders = {name: self._holders[f"{path}.{name}"] for name in module.state_dict(keep_vars=True)}
         files = [f for holder in set(holders.values()) for f in self._groups[holder]]
+        self._check_fits(path, files)
         converted = self.layout.to_model({f: self.reader.read(f) for f in files})
         state = {name: converted[holder] for name, holder in holders.items()}
         for name, tensor in state.items():
@@ -205,6 +210,20 @@ class BlockwiseModel:
             if param.is_meta and id(param) not in self._shared:
                 raise HypruneError(f"{self.folder} holds no tensor for '{path}.{name}', which the model needs.")
         return module
+
+    def _check_fits(self, path: str, files: list[str]) -> None:
+        """Refuse a module whose tensors (in the compute dtype) take more than the device's free memory."""
+        need = 0
+        for f in files:
+            stored = self.reader.dtype(f)
+            size = (self.dtype if stored.is_floating_point else stored).itemsize
+            need += size * torch.Size(self.reader.shape(f)).numel()
+        free = available_memory(self.device)
+        if need > free:
+            raise HypruneError(
+                f"'{path}' needs {_size(need)} as {self.dtype} and {self.device} has {_size(free)} free: even "
+                "one block at a time does not fit. Use a device with more memory, or a smaller --dtype."
+            )
 
     def offload(self, path: str) -> None:
         """Free the module's parameters (back to the meta device); its buffers and shared parameters stay."""
