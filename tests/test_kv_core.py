@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from hyprune.kv.methods import (DMCState, DMSState, attend, causal_bias, dmc_accumulate, dmc_bias, dms_bias,
-                                segment_sums)
+from hyprune.kv.methods import DMCState, DMSState, attend, causal_bias, dmc_accumulate, dmc_bias, dms_bias, segment_sums
 from hyprune.kv.store import PagedRows
 
 B, KV, GROUPS, T, D = 2, 2, 3, 23, 8
@@ -55,7 +54,7 @@ def test_every_decision_zero_is_plain_attention_bit_for_bit():
     expected = eager(q, k, v)
     assert torch.equal(dms_bias(zero, window=4), torch.zeros(B, KV, T, T))
     assert torch.equal(attend(q, k, v, causal_bias(T, q) + dms_bias(zero, 4), SCALE), expected)
-    keys, values, z = dmc_accumulate(k, v, zero, torch.rand(B, KV, T) + 0.5)
+    keys, values, _ = dmc_accumulate(k, v, zero, torch.rand(B, KV, T) + 0.5)
     assert torch.equal(keys, k) and torch.equal(values, v)
     assert torch.equal(attend(q, keys, values, causal_bias(T, q) + dmc_bias(zero), SCALE), expected)
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_family_contract import CASES
 from transformers import DynamicCache
 
 from hyprune.arch import family_for_config
 from hyprune.arch.family import ATTENTION
 from hyprune.errors import HypruneError
 from hyprune.kv.model import CompressedCache, KVSpec, attach, enable
-
-from test_family_contract import CASES
 
 VOCAB = 64
 
@@ -126,3 +125,27 @@ def test_enable_without_a_trained_config_says_what_to_do():
         enable(CASES["llama"].make())
     with pytest.raises(HypruneError, match="dmc, dms"):
         KVSpec(method="h2o")
+
+
+def test_the_ratio_term_pushes_the_decisions_toward_the_target():
+    """A few steps on the ratio loss alone (only k_proj trains) raise the merge share to the target."""
+    from hyprune.kv.train import kept_share, ratio_loss, target_ratio
+
+    assert [target_ratio(s, 10, 4.0, ramp=0.5) for s in (0, 5, 10)] == [1.0, 4.0, 4.0]
+    assert target_ratio(2, 10, 3.0, ramp=0.5) == pytest.approx(1.8)
+    model = CASES["llama"].make().train()
+    attach(model, KVSpec(method="dmc", offset=2.0))
+    params = [p for n, p in model.named_parameters() if "k_proj" in n]
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    ids = tokens(4)
+    torch.manual_seed(0)
+    model(ids)
+    start = kept_share(model).item()
+    for _ in range(40):
+        model(ids)
+        loss = ratio_loss(model, 2.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model(ids)
+    assert start > 0.75 and kept_share(model).item() < 0.55

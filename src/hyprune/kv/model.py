@@ -20,14 +20,13 @@ from functools import wraps
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hyprune.arch.family import ATTENTION, family_for_config
 from hyprune.errors import HypruneError
-from hyprune.kv.methods import (HARD, DMCState, DMSState, attend, dmc_accumulate, dmc_bias, dms_bias,
-                                expand_heads)
+from hyprune.kv.methods import DMCState, DMSState, attend, dmc_accumulate, dmc_bias, dms_bias, expand_heads
 
 NAME = "hyprune_kv"  # the attention implementation's name in transformers' registries
 METHODS = ("dmc", "dms")
@@ -179,6 +178,7 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     spec, scaling = at.spec, scaling if scaling is not None else query.shape[-1] ** -0.5
     T = query.shape[2]
     alpha = decisions(at.k0[..., -T:], spec, module.training)
+    at.stats["alpha"] = alpha  # the training objective's ratio term reads it (`hyprune.kv.train.kept_share`)
     omega = torch.sigmoid(at.q0[..., -T:].float()) if spec.method == "dmc" else None
     layer = at.layer
     if layer is not None and layer.state is not None:
@@ -300,4 +300,4 @@ def enable(model, spec: KVSpec | None = None):
     return model
 
 
-__all__ = ["CompressedCache", "CompressedLayer", "Compressing", "compressed_layer", "KVSpec", "attach", "decisions", "enable", "kv_attention"]
+__all__ = ["CompressedCache", "CompressedLayer", "Compressing", "KVSpec", "attach", "compressed_layer", "decisions", "enable", "kv_attention"]

@@ -1,0 +1,44 @@
+"""The compression objective of DMC / DMS training: the share of tokens the cache keeps, its target as
+it ramps from 1x to the final ratio, and the one-sided penalty that pushes the decisions toward it.
+
+A head that decides alpha for a token keeps ``1 - alpha`` of a slot for it (DMC: it opens a slot; DMS: it
+stays after the window), so the cache holds ``mean(1 - alpha)`` of the tokens and compresses by
+``1 / mean(1 - alpha)`` (DMS's window adds ``window + 1`` tokens per head on top: negligible at long
+context, counted exactly by the cache itself).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hyprune.arch.family import ATTENTION, family_for_config
+from hyprune.errors import HypruneError
+
+
+def target_ratio(step: int, total: int, ratio: float, ramp: float = 1.0) -> float:
+    """The compression target at ``step`` of ``total``: linear from 1x to ``ratio`` over the first ``ramp``
+    share of training, then held."""
+    if ratio < 1:
+        raise HypruneError(f"a compression ratio is >= 1 (2 keeps half the cache); got {ratio}")
+    span = max(1, round(ramp * total))
+    return 1.0 + (ratio - 1.0) * min(1.0, step / span)
+
+
+def kept_share(model) -> torch.Tensor:
+    """Mean ``1 - alpha`` over every attention layer, head and token of the last forward (with gradients)."""
+    family = family_for_config(model.config)
+    shares = []
+    for _, _, mixer in family.mixers(model, ATTENTION):
+        at = getattr(mixer, "_hyprune_kv", None)
+        if at is None or "alpha" not in at.stats:
+            raise HypruneError("no KV decisions recorded: call hyprune.kv.attach(model, spec) and run a forward first")
+        shares.append(1 - at.stats["alpha"].mean())
+    return torch.stack(shares).mean()
+
+
+def ratio_loss(model, ratio: float) -> torch.Tensor:
+    """``max(0, kept - 1 / ratio)``: zero once the cache keeps no more than its target share."""
+    return torch.relu(kept_share(model) - 1.0 / ratio)
+
+
+__all__ = ["kept_share", "ratio_loss", "target_ratio"]
