@@ -47,6 +47,7 @@ from hyprune.errors import HypruneError
 from hyprune.evaluate import bench as run_bench
 from hyprune.evaluate import evaluate, format_bench_table
 from hyprune.io import check_output, check_writable
+from hyprune.kv.compress import compress as kv_compress_run
 from hyprune.plan import parse_target
 from hyprune.report import eval_report_paths
 from hyprune.search import search as run_search
@@ -364,6 +365,34 @@ def distill(
                        split=text.split, overwrite=overwrite, **load.load_kwargs(exclude=TRAIN_LOAD_NOT_ON_CLI),
                        **settings, progress=not quiet)
     _print_training_summary(summary, out)
+
+
+@config_command(name="kv-compress", skip={LoadConfig: TRAIN_LOAD_NOT_ON_CLI, DistillConfig: DISTILL_NOT_ON_CLI},
+                unvalidated=(DistillConfig,))
+def kv_compress(
+    model: str = ModelArg,
+    method: str = typer.Option("dms", "--method", help="dms (delayed eviction) or dmc (merging)."),
+    ratio: float = typer.Option(4.0, "--ratio", help="KV-cache compression target (4 keeps a quarter)."),
+    window: int = typer.Option(16, "--window", help="DMS: tokens a query always sees before eviction applies."),
+    offset: float = typer.Option(5.0, "--offset", help="decision = sigmoid(k_0 - offset); large = nothing compressed at start."),
+    ratio_weight: float = typer.Option(1.0, "--ratio-weight", help="weight of the ratio term next to the KD loss."),
+    ramp: float = typer.Option(0.5, "--ramp", help="share of training over which the target ramps from 1x."),
+    decisions_only: bool = typer.Option(False, "--decisions-only", help="train only the key projections."),
+    load: LoadConfig = None, text: TrainData = None, settings: DistillConfig = None,
+    out: str = typer.Option(..., "--out", help="Run folder: final/ (the checkpoint), checkpoints/, log.jsonl."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in --out."),
+    resume_changed: bool = ResumeChanged, overwrite: bool = Overwrite, quiet: bool = Quiet,
+):
+    """Retrofit DMC / DMS KV-cache compression by distillation from the uncompressed model (OUT/final; load it
+    with from_pretrained, then hyprune.kv.enable(model))."""
+    with _hf_progress(not quiet):
+        summary = _run(kv_compress_run, model, text.data, out, method=method, ratio=ratio, window=window, offset=offset,
+                       ratio_weight=ratio_weight, ramp=ramp, decisions_only=decisions_only,
+                       resume=resume or resume_changed, allow_changed=resume_changed, eval_data=text.eval_data,
+                       text_field=text.text_field, split=text.split, overwrite=overwrite,
+                       **load.load_kwargs(exclude=TRAIN_LOAD_NOT_ON_CLI), **settings, progress=not quiet)
+    _print_training_summary(summary, out)
+    out_console.print(f"KV cache kept share at the end: {summary['kv_kept_share']:.3f} (target {1 / ratio:.3f})")
 
 
 @config_command(skip={LoadConfig: TRAIN_LOAD_NOT_ON_CLI, DistillConfig: FINETUNE_NOT_ON_CLI,

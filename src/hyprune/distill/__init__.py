@@ -109,7 +109,7 @@ def _load(model_id: str, dtype, device, allow_pickle, trust_remote_code):
 
 def run_distill(teacher: str | None, student: str, data: str, tokens: int, seq_len: int, batch: int, out: str,
                 resume: bool = False, *, heldout: bool = True, overwrite: bool = False, allow_changed: bool = False,
-                **fields) -> dict:
+                prepare=None, **fields) -> dict:
     """``hyprune distill``: load teacher and student, read ``data``, distill, write ``out/final``.
 
     ``data`` is a text file (.txt/.jsonl/.parquet or a datasets name), tokenized with the student's
@@ -124,6 +124,10 @@ def run_distill(teacher: str | None, student: str, data: str, tokens: int, seq_l
     ``resume`` continues ``out``'s newest checkpoint; it is refused when the settings that shape the
     result or the teacher, student (the path given, not the checkpoint) or data differ from the saved
     run's, unless ``allow_changed`` (``--resume-changed``), which logs the changes.
+
+    ``prepare(student_model) -> (aux, settings)``, when given, changes the loaded student before training
+    (`hyprune.kv.compress` switches its attention to DMC / DMS) and returns the extra loss term for
+    `distill`'s ``aux`` and the settings it depends on (compared on resume like the others).
     """
     text_keys, load_keys = set(TrainData.model_fields), set(LoadConfig.model_fields) - {"model"}
     text, load = resolve("distill", {"data": data, **{k: v for k, v in fields.items() if k in text_keys | load_keys}},
@@ -150,10 +154,12 @@ def run_distill(teacher: str | None, student: str, data: str, tokens: int, seq_l
                    trust_remote_code=load.trust_remote_code)
     teacher_model = _load(teacher, **weights) if uses_teacher else None
     student_model = _load(student, **weights)
+    aux, prepared = prepare(student_model) if prepare is not None else (None, {})
+    fingerprints = {**_fingerprints(teacher if uses_teacher else None, student, text, cfg, load),
+                    **{f"prepare.{k}": v for k, v in prepared.items()}}
     summary = distill(teacher_model, student_model, train_data, cfg, out_path, eval_windows=eval_windows,
                       resume=resume, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, overwrite=overwrite,
-                      allow_changed=allow_changed,
-                      fingerprints=_fingerprints(teacher if uses_teacher else None, student, text, cfg, load))
+                      allow_changed=allow_changed, fingerprints=fingerprints, aux=aux)
     _write_report(out_path)
     return summary
 

@@ -148,7 +148,7 @@ def make_config(config: DistillConfig | dict | None = None, **overrides) -> Dist
 def distill(teacher, student, data, config: DistillConfig | dict, out_dir: str | Path,
             eval_windows: torch.Tensor | None = None, resume: bool = False, tokenizer=None,
             teacher_tokenizer=None, overwrite: bool = False, allow_changed: bool = False,
-            fingerprints: dict | None = None) -> dict:
+            fingerprints: dict | None = None, aux=None) -> dict:
     """Distill ``teacher`` into ``student`` (trained in place) and save it to ``out_dir/final``.
 
     Args:
@@ -173,6 +173,9 @@ def distill(teacher, student, data, config: DistillConfig | dict, out_dir: str |
         fingerprints: more fingerprints of the inputs to compare on resume (``run_distill`` passes the
             teacher, student and data paths'; see `hyprune.resume`). The token windows (or the top-k
             cache) are always fingerprinted here.
+        aux: an extra loss term, called after each student forward as ``aux(student, step, total_steps)``
+            (0-based step) -> a scalar tensor added to the loss and logged as ``aux_loss``; its ``log(step,
+            total_steps)`` -> a dict of more values for that step's log record (`hyprune.kv.train.RatioTerm`).
 
     Returns a summary: steps, tokens, final loss, perplexities, paths.
     """
@@ -182,7 +185,7 @@ def distill(teacher, student, data, config: DistillConfig | dict, out_dir: str |
     inputs = _check_inputs(teacher, student, data, cfg, eval_windows, tokenizer, teacher_tokenizer, info)
     _prepare_out_dir(out, resume, overwrite, info)
     run = _setup(teacher, student, cfg, inputs, out, info, resume, allow_changed,
-                 {**(fingerprints or {}), **inputs.fingerprints})
+                 {**(fingerprints or {}), **inputs.fingerprints}, aux)
     return _train(run, tokenizer)
 
 
@@ -500,9 +503,10 @@ def _resume_point(root: Path, cfg: DistillConfig, student, info, fingerprints: d
 class _Objective:
     """The loss of one micro-batch: student forward, the teacher's signal, the configured mix."""
 
-    def __init__(self, cfg: DistillConfig, inputs: _Inputs, wrapped, student, teacher, device):
+    def __init__(self, cfg: DistillConfig, inputs: _Inputs, wrapped, student, teacher, device, aux=None):
         self.cfg, self.inputs, self.wrapped, self.student, self.teacher, self.device = (
             cfg, inputs, wrapped, student, teacher, device)
+        self.aux = aux
 
     def fetch(self, indices: list[int]):
         """Token ids of these windows, and the cached teacher top-k (or None)."""
@@ -511,7 +515,14 @@ class _Objective:
             return ids.to(self.device), (values.to(self.device), top.to(self.device))
         return self.inputs.windows[indices].to(self.device), None
 
-    def __call__(self, ids, cached) -> dict[str, torch.Tensor]:
+    def __call__(self, ids, cached, step: int = 0) -> dict[str, torch.Tensor]:
+        parts = self._main(ids, cached)
+        if self.aux is not None:
+            parts["aux"] = self.aux(self.student, step, self.cfg.total_steps())
+            parts["loss"] = parts["loss"] + parts["aux"]
+        return parts
+
+    def _main(self, ids, cached) -> dict[str, torch.Tensor]:
         cfg, inputs, hidden_map = self.cfg, self.inputs, self.inputs.hidden_map
         parts: dict[str, torch.Tensor] = {}
         with _autocast(self.device, cfg.precision):
@@ -587,11 +598,11 @@ class _Run:
         return self.cfg.total_steps()
 
 
-LOSS_PARTS = ["loss", "kd", "ce", "hidden"]  # the order of the per-step sums
+LOSS_PARTS = ["loss", "kd", "ce", "hidden", "aux"]  # the order of the per-step sums
 
 
 def _setup(teacher, student, cfg: DistillConfig, inputs: _Inputs, out: Path, info, resume: bool,
-           allow_changed: bool, fingerprints: dict) -> _Run:
+           allow_changed: bool, fingerprints: dict, aux=None) -> _Run:
     """Devices, the resumed weights and states (or a fresh seed), wrapping, AdamW and the schedule, the log."""
     mode = "fsdp" if (cfg.fsdp and info.enabled) else ("ddp" if info.enabled else "single")
     if info.device is not None:
@@ -628,7 +639,7 @@ def _setup(teacher, student, cfg: DistillConfig, inputs: _Inputs, out: Path, inf
         if changed:
             _apply_settings(optimizer, scheduler, cfg, cfg.total_steps())
     run = _Run(cfg, inputs, info, mode, out, student, teacher, wrapped, params, optimizer, scheduler,
-               _Objective(cfg, inputs, wrapped, student, teacher, device), fingerprints, start_step, resumed,
+               _Objective(cfg, inputs, wrapped, student, teacher, device, aux), fingerprints, start_step, resumed,
                saved, changed)
     _open_log(run)
     return run
@@ -684,7 +695,7 @@ def _step(run: _Run, step: int) -> tuple[torch.Tensor, float, float]:
     for m, chunk in enumerate(chunks):
         ids, cached = run.objective.fetch(chunk)
         with _grad_sync(run.wrapped, run.mode, sync=m == len(chunks) - 1):
-            parts = run.objective(ids, cached)
+            parts = run.objective(ids, cached, step)
             (parts["loss"] * (len(chunk) / len(share))).backward()
         for i, name in enumerate(LOSS_PARTS):
             if name in parts:
@@ -711,10 +722,14 @@ def _after_step(run: _Run, done: int, sums: torch.Tensor, grad_norm: float, lr: 
     tokens = done * tokens_per_step
     record = {"step": done, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
               "tokens_per_s": tokens_per_step / max(seconds, 1e-9)}
-    active = {"kd": inputs.kd, "ce": not inputs.kd or cfg.ce_weight > 0, "hidden": bool(inputs.hidden_map)}
+    aux = run.objective.aux
+    active = {"kd": inputs.kd, "ce": not inputs.kd or cfg.ce_weight > 0, "hidden": bool(inputs.hidden_map),
+              "aux": aux is not None}
     for i, name in enumerate(LOSS_PARTS[1:], 1):
         if active[name]:
             record[f"{name}_loss"] = float(sums[i])
+    if aux is not None and hasattr(aux, "log"):
+        record.update(aux.log(done - 1, run.total_steps))
     is_last = done == run.total_steps
     if inputs.eval_windows is not None and (is_last or (cfg.eval_every and done % cfg.eval_every == 0)):
         last_ppl = _student_ppl(run)

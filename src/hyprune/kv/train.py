@@ -41,4 +41,24 @@ def ratio_loss(model, ratio: float) -> torch.Tensor:
     return torch.relu(kept_share(model) - 1.0 / ratio)
 
 
-__all__ = ["kept_share", "ratio_loss", "target_ratio"]
+
+
+
+class RatioTerm:
+    """The `hyprune.distill.distill` ``aux`` term of KV-compression training: ``weight * ratio_loss`` at
+    the ramped target of each step; logs the target and the share of the cache kept."""
+
+    def __init__(self, ratio: float, weight: float = 1.0, ramp: float = 0.5) -> None:
+        target_ratio(0, 1, ratio)  # checks the ratio
+        self.ratio, self.weight, self.ramp = ratio, weight, ramp
+        self.kept: float | None = None
+
+    def __call__(self, student, step: int, total: int) -> torch.Tensor:
+        kept = kept_share(student)
+        self.kept = float(kept.detach())
+        return self.weight * torch.relu(kept - 1.0 / target_ratio(step, total, self.ratio, self.ramp))
+
+    def log(self, step: int, total: int) -> dict:
+        return {"kv_target_ratio": target_ratio(step, total, self.ratio, self.ramp),
+                "kv_kept_share": self.kept}
+__all__ = ["RatioTerm", "kept_share", "ratio_loss", "target_ratio"]
