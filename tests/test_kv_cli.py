@@ -50,3 +50,20 @@ def test_kv_compress_resume_refuses_a_changed_ratio(llama_dir, calib_txt, tmp_pa
     assert first.exit_code == 0, first.output
     again = invoke("kv-compress", llama_dir, "--ratio", 3, "--data", calib_txt, "--out", out, "--resume", *ARGS)
     assert again.exit_code != 0 and "ratio" in again.output
+
+
+def test_bench_kv_measures_the_compressed_cache_and_matches_its_count(llama_dir, calib_txt, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("kv-compress", llama_dir, "--ratio", 2, "--offset", 0.0, "--window", 2, "--data", calib_txt,
+                  "--out", out, *ARGS).exit_code == 0
+    args = ("--context-lengths", 24, "--decode-tokens", 4, "--repeats", 1, "--warmup", 0, "--batch-sizes", 2)
+    kv = invoke("bench", out / "final", "--kv", *args, "--out", tmp_path / "kv.json")
+    plain = invoke("bench", out / "final", *args, "--out", tmp_path / "plain.json")
+    assert kv.exit_code == 0 and plain.exit_code == 0, kv.output + plain.output
+    row = json.loads((tmp_path / "kv.json").read_text())["models"][0]["runs"][0]["cache_bytes_per_sequence"]
+    base = json.loads((tmp_path / "plain.json").read_text())["models"][0]["runs"][0]["cache_bytes_per_sequence"]
+    assert row["match"] and row["measured"] == row["analytic"]  # pools hold what the decisions imply
+    assert row["uncompressed_analytic"] == base["analytic"] == base["measured"]
+    assert row["measured"] < base["measured"]  # offset 0: about half the tokens evicted
+    refused = invoke("bench", llama_dir, "--kv", *args, "--out", tmp_path / "no.json")
+    assert refused.exit_code != 0 and "config.hyprune_kv" in refused.output

@@ -74,8 +74,9 @@ class CachedDecoding:
     e.g. after depth pruning) gets `_own_cache` instead.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, cache_factory=None):
         params = inspect.signature(model.forward).parameters
+        self.cache_factory = cache_factory  # () -> the cache to prefill into (default: the model's own)
         self.model = model
         self.cache_arg = cache_argument(model)
         self.takes_positions = "position_ids" in params
@@ -88,14 +89,17 @@ class CachedDecoding:
         kwargs = dict(self.extra)
         if self.takes_positions:  # [batch, context]
             kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        if self.model not in _NEEDS_OWN_CACHE:
+        if self.cache_factory is not None:
+            kwargs[self.cache_arg] = self.cache_factory()
+            out = self.model(input_ids=ids, use_cache=True, **kwargs)
+        elif self.model not in _NEEDS_OWN_CACHE:
             try:
                 out = self.model(input_ids=ids, use_cache=True, **kwargs)
             except ValueError as e:
                 if ONLY_LINEAR_LAYERS not in str(e):
                     raise
                 _NEEDS_OWN_CACHE[self.model] = True
-        if self.model in _NEEDS_OWN_CACHE:
+        if self.cache_factory is None and self.model in _NEEDS_OWN_CACHE:
             kwargs[self.cache_arg] = _own_cache(self.model, self)
             out = self.model(input_ids=ids, use_cache=True, **kwargs)
         self.length = ids.shape[1]

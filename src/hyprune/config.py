@@ -346,6 +346,8 @@ class BenchConfig(WorkflowConfig):
                                Cli(parse=parse_ints("--context-lengths"), default="128,512")] = \
         Field(default_factory=lambda: [128, 512], min_length=1, description="Comma-separated prompt lengths.")
     decode_tokens: int = Field(32, ge=1, description="Tokens decoded with the cache.")
+    kv: bool = Field(False, description="Decode with the compressed KV cache of each model's config.hyprune_kv "
+                                        "(hyprune kv-compress outputs; hyprune.kv.enable).")
     repeats: int = Field(3, ge=1, description="Measurements per setting (medians reported).")
     warmup: int = Field(1, ge=0, description="Untimed runs per setting before the measured ones.")
     seed: int = Field(0, description="Seed of the random prompts.")

@@ -44,6 +44,8 @@ from hyprune.compat import CachedDecoding
 from hyprune.config import BenchConfig, LoadConfig, resolve
 from hyprune.errors import HypruneError
 from hyprune.io import atomic_write_json, check_output
+from hyprune.kv import CompressedCache, enable
+from hyprune.kv.model import Compressing
 from hyprune.models import count_parameters, load_config, load_model, parse_dtype
 from hyprune.parts import PARTS
 from hyprune.parts.attention import kv_cache_bytes
@@ -55,7 +57,10 @@ CACHE_FORMULA = (
     "conv_kernel inputs, not conv_kernel - 1); Mamba SSM state heads x head_dim x state x bytes(ssm_dtype), "
     "constant in context (float32, whatever the model dtype); Mamba-1 (Jamba) conv state inner x conv_kernel x "
     "bytes(dtype) and SSM state inner x state x bytes(ssm_dtype), inner = mamba_expand x hidden_size; a Zamba2 "
-    "hybrid layer also caches K and V of its use of the shared attention"
+    "hybrid layer also caches K and V of its use of the shared attention. With --kv the attention layers hold "
+    "what their DMC / DMS decisions kept: per KV head, its slots rounded up to pages of config.hyprune_kv.page, "
+    "2 x head_dim x bytes(dtype) each (+ 4 bytes of DMC weight), and DMS's last window + 1 tokens; the "
+    "uncompressed count is kept next to it"
 )
 
 
@@ -109,8 +114,18 @@ def measured_cache_bytes(cache) -> int:
                 walk(v)
 
     for layer in getattr(cache, "layers", None) or [cache]:
+        if isinstance(layer, Compressing):  # its keys and values live in paged pools: their tensors' bytes
+            total += layer.bytes_allocated()
+            layer = {k: v for k, v in vars(layer).items() if k not in ("state", "keys", "values")}
+            walk(layer)  # a hybrid layer's own Mamba states
+            continue
         walk({k: v for k, v in vars(layer).items() if not k.startswith("_")})
     return total
+
+
+def kv_used_bytes(cache) -> int:
+    """Bytes the compressed attention layers' decisions imply (pages in use, DMS rings), all sequences."""
+    return sum(layer.bytes_used() for layer in getattr(cache, "layers", []) if isinstance(layer, Compressing))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +206,11 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def _measure_once(model, ids: torch.Tensor, decode_tokens: int) -> dict:
-    """One prefill + greedy decode of ``ids`` ([batch, context] on the model's device)."""
+def _measure_once(model, ids: torch.Tensor, decode_tokens: int, kv: bool = False) -> dict:
+    """One prefill + greedy decode of ``ids`` ([batch, context] on the model's device); ``kv``: with the
+    compressed cache."""
     device = ids.device
-    decoding = CachedDecoding(model)
+    decoding = CachedDecoding(model, (lambda: CompressedCache(model)) if kv else None)
     with _PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
@@ -202,6 +218,7 @@ def _measure_once(model, ids: torch.Tensor, decode_tokens: int) -> dict:
         _sync(device)
         t1 = time.perf_counter()
         after_prefill = measured_cache_bytes(decoding.cache)
+        kv_prefill = kv_used_bytes(decoding.cache)
         _sync(device)
         t2 = time.perf_counter()
         for _ in range(decode_tokens):
@@ -209,9 +226,11 @@ def _measure_once(model, ids: torch.Tensor, decode_tokens: int) -> dict:
         _sync(device)
         t3 = time.perf_counter()
         after_decode = measured_cache_bytes(decoding.cache)
+        kv_decode = kv_used_bytes(decoding.cache)
         del decoding
     return {"prefill_s": t1 - t0, "decode_s": t3 - t2, "peak_run_bytes": mem.peak,
-            "cache_after_prefill": after_prefill, "cache_after_decode": after_decode}
+            "cache_after_prefill": after_prefill, "cache_after_decode": after_decode,
+            "kv_after_prefill": kv_prefill, "kv_after_decode": kv_decode}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,12 +322,15 @@ def _load_models(model_ids: list, config: BenchConfig, load: LoadConfig, torch_d
         model, family = load_model(m, dtype=torch_dtype, device=None if dev.type == "cpu" else str(dev),
                                    **load_kwargs)
         model.eval()
+        if config.kv:
+            enable(model)  # refuses a model without config.hyprune_kv, before any measurement
         models.append(model)
         contexts = sorted(set(config.context_lengths) | {c + config.decode_tokens for c in config.context_lengths})
         cache_rows = [{"context": c, **cache_bytes(model.config, family, c, torch_dtype)} for c in contexts]
         entries.append({"model": str(m), "name": Path(str(m)).name or str(m), "family": family.name,
                         "parameters": count_parameters(model, family), "weights_bytes": _weights_bytes(model),
-                        "cache_bytes_per_sequence": cache_rows, "runs": [], "_family": family})
+                        "cache_bytes_per_sequence": cache_rows, "runs": [], "_family": family,
+                        **({"kv": model.config.hyprune_kv} if config.kv else {})})
     return models, entries
 
 
@@ -327,7 +349,7 @@ def _measure_all(models: list, entries: list, config: BenchConfig, vocab: int, d
                         print(f"bench {entries[i]['name']} batch={batch} context={context} "
                               f"{'warmup' if r < warmup else f'repeat {r - warmup + 1}/{repeats}'}",
                               file=sys.stderr, flush=True)
-                    sample = _measure_once(model, ids, config.decode_tokens)
+                    sample = _measure_once(model, ids, config.decode_tokens, config.kv)
                     if r >= warmup:
                         samples[i].append(sample)
             for entry, model, runs in zip(entries, models, samples):
@@ -341,8 +363,16 @@ def _summarize(runs: list[dict], entry: dict, model, batch: int, context: int, d
     decode = statistics.median(r["decode_s"] for r in runs)
     peak_run = max(r["peak_run_bytes"] for r in runs)
     family = entry["_family"]
-    analytic_prefill = cache_bytes(model.config, family, context, dtype)["total"]
-    analytic_decode = cache_bytes(model.config, family, context + decode_tokens, dtype)["total"]
+    formula_prefill = cache_bytes(model.config, family, context, dtype)
+    formula_decode = cache_bytes(model.config, family, context + decode_tokens, dtype)
+    analytic_prefill, analytic_decode = formula_prefill["total"], formula_decode["total"]
+    kv = {}
+    if entry.get("kv"):
+        # compressed: the attention part is what the decisions kept (the last run's), the rest the formula's
+        analytic_prefill += runs[-1]["kv_after_prefill"] // batch - formula_prefill["attention"]
+        analytic_decode += runs[-1]["kv_after_decode"] // batch - formula_decode["attention"]
+        kv = {"uncompressed_analytic": formula_prefill["total"],
+              "uncompressed_after_decode_analytic": formula_decode["total"]}
     measured_prefill = runs[-1]["cache_after_prefill"] // batch
     measured_decode = runs[-1]["cache_after_decode"] // batch
     return {
@@ -354,7 +384,7 @@ def _summarize(runs: list[dict], entry: dict, model, batch: int, context: int, d
         "cache_bytes_per_sequence": {
             "context": context, "analytic": analytic_prefill, "measured": measured_prefill,
             "after_decode_analytic": analytic_decode, "after_decode_measured": measured_decode,
-            "match": analytic_prefill == measured_prefill and analytic_decode == measured_decode,
+            "match": analytic_prefill == measured_prefill and analytic_decode == measured_decode, **kv,
         },
         "samples": {"prefill_s": [r["prefill_s"] for r in runs], "decode_s": [r["decode_s"] for r in runs]},
     }

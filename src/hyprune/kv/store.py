@@ -37,7 +37,7 @@ class PagedRows:
         return self.used_pages * self.page * self._row_bytes()
 
     def bytes_allocated(self) -> int:
-        """Bytes of the pool tensors as allocated (the pool grows by doubling, so up to 2x `bytes_used`)."""
+        """Bytes of the pool tensors as allocated (the pool grows to the pages needed: `bytes_used`)."""
         return sum(t.numel() * t.element_size() for t in (self.pool_k, self.pool_v, self.pool_x))
 
     def _row_bytes(self) -> int:
@@ -106,7 +106,7 @@ class PagedRows:
         self.used_pages += total
 
     def _grow(self, pages: int) -> None:
-        capacity = max(pages, 2 * self.pool_k.shape[0])
+        capacity = pages  # exact, like transformers' DynamicCache, which copies its tensors on every token
 
         def grown(pool):
             bigger = pool.new_zeros((capacity, *pool.shape[1:]))
