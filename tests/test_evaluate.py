@@ -273,7 +273,7 @@ def test_bench_two_models_interleaved_with_ratios(nemotron_dir, llama_dir, tmp_p
     order = []
     measure = bench_module._measure_once
     monkeypatch.setattr(bench_module, "_measure_once",
-                        lambda model, ids, n: order.append(model.config.model_type) or measure(model, ids, n))
+                        lambda model, ids, n, kv: order.append(model.config.model_type) or measure(model, ids, n, kv))
     out = tmp_path / "bench.json"
     result = bench([str(nemotron_dir), str(llama_dir)], batch_sizes=(1,), context_lengths=(8, 12), decode_tokens=2,
                    repeats=1, warmup=1, out=out)
