@@ -67,3 +67,18 @@ def test_bench_kv_measures_the_compressed_cache_and_matches_its_count(llama_dir,
     assert row["measured"] < base["measured"]  # offset 0: about half the tokens evicted
     refused = invoke("bench", llama_dir, "--kv", *args, "--out", tmp_path / "no.json")
     assert refused.exit_code != 0 and "config.hyprune_kv" in refused.output
+
+
+def test_eval_kv_measures_the_compressed_model(llama_dir, calib_txt, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("kv-compress", llama_dir, "--ratio", 2, "--offset", 0.0, "--window", 2, "--data", calib_txt,
+                  "--out", out, *ARGS).exit_code == 0
+    common = ("--data", calib_txt, "--seq-len", 32, "--num-windows", 4, "--quiet")
+    kv = invoke("eval", out / "final", "--kv", *common, "--out", tmp_path / "kv.json")
+    plain = invoke("eval", out / "final", *common, "--out", tmp_path / "plain.json")
+    assert kv.exit_code == 0 and plain.exit_code == 0, kv.output + plain.output
+    with_kv, without = (json.loads((tmp_path / f).read_text()) for f in ("kv.json", "plain.json"))
+    assert with_kv["kv"]["method"] == "dms" and "kv" not in without
+    assert with_kv["perplexity"] != without["perplexity"]  # offset 0: tokens evicted past the window
+    refused = invoke("eval", llama_dir, "--kv", *common, "--out", tmp_path / "no.json")
+    assert refused.exit_code != 0 and "config.hyprune_kv" in refused.output

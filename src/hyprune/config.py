@@ -321,6 +321,8 @@ class EvalConfig(WorkflowConfig):
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/datasets.")
     split: str = Field("train", description="Split of a datasets dataset.")
+    kv: bool = Field(False, description="With the KV compression of config.hyprune_kv (hard decisions: what "
+                                        "decoding with the compressed cache computes).")
 
 
 class CacheConfig(WorkflowConfig):

@@ -16,6 +16,7 @@ from hyprune.errors import HypruneError
 from hyprune.evaluate import harness
 from hyprune.evaluate.perplexity import check_window_args, perplexity, perplexity_windows
 from hyprune.io import atomic_write_json, check_output
+from hyprune.kv import enable
 from hyprune.models import load_config, load_model, load_tokenizer, parse_dtype
 from hyprune.report import eval_report, eval_report_paths
 
@@ -80,6 +81,9 @@ def _measure(model, c: EvalConfig, load: LoadConfig, tokenizer, task_names, mana
     loaded, _ = load_model(model, **load.load_kwargs())
     result: dict = {"model": str(model), "dtype": str(load.dtype),
                     "parameters": sum(p.numel() for p in loaded.parameters())}
+    if c.kv:
+        enable(loaded.eval())  # refuses a model without config.hyprune_kv
+        result["kv"] = loaded.config.hyprune_kv
     if windows is not None:
         result["data"] = str(c.data)
         result.update(perplexity(loaded, windows, batch_size=c.batch_size, progress=progress, stride=c.stride))
