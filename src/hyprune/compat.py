@@ -89,18 +89,16 @@ class CachedDecoding:
         kwargs = dict(self.extra)
         if self.takes_positions:  # [batch, context]
             kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        if self.cache_factory is not None:
-            kwargs[self.cache_arg] = self.cache_factory()
-            out = self.model(input_ids=ids, use_cache=True, **kwargs)
-        elif self.model not in _NEEDS_OWN_CACHE:
+        out = None
+        if self.cache_factory is None and self.model not in _NEEDS_OWN_CACHE:
             try:
                 out = self.model(input_ids=ids, use_cache=True, **kwargs)
             except ValueError as e:
                 if ONLY_LINEAR_LAYERS not in str(e):
                     raise
                 _NEEDS_OWN_CACHE[self.model] = True
-        if self.cache_factory is None and self.model in _NEEDS_OWN_CACHE:
-            kwargs[self.cache_arg] = _own_cache(self.model, self)
+        if out is None:  # a cache given from outside, or ours for a model whose own cannot say its length
+            kwargs[self.cache_arg] = self.cache_factory() if self.cache_factory else _own_cache(self.model, self)
             out = self.model(input_ids=ids, use_cache=True, **kwargs)
         self.length = ids.shape[1]
         self.cache = output_cache(out, self.cache_arg)

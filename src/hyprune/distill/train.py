@@ -515,7 +515,7 @@ class _Objective:
             return ids.to(self.device), (values.to(self.device), top.to(self.device))
         return self.inputs.windows[indices].to(self.device), None
 
-    def __call__(self, ids, cached, step: int = 0) -> dict[str, torch.Tensor]:
+    def __call__(self, ids, cached, step: int) -> dict[str, torch.Tensor]:
         parts = self._main(ids, cached)
         if self.aux is not None:
             parts["aux"] = self.aux(self.student, step, self.cfg.total_steps())

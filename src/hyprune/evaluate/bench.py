@@ -114,12 +114,11 @@ def measured_cache_bytes(cache) -> int:
                 walk(v)
 
     for layer in getattr(cache, "layers", None) or [cache]:
-        if isinstance(layer, Compressing):  # its keys and values live in paged pools: their tensors' bytes
+        fields = {k: v for k, v in vars(layer).items() if not k.startswith("_")}
+        if isinstance(layer, Compressing):  # its keys and values live in the state's paged pools
             total += layer.bytes_allocated()
-            layer = {k: v for k, v in vars(layer).items() if k not in ("state", "keys", "values")}
-            walk(layer)  # a hybrid layer's own Mamba states
-            continue
-        walk({k: v for k, v in vars(layer).items() if not k.startswith("_")})
+            fields.pop("state")  # the rest: a hybrid layer's own Mamba states
+        walk(fields)
     return total
 
 

@@ -149,13 +149,14 @@ class DMSState:
         valid = torch.cat([valid, self.ring_valid], dim=1)
         return _unlanes(k, self.shape), _unlanes(v, self.shape), _visible(valid, self.shape)
 
+    def _ring_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.ring_alpha, self.ring_valid))
+
     def bytes_used(self) -> int:
-        ring = sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.ring_alpha, self.ring_valid))
-        return self.kept.bytes_used() + ring
+        return self.kept.bytes_used() + self._ring_bytes()
 
     def bytes_allocated(self) -> int:
-        ring = sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.ring_alpha, self.ring_valid))
-        return self.kept.bytes_allocated() + ring
+        return self.kept.bytes_allocated() + self._ring_bytes()
 
 
 class DMCState:

@@ -190,19 +190,21 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
                                "cache does not drop tokens by position yet, so it stops at the window")
         return _decode_step(at, query, key, value, alpha, omega, scaling)
     inner = ALL_ATTENTION_FUNCTIONS.get_interface(spec.inner, None) if spec.inner != "eager" else None
+    z = None
     if spec.method == "dms":
         bias = dms_bias(alpha, spec.window)
     else:
         key, value, z = dmc_accumulate(key, value, alpha, omega)
         key, value = key.to(query.dtype), value.to(query.dtype)
         bias = dmc_bias(alpha)
-    mask = _float_mask(attention_mask, query, T) + expand_heads(bias, at.groups)
+    causal = _float_mask(attention_mask, query, T)
     if inner is None:
-        out = attend(query, key, value, bias + _float_mask(attention_mask, query, T), scaling).transpose(1, 2)
+        out = attend(query, key, value, bias + causal, scaling).transpose(1, 2)
     else:
-        out, _ = inner(module, query, key, value, mask.to(query.dtype), scaling=scaling, dropout=dropout, **kwargs)
+        mask = (causal + expand_heads(bias, at.groups)).to(query.dtype)
+        out, _ = inner(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     if layer is not None:
-        _prefill(at, key, value, alpha, z if spec.method == "dmc" else None, _valid_keys(attention_mask, key))
+        _prefill(at, key, value, alpha, z, _valid_keys(attention_mask, key))
     return out.contiguous(), None
 
 

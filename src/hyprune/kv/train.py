@@ -38,7 +38,11 @@ def kept_share(model) -> torch.Tensor:
 
 def ratio_loss(model, ratio: float) -> torch.Tensor:
     """``max(0, kept - 1 / ratio)``: zero once the cache keeps no more than its target share."""
-    return torch.relu(kept_share(model) - 1.0 / ratio)
+    return _penalty(kept_share(model), ratio)
+
+
+def _penalty(kept: torch.Tensor, ratio: float) -> torch.Tensor:
+    return torch.relu(kept - 1.0 / ratio)
 
 
 
@@ -56,7 +60,7 @@ class RatioTerm:
     def __call__(self, student, step: int, total: int) -> torch.Tensor:
         kept = kept_share(student)
         self.kept = float(kept.detach())
-        return self.weight * torch.relu(kept - 1.0 / target_ratio(step, total, self.ratio, self.ramp))
+        return self.weight * _penalty(kept, target_ratio(step, total, self.ratio, self.ramp))
 
     def log(self, step: int, total: int) -> dict:
         return {"kv_target_ratio": target_ratio(step, total, self.ratio, self.ramp),

@@ -213,11 +213,7 @@ class BlockwiseModel:
 
     def _check_fits(self, path: str, files: list[str]) -> None:
         """Refuse a module whose tensors (in the compute dtype) take more than the device's free memory."""
-        need = 0
-        for f in files:
-            stored = self.reader.dtype(f)
-            size = (self.dtype if stored.is_floating_point else stored).itemsize
-            need += size * torch.Size(self.reader.shape(f)).numel()
+        need = sum(self.reader.nbytes(f, self.dtype) for f in files)
         free = available_memory(self.device)
         if need > free:
             raise HypruneError(

@@ -25,12 +25,8 @@ def weights_bytes(folder: str | Path, dtype=None) -> int:
     """Bytes of the checkpoint's tensors in ``dtype`` (as stored when None or "auto")."""
     reader = ShardReader(folder)
     dtype = parse_dtype(dtype)
-    total = 0
-    for name in reader.names():
-        stored = reader.dtype(name)
-        cast = isinstance(dtype, torch.dtype) and stored.is_floating_point
-        total += (dtype if cast else stored).itemsize * torch.Size(reader.shape(name)).numel()
-    return total
+    dtype = dtype if isinstance(dtype, torch.dtype) else None
+    return sum(reader.nbytes(name, dtype) for name in reader.names())
 
 
 def should_stream(load: LoadConfig) -> bool:

@@ -116,6 +116,12 @@ class ShardReader:
             raise HypruneError(f"Tensor '{name}' has dtype {code}, which this torch cannot hold.")
         return DTYPES[code]
 
+    def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the tensor once read, floating-point tensors converted to ``dtype`` (None: as stored)."""
+        stored = self.dtype(name)
+        itemsize = (dtype if dtype is not None and stored.is_floating_point else stored).itemsize
+        return itemsize * torch.Size(self.shape(name)).numel()
+
     def shard_of(self, name: str) -> str:
         return self._entry(name)[0]
 
