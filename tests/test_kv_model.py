@@ -149,3 +149,37 @@ def test_the_ratio_term_pushes_the_decisions_toward_the_target():
         optimizer.step()
     model(ids)
     assert start > 0.75 and kept_share(model).item() < 0.55
+
+
+def test_calibrate_standardizes_each_heads_decision_input():
+    """centers / scales are the mean / std of each KV head's k_0 (recomputed here from the hidden states);
+    the hard decisions are then (k_0 - center) / scale > offset, per head."""
+    from hyprune.kv.model import calibrate
+
+    model = CASES["llama"].make().eval()
+    model.set_attn_implementation("eager")
+    ids = tokens(5)
+    centers, scales = calibrate(model, ids, batch_size=1)
+    config = model.config
+    kv, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    k0s = []
+    for i, layer in enumerate(model.model.layers):
+        k = layer.self_attn.k_proj(layer.input_layernorm(hidden[i])).view(*ids.shape, kv, head_dim)[..., 0]
+        k0s.append(k.reshape(-1, kv))
+        torch.testing.assert_close(torch.tensor(centers[i]), k0s[-1].mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(scales[i]), k0s[-1].std(0), rtol=1e-5, atol=1e-6)
+    attach(model, KVSpec(method="dms", offset=0.5, centers=centers, scales=scales))
+    with torch.no_grad():
+        model(ids)
+    for i, layer in enumerate(model.model.layers):
+        z = (k0s[i].view(*ids.shape, kv) - torch.tensor(centers[i])) / torch.tensor(scales[i])
+        assert torch.equal(layer.self_attn._hyprune_kv.stats["alpha"], (z > 0.5).float().transpose(1, 2))
+
+
+def test_calibration_of_another_model_is_refused():
+    model = CASES["llama"].make()
+    layers = len(model.model.layers)
+    with pytest.raises(HypruneError, match=f"has centers for {layers + 1} attention layers; the model has {layers}"):
+        attach(model, KVSpec(centers=[[0.0]] * (layers + 1), scales=[[1.0]] * (layers + 1)))

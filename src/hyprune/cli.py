@@ -374,7 +374,7 @@ def kv_compress(
     method: str = typer.Option("dms", "--method", help="dms (delayed eviction) or dmc (merging)."),
     ratio: float = typer.Option(4.0, "--ratio", help="KV-cache compression target (4 keeps a quarter)."),
     window: int = typer.Option(16, "--window", help="DMS: tokens a query always sees before eviction applies."),
-    offset: float = typer.Option(5.0, "--offset", help="decision = sigmoid(k_0 - offset); large = nothing compressed at start."),
+    offset: float = typer.Option(3.0, "--offset", help="decision = sigmoid(standardized k_0 - offset); 3 drops ~0.1% of tokens at the start."),
     ratio_weight: float = typer.Option(1.0, "--ratio-weight", help="weight of the ratio term next to the KD loss."),
     ramp: float = typer.Option(0.5, "--ramp", help="share of training over which the target ramps from 1x."),
     decisions_only: bool = typer.Option(False, "--decisions-only", help="train only the key projections."),

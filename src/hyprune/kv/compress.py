@@ -11,29 +11,38 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from hyprune.data import calibration_windows
 from hyprune.distill import run_distill
-from hyprune.kv.model import KVSpec, attach
+from hyprune.kv.model import KVSpec, attach, calibrate
 from hyprune.kv.train import RatioTerm
+from hyprune.models import load_tokenizer
 
 
 def compress(model: str, data: str, out: str, *, method: str = "dms", ratio: float = 4.0, tokens: int,
-             seq_len: int, batch: int = 8, window: int = 16, offset: float = 5.0, ratio_weight: float = 1.0,
-             ramp: float = 0.5, decisions_only: bool = False, resume: bool = False, **fields) -> dict:
+             seq_len: int, batch: int = 8, window: int = 16, offset: float = 3.0, ratio_weight: float = 1.0,
+             ramp: float = 0.5, decisions_only: bool = False, calibration: int = 8, resume: bool = False,
+             **fields) -> dict:
     """Train ``model`` to compress its KV cache ``ratio``-fold with ``method``; ``fields`` as `run_distill`'s.
 
-    ``decisions_only`` trains only the key projections that carry the decisions (the rest frozen), as DMS
-    offers; by default the whole model trains.
+    The decisions' inputs are standardized per head on ``calibration`` windows of ``data`` before training
+    (`hyprune.kv.model.calibrate`; ``offset`` is then in units of each head's spread). ``decisions_only``
+    trains only the key projections that carry the decisions (the rest frozen), as DMS offers; by default
+    the whole model trains.
     """
     spec = KVSpec(method=method, window=window, offset=offset)
     term = RatioTerm(ratio, weight=ratio_weight, ramp=ramp)
+    windows = calibration_windows(load_tokenizer(model, fields.get("trust_remote_code", False)), data, seq_len,
+                                  calibration, seed=0, text_field=fields.get("text_field", "text"),
+                                  split=fields.get("split", "train"))
 
     def prepare(student):
+        spec.centers, spec.scales = calibrate(student, windows)
         attach(student, spec)
         if decisions_only:
             for name, param in student.named_parameters():
                 param.requires_grad = "k_proj" in name
         settings = {**asdict(spec), "ratio": ratio, "ratio_weight": ratio_weight, "ramp": ramp,
-                    "decisions_only": decisions_only}
+                    "decisions_only": decisions_only, "calibration": calibration}
         settings.pop("inner")
         return term, settings
 

@@ -2,9 +2,11 @@
 registered through transformers' attention interface, and a cache whose attention layers hold per-head
 variable-length keys and values.
 
-Where the decisions come from: dimension 0 of each KV head's key projection, before rotary embeddings
-(``alpha = sigmoid(k_0 - offset)``; DMC's importance ``omega = sigmoid(q_0)`` of the group's first query
-head). The dimension still takes part in attention, so a checkpoint keeps its tensor shapes and stock
+Where the decisions come from: dimension 0 of each KV head's key projection, before rotary embeddings,
+standardized per head (``alpha = sigmoid((k_0 - center) / scale - offset)``, center and scale the mean and
+spread of that head's k_0 on calibration text, `calibrate`; DMC's importance ``omega = sigmoid(q_0)`` of the
+group's first query head). Standardizing puts every head the same distance from its first decisions: with
+one raw offset, heads whose k_0 sits low never move in a short retrofit while others compress fully. The dimension still takes part in attention, so a checkpoint keeps its tensor shapes and stock
 ``from_pretrained`` loads it; the method's settings are saved in ``config.hyprune_kv``. With every decision
 0 (``offset`` large) the model computes what it computed before.
 
@@ -34,15 +36,19 @@ METHODS = ("dmc", "dms")
 
 @dataclass
 class KVSpec:
-    """What ``config.hyprune_kv`` holds: the method, DMS's window, the decision offset, the temperature of
-    the Gumbel-sigmoid in training, the cache page size, and the attention the model used before."""
+    """What ``config.hyprune_kv`` holds: the method, DMS's window, the decision offset (in units of each
+    head's spread of k_0 when ``centers`` / ``scales`` are set: 3 drops ~0.1% of tokens at the start), the
+    temperature of the Gumbel-sigmoid in training, the cache page size, the attention the model used
+    before, and per attention layer and KV head the standardization of k_0 (`calibrate`; none: raw k_0)."""
 
     method: str = "dms"
     window: int = 16
-    offset: float = 5.0
+    offset: float = 3.0
     temperature: float = 0.5
     page: int = 16
     inner: str = "eager"
+    centers: list[list[float]] | None = None
+    scales: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -58,6 +64,8 @@ class _Attached:
     spec: KVSpec
     kv_heads: int
     groups: int
+    center: torch.Tensor | None = None  # [kv_heads, 1] standardization of k_0 (None: raw)
+    scale: torch.Tensor | None = None
     k0: torch.Tensor | None = None
     q0: torch.Tensor | None = None
     layer: Compressing | None = None
@@ -65,9 +73,13 @@ class _Attached:
 
 
 # ---- decisions ---------------------------------------------------------------------------------------
-def decisions(logits: torch.Tensor, spec: KVSpec, training: bool) -> torch.Tensor:
-    """alpha from the decision logits ([B, H, T]): a Gumbel-sigmoid sample in training, 0 / 1 otherwise."""
-    x = logits.float() - spec.offset
+def decisions(logits: torch.Tensor, spec: KVSpec, training: bool, center=None, scale=None) -> torch.Tensor:
+    """alpha from the decision inputs k_0 ([B, H, T]), standardized by ``center`` / ``scale`` ([H, 1]) when
+    given: a Gumbel-sigmoid sample in training, 0 / 1 otherwise."""
+    x = logits.float()
+    if center is not None:
+        x = (x - center.to(x.device)) / scale.to(x.device)
+    x = x - spec.offset
     if not training:
         return (x > 0).float()
     u = torch.rand_like(x).clamp(1e-6, 1 - 1e-6)
@@ -177,7 +189,7 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     at: _Attached = module._hyprune_kv
     spec, scaling = at.spec, scaling if scaling is not None else query.shape[-1] ** -0.5
     T = query.shape[2]
-    alpha = decisions(at.k0[..., -T:], spec, module.training)
+    alpha = decisions(at.k0[..., -T:], spec, module.training, at.center, at.scale)
     at.stats["alpha"] = alpha  # the training objective's ratio term reads it (`hyprune.kv.train.kept_share`)
     omega = torch.sigmoid(at.q0[..., -T:].float()) if spec.method == "dmc" else None
     layer = at.layer
@@ -243,17 +255,57 @@ def attach(model, spec: KVSpec) -> None:
     spec.inner = spec.inner if current == NAME else (current or "eager")
     model.config.hyprune_kv = asdict(spec)
     family = family_for_config(model.config)
-    for _, _, mixer in family.mixers(model, ATTENTION):
-        _attach_module(mixer, spec, model.config)
+    mixers = [mixer for _, _, mixer in family.mixers(model, ATTENTION)]
+    for field_name in ("centers", "scales"):
+        values = getattr(spec, field_name)
+        if values is not None and len(values) != len(mixers):
+            raise HypruneError(f"config.hyprune_kv has {field_name} for {len(values)} attention layers; the model "
+                               f"has {len(mixers)}")
+    for position, mixer in enumerate(mixers):
+        at = _attach_module(mixer, spec, model.config)
+        standardized = spec.centers is not None and spec.scales is not None
+        at.center = torch.tensor(spec.centers[position])[:, None] if standardized else None
+        at.scale = torch.tensor(spec.scales[position])[:, None] if standardized else None
     model.set_attn_implementation(NAME)
 
 
-def _attach_module(mixer, spec: KVSpec, config) -> None:
+def calibrate(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[list[list[float]], list[list[float]]]:
+    """Per attention layer and KV head, the mean and standard deviation of k_0 over ``windows`` (the
+    `KVSpec` ``centers`` and ``scales``); runs the model as it is."""
+    family = family_for_config(model.config)
+    mixers = [mixer for _, _, mixer in family.mixers(model, ATTENTION)]
+    heads = _head_counts(model.config)[1]
+    seen: list[list[torch.Tensor]] = [[] for _ in mixers]
+
+    def record(position):
+        def hook(_, __, output):
+            B, T, _ = output.shape
+            seen[position].append(output.detach().float().view(B, T, heads, -1)[..., 0].reshape(-1, heads))
+        return hook
+
+    handles = [m.k_proj.register_forward_hook(record(i)) for i, m in enumerate(mixers)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                model(windows[start : start + batch_size].to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = [torch.cat(values) for values in seen]
+    return ([s.mean(0).tolist() for s in stats],
+            [s.std(0).clamp(min=1e-3).tolist() for s in stats])
+
+
+def _head_counts(config) -> tuple[int, int]:
+    heads = int(config.num_attention_heads)
+    return heads, int(getattr(config, "num_key_value_heads", None) or heads)
+
+
+def _attach_module(mixer, spec: KVSpec, config) -> _Attached:
     if getattr(mixer, "_hyprune_kv", None) is not None:
         mixer._hyprune_kv.spec = spec
-        return
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        return mixer._hyprune_kv
+    heads, kv_heads = _head_counts(config)
     at = _Attached(spec, kv_heads, heads // kv_heads)
     mixer._hyprune_kv = at
 
@@ -275,6 +327,7 @@ def _attach_module(mixer, spec: KVSpec, config) -> None:
     mixer.k_proj.register_forward_hook(on_k)
     mixer.q_proj.register_forward_hook(on_q)
     mixer.register_forward_pre_hook(on_forward, with_kwargs=True)
+    return at
 
 
 def enable(model, spec: KVSpec | None = None):
@@ -302,4 +355,4 @@ def enable(model, spec: KVSpec | None = None):
     return model
 
 
-__all__ = ["CompressedCache", "CompressedLayer", "Compressing", "KVSpec", "attach", "compressed_layer", "decisions", "enable", "kv_attention"]
+__all__ = ["CompressedCache", "CompressedLayer", "Compressing", "KVSpec", "attach", "calibrate", "compressed_layer", "decisions", "enable", "kv_attention"]

@@ -1,5 +1,11 @@
 """The compression objective of DMC / DMS training: the share of tokens the cache keeps, its target as
-it ramps from 1x to the final ratio, and the one-sided penalty that pushes the decisions toward it.
+it ramps from 1x to the final ratio, and the penalty that holds every head's decisions at it.
+
+The penalty is the mean over attention layers and KV heads of ``|kept_head - 1 / ratio|``: an L1 distance
+as DMC's, but per head. On one global mean, a head whose decisions saturate at 1 (everything dropped)
+pays for one that never moves (its sigmoid is flat far below the offset), and training stalls at
+half the target with the model's worst head fully compressed; a one-sided penalty lets the optimizer's
+momentum overshoot the target.
 
 A head that decides alpha for a token keeps ``1 - alpha`` of a slot for it (DMC: it opens a slot; DMS: it
 stays after the window), so the cache holds ``mean(1 - alpha)`` of the tokens and compresses by
@@ -26,26 +32,29 @@ def target_ratio(step: int, total: int, ratio: float, ramp: float = 1.0) -> floa
 
 def kept_share(model) -> torch.Tensor:
     """Mean ``1 - alpha`` over every attention layer, head and token of the last forward (with gradients)."""
+    return kept_by_head(model).mean()
+
+
+def kept_by_head(model) -> torch.Tensor:
+    """``[layers, kv_heads]``: each head's mean ``1 - alpha`` over the tokens of the last forward."""
     family = family_for_config(model.config)
     shares = []
     for _, _, mixer in family.mixers(model, ATTENTION):
         at = getattr(mixer, "_hyprune_kv", None)
         if at is None or "alpha" not in at.stats:
             raise HypruneError("no KV decisions recorded: call hyprune.kv.attach(model, spec) and run a forward first")
-        shares.append(1 - at.stats["alpha"].mean())
-    return torch.stack(shares).mean()
+        alpha = at.stats["alpha"]
+        shares.append(1 - alpha.mean(dim=(0, 2)))
+    return torch.stack(shares)
 
 
 def ratio_loss(model, ratio: float) -> torch.Tensor:
-    """``max(0, kept - 1 / ratio)``: zero once the cache keeps no more than its target share."""
-    return _penalty(kept_share(model), ratio)
+    """Mean over heads of ``|kept_head - 1 / ratio|``: zero when every head keeps its target share."""
+    return _penalty(kept_by_head(model), ratio)
 
 
 def _penalty(kept: torch.Tensor, ratio: float) -> torch.Tensor:
-    return torch.relu(kept - 1.0 / ratio)
-
-
-
+    return (kept - 1.0 / ratio).abs().mean()
 
 
 class RatioTerm:
@@ -58,11 +67,11 @@ class RatioTerm:
         self.kept: float | None = None
 
     def __call__(self, student, step: int, total: int) -> torch.Tensor:
-        kept = kept_share(student)
-        self.kept = float(kept.detach())
+        kept = kept_by_head(student)
+        self.kept = float(kept.detach().mean())
         return self.weight * _penalty(kept, target_ratio(step, total, self.ratio, self.ramp))
 
     def log(self, step: int, total: int) -> dict:
         return {"kv_target_ratio": target_ratio(step, total, self.ratio, self.ramp),
                 "kv_kept_share": self.kept}
-__all__ = ["RatioTerm", "kept_share", "ratio_loss", "target_ratio"]
+__all__ = ["RatioTerm", "kept_by_head", "kept_share", "ratio_loss", "target_ratio"]

@@ -1,0 +1,335 @@
+"""KV-cache compression benchmark (issue 14): DMC and DMS retrofits against training-free and pruning baselines.
+
+Stages (each writes its part of ``--out`` and is skipped when already there, so the script resumes):
+
+    reference  a dense Llama reference (8 attention layers, 8 KV heads of 16 dims, context 1024) trained
+               from random init with cross-entropy on ../shared/data/pystdlib, tokenizer of the reference
+               teacher (tiny-nemotron-h)
+    retrofit   `hyprune.kv.compress` (what ``hyprune kv-compress`` runs) at 2x / 4x / 8x, DMC and DMS
+    gqa        fewer KV heads (8 -> 4 / 2 / 1) by hyprune's own pruning, then the same distillation tokens
+    ppl        held-out perplexity at context 1024 of all of them and of the training-free baselines at
+               the same cache budget: StreamingLLM (4 sinks + recent window) and TOVA (evict the token
+               the current query attends least), both with ``1024 / ratio`` tokens of cache per head
+    speed      measured cache bytes and decode tokens/s vs context (1k-8k) for the reference and DMS 4x
+    hybrid     the reference hybrid teacher's whole-model cache per sequence vs context, with and without
+               DMS 4x on its attention block (retrofitted here on a short budget)
+    smollm2    SmolLM2-135M-Instruct (GGUF wheel), DMS 4x, decisions only, pydoc topics
+
+    python benchmarks/bench_kv.py                       # all stages (~1.5 h on 2 CPU cores)
+    python benchmarks/bench_kv.py --stages ppl,speed    # some of them
+    python benchmarks/bench_kv.py --report              # the Markdown tables + plots from the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import budget_steps, read_log, say  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TEACHER = SHARED / "models" / "tiny-nemotron-h"
+DATA = SHARED / "data" / "pystdlib"
+STAGES = ("reference", "retrofit", "gqa", "ppl", "speed", "hybrid", "smollm2")
+RATIOS = (2, 4, 8)
+METHODS = ("dmc", "dms")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--work", default=str(ROOT / "benchmarks" / "out" / "kv"))
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--ref-tokens", type=int, default=1_572_864, help="reference pretraining tokens")
+    p.add_argument("--ref2-tokens", type=int, default=1_048_576, help="second phase, batch 2")
+    p.add_argument("--ref-lr", type=float, default=3e-3)
+    p.add_argument("--tokens", type=int, default=131_072, help="distillation tokens per retrofit / GQA run")
+    p.add_argument("--batch", type=int, default=8, help="reference pretraining batch (first phase)")
+    p.add_argument("--kv-batch", type=int, default=4, help="batch of the retrofit and GQA runs")
+    p.add_argument("--window", type=int, default=16, help="DMS window")
+    p.add_argument("--ratio-weight", type=float, default=10.0)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--contexts", type=lambda t: [int(x) for x in t.split(",")], default=[1024, 2048, 4096, 8192])
+    p.add_argument("--lr", type=float, default=2e-3, help="retrofit / GQA distillation lr")
+    p.add_argument("--heldout-windows", type=int, default=32, help="test windows of --seq-len (32 x 1024 = 32k tokens)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="only print the Markdown and write the plots")
+    return p.parse_args(argv)
+
+
+# ---- results file --------------------------------------------------------------------------------------
+class Results:
+    def __init__(self, work: Path) -> None:
+        self.path = work / "results.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.data.setdefault("commands", [])
+        command = " ".join([Path(sys.executable).name, *sys.argv])
+        if command not in self.data["commands"]:
+            self.data["commands"].append(command)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+
+# ---- stage: the dense reference ------------------------------------------------------------------------
+def reference_config(vocab: int, seq_len: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=8 * seq_len,
+                       rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, pad_token_id=0)
+
+
+def stage_reference(args, results: Results, work: Path) -> None:
+    """Two phases, both at context --seq-len: --ref-tokens at batch --batch, then --ref2-tokens at batch 2
+    (four times the optimizer steps per token: at this size the first phase alone stops early in the curve)."""
+    from transformers import LlamaForCausalLM
+
+    from hyprune.data import calibration_windows, heldout_windows
+    from hyprune.distill import DistillConfig, distill
+    from hyprune.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(TEACHER)
+    val = heldout_windows(tokenizer, DATA / "val.txt.gz", args.seq_len, 8)
+    phases = [("reference", args.ref_tokens, args.batch, args.ref_lr, 10),
+              ("reference2", args.ref2_tokens, 2, args.ref_lr * 2 / 3, 20)]
+    skip, record = 0, []
+    for name, tokens, batch, lr, warmup in phases:
+        run = work / "runs" / name
+        steps = budget_steps(tokens, batch, args.seq_len)
+        train = calibration_windows(tokenizer, DATA / "train.txt.gz", args.seq_len, skip + steps * batch,
+                                    seed=0)[skip:]  # the next unseen windows of the same shuffled stream
+        skip += steps * batch
+        if name == "reference":
+            torch.manual_seed(0)
+            config = reference_config(len(tokenizer), args.seq_len)
+            config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+            model = LlamaForCausalLM(config)
+        else:
+            model, _ = load_model(work / "runs" / phases[0][0] / "final")
+        cfg = DistillConfig(tokens=steps * batch * args.seq_len, seq_len=args.seq_len, batch=batch, lr=lr,
+                            min_lr=lr / 10, warmup_steps=warmup, weight_decay=0.1, grad_clip=1.0, loss="ce",
+                            ce_weight=1.0, eval_every=max(1, steps // 4), checkpoint_every=max(1, steps // 4),
+                            keep_last=1, seed=0, progress=False)
+        say(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {steps} steps x {batch} x "
+            f"{args.seq_len} tokens, lr {lr:g}")
+        if not (run / "final" / "config.json").exists():
+            distill(None, model, train, cfg, run, eval_windows=val, tokenizer=tokenizer,
+                    resume=(run / "checkpoints").exists())
+        log = read_log(run)
+        record.append({"phase": name, "tokens": cfg.tokens, "steps": steps, "batch": batch, "lr": lr,
+                       "train_s": max(r.get("elapsed_s", 0) for r in log),
+                       "val_curve": [{"step": r["step"], "val_ppl": r["eval_ppl"]} for r in log if "eval_ppl" in r]})
+    config = model.config
+    results.put("reference", {
+        "folder": str(work / "runs" / phases[-1][0] / "final"),
+        "parameters": sum(p.numel() for p in model.parameters()), "tokens": sum(r["tokens"] for r in record),
+        "phases": record, "config": {k: getattr(config, k) for k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size", "max_position_embeddings")}})
+
+
+def retrofit_text(work: Path) -> Path:
+    """The retrofits' and GQA runs' training text: train.txt.gz documents in a seeded order (seed 1), ~1.5 MB."""
+    import random
+
+    from hyprune.data import read_documents
+
+    path = work / "retrofit_train.txt"
+    if not path.exists():
+        docs = list(read_documents(DATA / "train.txt.gz", separator="<|endoftext|>"))
+        random.Random(1).shuffle(docs)
+        text, size = [], 0
+        while size < 1_500_000:
+            text.append(docs.pop())
+            size += len(text[-1])
+        path.write_text("<|endoftext|>".join(text))
+    return path
+
+
+def train_fields(args) -> dict:
+    """What every retrofit and GQA run shares: the distillation settings next to the token budget."""
+    return dict(lr=args.lr, min_lr=args.lr / 10, warmup_steps=4, weight_decay=0.0, grad_clip=1.0,
+                loss="forward_kl", ce_weight=0.0, eval_every=0, checkpoint_every=8, keep_last=1, seed=0,
+                progress=False, heldout=False)
+
+
+def stage_retrofit(args, results: Results, work: Path) -> None:
+    from hyprune.kv.compress import compress
+
+    text, done = retrofit_text(work), dict(results.data.get("retrofit_runs", {}))
+    for method in METHODS:
+        for ratio in RATIOS:
+            name = f"{method}-{ratio}x"
+            if name in done:
+                continue
+            out = work / "runs" / name
+            say(f"retrofit {name}: {args.tokens:,} tokens")
+            summary = compress(results["reference"]["folder"], str(text), str(out), method=method, ratio=ratio,
+                               tokens=args.tokens, seq_len=args.seq_len, batch=args.kv_batch, window=args.window,
+                               ratio_weight=args.ratio_weight, resume=(out / "checkpoints").exists(),
+                               **train_fields(args))
+            log = read_log(out)
+            done[name] = {"folder": str(out / "final"), "method": method, "ratio": ratio, "tokens": args.tokens,
+                          "train_kept_share": summary["kv_kept_share"], "train_s": summary["elapsed_s"],
+                          "kd_loss_end": [r.get("kd_loss") for r in log if "kd_loss" in r][-1],
+                          "kept_curve": [r["kv_kept_share"] for r in log if "kv_kept_share" in r]}
+            results.put("retrofit_runs", done)
+    results.put("retrofit", {"window": args.window, "ratio_weight": args.ratio_weight, "batch": args.kv_batch,
+                             **{k: v for k, v in train_fields(args).items() if k != "progress"}})
+
+
+def stage_gqa(args, results: Results, work: Path) -> None:
+    """Fewer KV heads by hyprune's pruning (whole KV heads with their query head: the reference is MHA),
+    then the same distillation tokens from the reference."""
+    from hyprune.api import prune
+    from hyprune.distill import run_distill
+
+    text, done = retrofit_text(work), dict(results.data.get("gqa_runs", {}))
+    heads = results["reference"]["config"]["num_key_value_heads"]
+    for ratio in RATIOS:
+        name, kv = f"gqa-{ratio}x", heads // ratio
+        if name in done:
+            continue
+        pruned, out = work / "runs" / f"{name}-pruned", work / "runs" / name
+        if not (pruned / "config.json").exists():
+            prune(results["reference"]["folder"], str(pruned), target={"num_key_value_heads": kv,
+                  "num_attention_heads": kv}, data=str(text), seq_len=args.seq_len, num_samples=8, overwrite=True,
+                  progress=False)
+        say(f"{name}: {kv} KV heads, {args.tokens:,} tokens")
+        summary = run_distill(results["reference"]["folder"], str(pruned), str(text), args.tokens, args.seq_len,
+                              args.kv_batch, str(out), resume=(out / "checkpoints").exists(), **train_fields(args))
+        done[name] = {"folder": str(out / "final"), "kv_heads": kv, "ratio": ratio, "tokens": args.tokens,
+                      "train_s": summary["elapsed_s"]}
+        results.put("gqa_runs", done)
+    results.put("gqa", {"how": "prune target num_key_value_heads = num_attention_heads = 8 / ratio, then KD"})
+
+
+def kept_hook(model):
+    """Collect the hard decisions' kept share over every forward: returns (remove, tokens-kept tally)."""
+    from hyprune.kv.train import kept_by_head
+
+    tally = {"kept": 0.0, "n": 0}
+
+    def hook(module, args, output):
+        tally["kept"] += float(kept_by_head(module).mean()) * args[0].shape[0]
+        tally["n"] += args[0].shape[0]
+
+    return model.register_forward_hook(hook), tally
+
+
+def stage_ppl(args, results: Results, work: Path) -> None:
+    from hyprune.data import heldout_windows
+    from hyprune.evaluate import perplexity
+    from hyprune.kv import baselines, enable
+    from hyprune.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(TEACHER)
+    test = heldout_windows(tokenizer, DATA / "test.txt.gz", args.seq_len, args.heldout_windows)
+    rows = dict(results.data.get("ppl_rows", {}))
+
+    def measure(name, model, **extra):
+        t0 = time.perf_counter()
+        rows[name] = {"ppl": perplexity(model, test, batch_size=4)["perplexity"], "eval_s": time.perf_counter() - t0,
+                      **extra}
+        say(f"  {name}: ppl {rows[name]['ppl']:.3f} {extra}")
+        results.put("ppl_rows", rows)
+
+    ref = results["reference"]["folder"]
+    if "reference" not in rows:
+        model, _ = load_model(ref)
+        measure("reference", model.eval(), ratio=1, kept_share=1.0)
+    for ratio in RATIOS:
+        budget = args.seq_len // ratio
+        for method in baselines.BASELINES:
+            name = f"{method}-{ratio}x"
+            if name not in rows:
+                model, _ = load_model(ref)
+                baselines.use(model.eval(), method, budget=budget, sinks=4)
+                measure(name, model, ratio=ratio, budget_tokens=budget)
+    for name, run in {**results.data.get("retrofit_runs", {}), **results.data.get("gqa_runs", {})}.items():
+        if name in rows:
+            continue
+        model, _ = load_model(run["folder"])
+        model.eval()
+        if name.startswith("gqa"):
+            measure(name, model, ratio=run["ratio"], kv_heads=run["kv_heads"])
+            continue
+        enable(model)
+        remove, tally = kept_hook(model)
+        measure(name, model, ratio=run["ratio"])
+        remove.remove()
+        rows[name]["kept_share"] = tally["kept"] / tally["n"]
+        rows[name]["achieved_ratio"] = tally["n"] / tally["kept"]
+        results.put("ppl_rows", rows)
+    results.put("ppl", {"heldout": f"first {len(test)} windows of {args.seq_len} tokens of test.txt.gz",
+                        "baseline_budget": "cache of seq_len / ratio tokens per head (+ the new token): at the end of "
+                                           "each window as large as the compressed models', larger before"})
+
+
+def stage_speed(args, results: Results, work: Path) -> None:
+    """Prefill the first L tokens of test.txt.gz, then decode --decode-tokens greedily, for the reference
+    (transformers' DynamicCache) and DMS 4x (`CompressedCache`), alternating per context length: measured
+    cache bytes per sequence (`hyprune.evaluate.bench`'s counting) and decode tokens/s. Real text, not
+    bench's random prompts: how much DMS keeps depends on what it reads."""
+    from hyprune.data import heldout_windows
+    from hyprune.evaluate.bench import _measure_once
+    from hyprune.kv import enable
+    from hyprune.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(TEACHER)
+    models = {"reference": load_model(results["reference"]["folder"])[0].eval(),
+              "dms-4x": enable(load_model(results["retrofit_runs"]["dms-4x"]["folder"])[0].eval())}
+    rows = []
+    for context in args.contexts:
+        ids = heldout_windows(tokenizer, DATA / "test.txt.gz", context, 1)
+        for name, model in models.items():
+            with torch.no_grad():
+                sample = _measure_once(model, ids, args.decode_tokens, kv=name != "reference")
+            rows.append({"model": name, "context": context, "cache_bytes": sample["cache_after_prefill"],
+                         "cache_bytes_after_decode": sample["cache_after_decode"],
+                         "decode_tokens_per_s": args.decode_tokens / sample["decode_s"],
+                         "prefill_tokens_per_s": context / sample["prefill_s"]})
+            say(f"  speed {name} {context}: {rows[-1]['cache_bytes'] / 2**20:.2f} MiB, "
+                f"{rows[-1]['decode_tokens_per_s']:.1f} decode tok/s")
+    results.put("speed", {"rows": rows, "decode_tokens": args.decode_tokens, "threads": torch.get_num_threads()})
+
+
+STAGE_FUNCS = {"reference": stage_reference, "retrofit": stage_retrofit, "gqa": stage_gqa, "ppl": stage_ppl,
+               "speed": stage_speed}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    results = Results(work)
+    for stage in args.stages.split(","):
+        if stage not in STAGE_FUNCS:
+            raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        if stage in results:
+            say(f"{stage}: done before, skipped")
+            continue
+        t0 = time.perf_counter()
+        STAGE_FUNCS[stage](args, results, work)
+        say(f"{stage}: {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
