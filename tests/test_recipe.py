@@ -187,3 +187,24 @@ def test_schema_errors_are_one_line_listing_every_bad_key(tmp_path):
         load_recipe(_write(tmp_path / "r.yaml", recipe))
     message = str(e.value)
     assert "\n" not in message and "field distill.lrr: unknown key" in message and "field prune.seq_len:" in message
+
+
+def test_a_kv_stage_retrofits_the_distilled_student_and_is_evaluated_with_its_cache(tmp_path, nemotron_dir, calib_txt):
+    from hyprune.recipe import run_recipe
+
+    out = tmp_path / "run"
+    recipe = _tiny(nemotron_dir, calib_txt, out)
+    recipe["eval"].pop("bench")
+    recipe["kv"] = {"data": str(calib_txt), "tokens": 32 * 4 * 2, "seq_len": 32, "batch": 4, "method": "dms",
+                    "ratio": 2, "window": 2, "offset": 0.0, "checkpoint_every": 0, "eval_every": 0, "calibration": 2}
+    record = run_recipe(parse_recipe(recipe), progress=False)
+    assert [s for s, e in record.stages.items() if e["status"] == "done"] == ["prune", "distill", "kv", "eval", "report"]
+    config = json.loads((out / "kv" / "final" / "config.json").read_text())
+    assert config["hyprune_kv"]["method"] == "dms" and len(config["hyprune_kv"]["centers"]) >= 1
+    compressed = json.loads((out / "eval" / "compressed.json").read_text())
+    distilled = json.loads((out / "eval" / "distilled.json").read_text())
+    assert compressed["kv"]["method"] == "dms" and "kv" not in distilled
+    assert compressed["perplexity"] != distilled["perplexity"]  # offset 0: about half the tokens evicted
+    report = json.loads((out / "report.json").read_text())
+    assert {p["label"] for p in report["points"]} == {"teacher", "pruned", "distilled", "compressed"}
+    assert "prune -> distill -> kv -> eval" in (out / "report.md").read_text()

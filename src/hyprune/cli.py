@@ -375,7 +375,7 @@ def kv_compress(
     ratio: float = typer.Option(4.0, "--ratio", help="KV-cache compression target (4 keeps a quarter)."),
     window: int = typer.Option(16, "--window", help="DMS: tokens a query always sees before eviction applies."),
     offset: float = typer.Option(3.0, "--offset", help="decision = sigmoid(standardized k_0 - offset); 3 drops ~0.1% of tokens at the start."),
-    ratio_weight: float = typer.Option(1.0, "--ratio-weight", help="weight of the ratio term next to the KD loss."),
+    ratio_weight: float = typer.Option(10.0, "--ratio-weight", help="weight of the ratio term next to the KD loss."),
     ramp: float = typer.Option(0.5, "--ramp", help="share of training over which the target ramps from 1x."),
     decisions_only: bool = typer.Option(False, "--decisions-only", help="train only the key projections."),
     load: LoadConfig = None, text: TrainData = None, settings: DistillConfig = None,

@@ -1,4 +1,4 @@
-"""Recipes: ``hyprune run recipe.yaml`` runs prune -> distill -> eval -> report in one run folder.
+"""Recipes: ``hyprune run recipe.yaml`` runs prune -> distill -> kv -> eval -> report in one run folder.
 
 A recipe is YAML checked against the typed schema below (`Recipe`) before anything runs: unknown
 keys, wrong types and missing values are errors that name the key (``distill.lr: ...``), and the
@@ -18,6 +18,7 @@ given: then the changed stage and the stages after it run again and the earlier 
       hyprune_run.json   the run record
       pruned/            the pruned checkpoint (+ its report: parameters.png, importance.png)
       distill/           the distillation run: final/ (the student), log.jsonl, report, curves
+      kv/                with a `kv` section: the KV-cache retrofit of the student (`hyprune kv-compress`)
       eval/              <model>.json per evaluated model (+ reports), bench.json
       report.md/.json    the whole pipeline: a table of every model, links to the stage reports, pareto.png
 """
@@ -49,8 +50,8 @@ from hyprune.report import Report, checkpoint_parameters, plots
 
 RUN_FILE = "hyprune_run.json"
 RUN_FORMAT = "hyprune-run/1"
-STAGES = ("prune", "distill", "eval", "report")
-EVAL_MODELS = ("teacher", "pruned", "distilled")
+STAGES = ("prune", "distill", "kv", "eval", "report")
+EVAL_MODELS = ("teacher", "pruned", "distilled", "compressed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +95,20 @@ class DistillStage(TrainData, DistillConfig):
     plus where the text comes from (`TrainData`). ``plan`` defaults to the pruning plan when ``hidden_loss`` is set."""
 
 
+class KVStage(TrainData, DistillConfig):
+    """``hyprune kv-compress`` of the student (the distilled model, or the pruned one without ``distill``):
+    DMC / DMS retrofitted by distillation from the student itself; every `DistillConfig` field too."""
+
+    method: Literal["dms", "dmc"] = "dms"
+    ratio: float = Field(4.0, ge=1.0, description="KV-cache compression target")
+    window: int = Field(16, ge=0, description="DMS: recent tokens always kept")
+    offset: float = Field(3.0, description="decision offset in units of each head's spread of k_0")
+    ratio_weight: float = Field(10.0, ge=0.0)
+    ramp: float = Field(0.5, gt=0.0, le=1.0)
+    decisions_only: bool = False
+    calibration: int = Field(8, ge=1, description="windows of `data` that standardize the decisions")
+
+
 class BenchSettings(BenchConfig):
     """``hyprune bench`` of the teacher and the final student, measured in the same process (`BenchConfig`)."""
 
@@ -108,8 +123,8 @@ class EvalStage(EvalConfig):
     stride: int | None = Field(None, ge=1)
     shots: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0)
-    models: list[Literal["teacher", "pruned", "distilled"]] = Field(default_factory=lambda: list(EVAL_MODELS),
-                                                                    min_length=1)
+    models: list[Literal["teacher", "pruned", "distilled", "compressed"]] = Field(
+        default_factory=lambda: list(EVAL_MODELS), min_length=1)
     bench: BenchSettings | None = None
 
     @model_validator(mode="after")
@@ -129,12 +144,14 @@ class Recipe(_Section):
     load: LoadSettings = Field(default_factory=LoadSettings)
     prune: PruneStage
     distill: DistillStage | None = None
+    kv: KVStage | None = None
     eval: EvalStage | None = None
 
     @model_validator(mode="after")
     def _distilled_needs_distill(self):
-        if self.eval is not None and self.distill is None and "distilled" in self.eval.models:
-            self.eval.models = [m for m in self.eval.models if m != "distilled"]
+        if self.eval is not None:
+            absent = {"distilled": self.distill is None, "compressed": self.kv is None}
+            self.eval.models = [m for m in self.eval.models if not absent.get(m)]
         return self
 
     def stages(self) -> list[str]:
@@ -198,6 +215,8 @@ def check_inputs(recipe: Recipe) -> None:
     files = {"prune.data": recipe.prune.data}
     if recipe.distill is not None:
         files.update({"distill.data": recipe.distill.data, "distill.eval_data": recipe.distill.eval_data})
+    if recipe.kv is not None:
+        files.update({"kv.data": recipe.kv.data, "kv.eval_data": recipe.kv.eval_data})
     if recipe.eval is not None:
         files["eval.data"] = recipe.eval.data
     for key, value in files.items():
@@ -265,6 +284,9 @@ def _stage_settings(recipe: Recipe, stage: str) -> dict:
     if stage == "distill":
         return {"distill": _settings_dump(recipe.distill, "distill"),
                 "data_files": [_file_signature(recipe.distill.data), _file_signature(recipe.distill.eval_data)]}
+    if stage == "kv":
+        return {"kv": recipe.kv.model_dump(),
+                "data_files": [_file_signature(recipe.kv.data), _file_signature(recipe.kv.eval_data)]}
     if stage == "eval":
         return {"eval": _settings_dump(recipe.eval, "eval"), "data_files": _file_signature(recipe.eval.data)}
     return {"name": recipe.name, "description": recipe.description}
@@ -362,7 +384,7 @@ def run_recipe(recipe: Recipe | str | Path, restart: bool = False, progress: boo
         console.print(f"recipe changed: stage {stage} runs again")
     record.data["recipe"] = recipe.model_dump(mode="json")
     record.save()
-    runners = {"prune": _prune, "distill": _distill, "eval": _eval, "report": _report}
+    runners = {"prune": _prune, "distill": _distill, "kv": _kv, "eval": _eval, "report": _report}
     for stage in recipe.stages():
         entry = record.stages.get(stage)
         if entry and entry["status"] == "done":
@@ -382,7 +404,8 @@ def run_recipe(recipe: Recipe | str | Path, restart: bool = False, progress: boo
 
 
 def _student(out: Path, recipe: Recipe) -> Path:
-    """The final student: the distilled model, or the pruned one when the recipe does not distill."""
+    """The student's architecture and weights before KV compression: the distilled model, or the pruned
+    one when the recipe does not distill."""
     return out / "distill" / "final" if recipe.distill is not None else out / "pruned"
 
 
@@ -408,14 +431,31 @@ def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resum
                        **recipe.load.load_kwargs(exclude=("device_map", "gguf_file")), **settings)
 
 
+def _kv(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
+    from hyprune.kv.compress import compress
+
+    k = recipe.kv
+    settings = k.model_dump(exclude={"data", "eval_data", "text_field", "split", "tokens", "seq_len", "batch",
+                                     "progress"})
+    resume = resuming and any(check_checkpoint(p, deep=False) is None
+                              for _, p in list_checkpoints(out / "kv" / "checkpoints"))
+    return compress(str(_student(out, recipe)), k.data, str(out / "kv"), tokens=k.tokens, seq_len=k.seq_len,
+                    batch=k.batch, resume=resume, eval_data=k.eval_data, text_field=k.text_field, split=k.split,
+                    overwrite=not resume, progress=progress,
+                    **recipe.load.load_kwargs(exclude=("device_map", "gguf_file")), **settings)
+
+
 def _eval(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
     e = recipe.eval
-    paths = {"teacher": recipe.model, "pruned": str(out / "pruned"), "distilled": str(out / "distill" / "final")}
+    paths = {"teacher": recipe.model, "pruned": str(out / "pruned"), "distilled": str(out / "distill" / "final"),
+             "compressed": str(out / "kv" / "final")}
     results = {}
     for name in e.models:
         config = EvalConfig(**e.model_dump(include=set(EvalConfig.model_fields)))
         if not e.data:
             config = config.model_copy(update={"seq_len": None, "num_windows": None})
+        if name == "compressed":
+            config = config.model_copy(update={"kv": True})  # perplexity with the hard decisions
         results[name] = evaluate(paths[name], config, out=str(out / "eval" / f"{name}.json"),
                                  load=recipe.load.model_copy(update={"model": paths[name]}), overwrite=True,
                                  progress=progress)
@@ -448,8 +488,10 @@ def model_rows(recipe: Recipe, out: Path, record: RunRecord) -> list[dict]:
     """One row per model of the run: parameters, held-out perplexity, task accuracy, speed."""
     evals = (record.stages.get("eval", {}).get("result") or {})
     measured, speed = evals.get("models", {}), evals.get("bench")
-    folders = {"teacher": Path(recipe.model), "pruned": out / "pruned", "distilled": out / "distill" / "final"}
-    names = ["teacher", "pruned"] + (["distilled"] if recipe.distill is not None else [])
+    folders = {"teacher": Path(recipe.model), "pruned": out / "pruned", "distilled": out / "distill" / "final",
+               "compressed": out / "kv" / "final"}
+    names = (["teacher", "pruned"] + (["distilled"] if recipe.distill is not None else [])
+             + (["compressed"] if recipe.kv is not None else []))
     rows = []
     for name in names:
         m = measured.get(name, {})
@@ -470,7 +512,7 @@ def pipeline_report(recipe: Recipe, out: Path, record: RunRecord) -> Report:
     """The run's front page: every model in one table, the stages, links to their reports, Pareto plot."""
     rows = model_rows(recipe, out, record)
     teacher_params = rows[0]["parameters"]
-    report = Report("pipeline", f"Recipe {recipe.name}: prune -> distill -> eval")
+    report = Report("pipeline", f"Recipe {recipe.name}: {' -> '.join(s for s in recipe.stages() if s != 'report')}")
     if recipe.description:
         report.paragraph(recipe.description.strip())
     report.paragraph(f"Teacher `{recipe.model}`; run folder `{out}`; the run record is `{RUN_FILE}`.")
@@ -489,18 +531,24 @@ def pipeline_report(recipe: Recipe, out: Path, record: RunRecord) -> Report:
     if speed:
         notes.append(f"Speed: one process, batch {speed['batch_size']}, context {speed['context']}, "
                      f"{speed['device']} with {speed['threads']} threads; pruned and distilled models share one "
-                     "architecture, so one student measurement stands for both (`eval/bench.json`).")
+                     "architecture, so one student measurement stands for both (`eval/bench.json`)"
+                     + (", measured without the compressed KV cache (`hyprune bench --kv` measures with it)."
+                        if recipe.kv is not None else "."))
+    if recipe.kv is not None:
+        notes.append(f"compressed: {recipe.kv.method.upper()} at {recipe.kv.ratio:g}x on the student; its perplexity "
+                     "with the hard decisions the compressed cache makes.")
     if notes:
         report.paragraph(" ".join(notes))
     report.heading("Stages")
-    links = {"prune": "pruned/report.md", "distill": "distill/report.md", "eval": "eval/"}
+    links = {"prune": "pruned/report.md", "distill": "distill/report.md", "kv": "kv/report.md", "eval": "eval/"}
     report.table(["stage", "status", "seconds", "details"],
                  [[s, record.stages.get(s, {}).get("status", "pending"), record.stages.get(s, {}).get("seconds"),
                    f"[{links[s]}]({links[s]})"] for s in recipe.stages() if s != "report"])
     for png, caption in (("pruned/parameters.png", "Parameters per component, before and after pruning"),
                          ("pruned/importance.png", "Importance per layer and axis"),
                          ("pruned/block_scores.png", "Depth ranking of the blocks"),
-                         ("distill/training_curves.png", "Distillation: loss and held-out perplexity")):
+                         ("distill/training_curves.png", "Distillation: loss and held-out perplexity"),
+                         ("kv/training_curves.png", "KV-cache retrofit: loss and held-out perplexity")):
         if (out / png).is_file():
             report.link_image(png, caption)
     if sum(r["perplexity"] is not None for r in rows) >= 2:

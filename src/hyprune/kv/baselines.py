@@ -76,7 +76,7 @@ def baseline_attention(module, query, key, value, attention_mask, scaling=None, 
     if kwargs.get("past_key_values") is not None and query.shape[2] != key.shape[2]:
         raise HypruneError("the training-free KV baselines evaluate whole sequences, not cached decoding")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    B, Hq, T, _ = query.shape
+    Hq, T = query.shape[1], query.shape[2]
     groups = Hq // key.shape[1]
     keys, values = expand_heads(key, groups), expand_heads(value, groups)
     scores = torch.matmul(query, keys.transpose(2, 3)) * scaling

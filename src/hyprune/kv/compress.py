@@ -19,7 +19,7 @@ from hyprune.models import load_tokenizer
 
 
 def compress(model: str, data: str, out: str, *, method: str = "dms", ratio: float = 4.0, tokens: int,
-             seq_len: int, batch: int = 8, window: int = 16, offset: float = 3.0, ratio_weight: float = 1.0,
+             seq_len: int, batch: int = 8, window: int = 16, offset: float = 3.0, ratio_weight: float = 10.0,
              ramp: float = 0.5, decisions_only: bool = False, calibration: int = 8, resume: bool = False,
              **fields) -> dict:
     """Train ``model`` to compress its KV cache ``ratio``-fold with ``method``; ``fields`` as `run_distill`'s.

@@ -124,8 +124,12 @@ class PagedRows:
         valid = rows[None, :] < self.lengths[:, None]
         page = self.table[:, (rows // self.page)] if longest else self.table[:, :0]
         page = torch.where(valid, page, torch.zeros_like(page))  # padding reads page 0; masked out after
-        offset = (rows % self.page).expand(self.lanes, longest)
-        return self.pool_k[page, offset], self.pool_v[page, offset], valid
+        flat = (page * self.page + rows % self.page).view(-1)  # row index into the pools seen as [pages * page]
+
+        def read(pool):
+            return pool.view(-1, pool.shape[-1]).index_select(0, flat).view(self.lanes, longest, pool.shape[-1])
+
+        return read(self.pool_k), read(self.pool_v), valid
 
 
 __all__ = ["PagedRows"]
