@@ -183,3 +183,38 @@ def test_calibration_of_another_model_is_refused():
     layers = len(model.model.layers)
     with pytest.raises(HypruneError, match=f"has centers for {layers + 1} attention layers; the model has {layers}"):
         attach(model, KVSpec(centers=[[0.0]] * (layers + 1), scales=[[1.0]] * (layers + 1)))
+
+
+def test_the_ratio_loss_is_each_heads_distance_to_the_target():
+    """mean over (layer, KV head) of |mean_t (1 - alpha) - 1 / ratio|, from the decisions of the last forward."""
+    from hyprune.kv.train import kept_by_head, kept_share, ratio_loss
+
+    model = CASES["llama"].make().train()
+    attach(model, KVSpec(method="dms", offset=0.0))
+    torch.manual_seed(0)
+    model(tokens(6))
+    alphas = [layer.self_attn._hyprune_kv.stats["alpha"] for layer in model.model.layers]
+    per_head = torch.stack([1 - a.mean(dim=(0, 2)) for a in alphas])
+    torch.testing.assert_close(kept_by_head(model), per_head)
+    torch.testing.assert_close(kept_share(model), per_head.mean())
+    torch.testing.assert_close(ratio_loss(model, 3.0), (per_head - 1 / 3).abs().mean())
+
+
+@pytest.mark.parametrize("method", ["dms", "dmc"])
+def test_left_padded_batch_generates_what_each_sequence_generates_alone(method):
+    """Batch 2 with the shorter prompt left-padded: the padding is never stored or attended, so each row's
+    greedy continuation (and logits) equal that prompt's own run with the compressed cache."""
+    model = CASES["llama"].make().eval()
+    model.set_attn_implementation("eager")
+    enable(model, KVSpec(method=method, offset=0.0, window=2, page=4))
+    long, short = tokens(7, T=12)[0], tokens(8, T=7)[0]
+    pad = 0
+    ids = torch.stack([long, torch.cat([torch.full((5,), pad), short])])
+    mask = torch.stack([torch.ones(12, dtype=torch.long), torch.cat([torch.zeros(5), torch.ones(7)]).long()])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=pad, output_scores=True, return_dict_in_generate=True)
+    both = model.generate(ids, attention_mask=mask, **kwargs)
+    for row, prompt in enumerate((long, short)):
+        alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs)
+        assert torch.equal(both.sequences[row, -6:], alone.sequences[0, -6:])
+        for a, b in zip(both.scores, alone.scores):
+            torch.testing.assert_close(a[row], b[0], rtol=1e-5, atol=1e-5)

@@ -202,10 +202,13 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
                                "cache does not drop tokens by position yet, so it stops at the window")
         return _decode_step(at, query, key, value, alpha, omega, scaling)
     inner = ALL_ATTENTION_FUNCTIONS.get_interface(spec.inner, None) if spec.inner != "eager" else None
-    z = None
+    z, valid = None, _valid_keys(attention_mask, key)
     if spec.method == "dms":
         bias = dms_bias(alpha, spec.window)
     else:
+        # a left-padded row's first token opens a slot: merging it would average padding into its key
+        follows = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
+        alpha = alpha * follows[:, None, :].to(alpha.dtype)
         key, value, z = dmc_accumulate(key, value, alpha, omega)
         key, value = key.to(query.dtype), value.to(query.dtype)
         bias = dmc_bias(alpha)
@@ -216,7 +219,7 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
         mask = (causal + expand_heads(bias, at.groups)).to(query.dtype)
         out, _ = inner(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     if layer is not None:
-        _prefill(at, key, value, alpha, z, _valid_keys(attention_mask, key))
+        _prefill(at, key, value, alpha, z, valid)
     return out.contiguous(), None
 
 
