@@ -66,8 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="retrofit / GQA distillation lr")
     p.add_argument("--heldout-windows", type=int, default=32, help="test windows of --seq-len (32 x 1024 = 32k tokens)")
     p.add_argument("--hybrid-tokens", type=int, default=131_072, help="DMS retrofit of tiny-nemotron-h")
-    p.add_argument("--smol-tokens", type=int, default=65_536, help="DMS retrofit of SmolLM2-135M")
-    p.add_argument("--smol-windows", type=int, default=16, help="held-out windows of 1024 for SmolLM2")
+    p.add_argument("--smol-tokens", type=int, default=32_768, help="DMS retrofit of SmolLM2-135M")
+    p.add_argument("--smol-windows", type=int, default=8, help="held-out windows of 1024 for SmolLM2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only print the Markdown and write the plots")
     return p.parse_args(argv)
@@ -440,6 +440,12 @@ ROW_LABELS = {"dms": "DMS (retrofit, window 16)", "dms-w64": "DMS (retrofit, win
               "tova": "TOVA", "gqa": "fewer KV heads (pruned + KD)"}
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """Markdown lines of a table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def _pct(ppl: float, base: float) -> str:
     return f"{ppl:.2f} ({100 * (ppl / base - 1):+.1f}%)"
 
@@ -453,7 +459,7 @@ def markdown(results: Results) -> str:
         lines += [f"Dense reference: Llama, {ref['parameters']:,} parameters, {ref['config']['num_hidden_layers']} "
                   f"attention layers x {ref['config']['num_key_value_heads']} KV heads x {ref['config']['head_dim']} dims, "
                   f"{ref['tokens']:,} pretraining tokens at context 1024; held-out ppl **{base:.2f}** "
-                  f"({results['ppl']['heldout']}).", "",
+                  f"({results.data.get('ppl', {}).get('heldout', 'held-out windows')}).", "",
                   "| method | 2x | 4x | 8x |", "|---|---|---|---|"]
         for key, label in ROW_LABELS.items():
             cells = []
@@ -469,35 +475,38 @@ def markdown(results: Results) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         matched = [n for n in results.data.get("retrofit_runs", {}) if f"{n}@tova" in rows]
         if matched:
-            lines += ["", "At the budget each retrofit reached (its kept share of a 1024-token window):", "",
-                      "| retrofit | kept share | its ppl | StreamingLLM, same budget | TOVA, same budget |",
-                      "|---|---|---|---|---|"]
-            for n in matched:
-                r = rows[n]
-                lines.append(f"| {n} | {r['kept_share']:.3f} ({rows[n + '@tova']['budget_tokens']} tokens) | "
-                             f"{_pct(r['ppl'], base)} | {_pct(rows[n + '@streaming']['ppl'], base)} | "
-                             f"{_pct(rows[n + '@tova']['ppl'], base)} |")
+            lines += ["", "At the budget each retrofit reached (its kept share of a 1024-token window):", ""]
+            lines += _table(["retrofit", "kept share", "its ppl", "StreamingLLM, same budget", "TOVA, same budget"],
+                            [[n, f"{rows[n]['kept_share']:.3f} ({rows[n + '@tova']['budget_tokens']} tokens)",
+                              _pct(rows[n]["ppl"], base), _pct(rows[n + "@streaming"]["ppl"], base),
+                              _pct(rows[n + "@tova"]["ppl"], base)] for n in matched])
         lines.append("")
     speed = results.data.get("speed")
     if speed:
         by = {(r["model"], r["context"]): r for r in speed["rows"]}
-        lines += ["| context | reference cache | DMS 4x cache | ratio | reference decode tok/s | DMS 4x decode tok/s |",
-                  "|---|---|---|---|---|---|"]
+        table = []
         for ctx in sorted({r["context"] for r in speed["rows"]}):
             a, b2 = by[("reference", ctx)], by[("dms-4x", ctx)]
-            lines.append(f"| {ctx} | {a['cache_bytes'] / 2**20:.2f} MiB | {b2['cache_bytes'] / 2**20:.2f} MiB | "
-                         f"{a['cache_bytes'] / b2['cache_bytes']:.2f}x | {a['decode_tokens_per_s']:.1f} | "
-                         f"{b2['decode_tokens_per_s']:.1f} |")
-        lines.append("")
+            table.append([ctx, f"{a['cache_bytes'] / 2**20:.2f} MiB", f"{b2['cache_bytes'] / 2**20:.2f} MiB",
+                          f"{a['cache_bytes'] / b2['cache_bytes']:.2f}x", f"{a['decode_tokens_per_s']:.1f}",
+                          f"{b2['decode_tokens_per_s']:.1f}"])
+        lines += [f"Cache bytes and decode speed (stage `speed`): prefill of the first L tokens of test.txt.gz, then "
+                  f"{speed['decode_tokens']} greedy tokens, batch 1, {speed['threads']} threads; the reference with "
+                  "transformers' DynamicCache (SDPA), DMS 4x (the window-16 run) with `CompressedCache`, one after "
+                  "the other at each L; cache = measured bytes per sequence after the prefill.", ""]
+        lines += _table(["context", "reference cache", "DMS 4x cache", "ratio", "reference decode tok/s",
+                         "DMS 4x decode tok/s"], table) + [""]
     hybrid = results.data.get("hybrid")
     if hybrid:
         by = {(r["model"], r["context"]): r for r in hybrid["rows"]}
         names = list(dict.fromkeys(r["model"] for r in hybrid["rows"]))
-        lines += ["| context | " + " | ".join(f"{n} cache" for n in names) + " | of which Mamba states |",
-                  "|---|" + "---|" * (len(names) + 1)]
-        for ctx in sorted({r["context"] for r in hybrid["rows"]}):
-            lines.append(f"| {ctx} | " + " | ".join(f"{by[(n, ctx)]['cache_bytes'] / 2**10:.0f} KiB" for n in names)
-                         + f" | {by[(names[0], ctx)]['state_bytes'] / 2**10:.0f} KiB |")
+        lines += [f"Reference hybrid (stage `hybrid`): tiny-nemotron-h, whole-model cache per sequence after a prefill "
+                  f"of L tokens of test.txt.gz, without and with DMS 4x ({hybrid['tokens']:,} retrofit tokens at "
+                  "256) on its attention block; measured.", ""]
+        lines += _table(["context", *(f"{n} cache" for n in names), "of which Mamba states"],
+                        [[ctx, *(f"{by[(n, ctx)]['cache_bytes'] / 2**10:.0f} KiB" for n in names),
+                          f"{by[(names[0], ctx)]['state_bytes'] / 2**10:.0f} KiB"]
+                         for ctx in sorted({r["context"] for r in hybrid["rows"]})])
         ppl = hybrid["test_ppl"]
         lines += ["", "Held-out ppl (convention, 128 x 256): " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()), ""]
     smol = results.data.get("smollm2")
