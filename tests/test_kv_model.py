@@ -216,5 +216,5 @@ def test_left_padded_batch_generates_what_each_sequence_generates_alone(method):
     for row, prompt in enumerate((long, short)):
         alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs)
         assert torch.equal(both.sequences[row, -6:], alone.sequences[0, -6:])
-        for a, b in zip(both.scores, alone.scores):
+        for a, b in zip(both.scores, alone.scores, strict=True):
             torch.testing.assert_close(a[row], b[0], rtol=1e-5, atol=1e-5)

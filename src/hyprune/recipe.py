@@ -416,39 +416,47 @@ def _prune(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resumin
                      load=recipe.load.model_copy(update={"model": recipe.model}), overwrite=True, progress=progress)
 
 
-def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
-    d = recipe.distill
-    settings = d.model_dump(exclude={"data", "eval_data", "text_field", "split", "tokens", "seq_len", "batch",
-                                     "progress"})
-    if d.hidden_loss and d.plan is None and d.block_map is None:
-        settings["plan"] = str(out / "pruned" / "plan.json")
+def _training_kwargs(recipe: Recipe, section: DistillStage | KVStage, folder: Path, progress: bool,
+                     resuming: bool) -> dict:
+    """What a training stage (`run_distill`, `kv.compress`) takes besides its data, budget and output: the
+    section's settings, its text fields, the load settings, and whether to resume."""
     # resume only onto a complete checkpoint: `distill --resume` refuses a folder without one
     resume = resuming and any(check_checkpoint(p, deep=False) is None
-                              for _, p in list_checkpoints(out / "distill" / "checkpoints"))
+                              for _, p in list_checkpoints(folder / "checkpoints"))
+    settings = section.model_dump(exclude={"data", "eval_data", "text_field", "split", "tokens", "seq_len", "batch",
+                                           "progress"})
+    return {"resume": resume, "eval_data": section.eval_data, "text_field": section.text_field,
+            "split": section.split, "overwrite": not resume, "progress": progress,
+            **recipe.load.load_kwargs(exclude=("device_map", "gguf_file")), **settings}
+
+
+def _distill(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
+    d = recipe.distill
+    kwargs = _training_kwargs(recipe, d, out / "distill", progress, resuming)
+    if d.hidden_loss and d.plan is None and d.block_map is None:
+        kwargs["plan"] = str(out / "pruned" / "plan.json")
     return run_distill(recipe.model, str(out / "pruned"), d.data, d.tokens, d.seq_len, d.batch, str(out / "distill"),
-                       resume=resume, eval_data=d.eval_data, text_field=d.text_field, split=d.split,
-                       overwrite=not resume, progress=progress,
-                       **recipe.load.load_kwargs(exclude=("device_map", "gguf_file")), **settings)
+                       **kwargs)
 
 
 def _kv(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
     from hyprune.kv.compress import compress
 
     k = recipe.kv
-    settings = k.model_dump(exclude={"data", "eval_data", "text_field", "split", "tokens", "seq_len", "batch",
-                                     "progress"})
-    resume = resuming and any(check_checkpoint(p, deep=False) is None
-                              for _, p in list_checkpoints(out / "kv" / "checkpoints"))
     return compress(str(_student(out, recipe)), k.data, str(out / "kv"), tokens=k.tokens, seq_len=k.seq_len,
-                    batch=k.batch, resume=resume, eval_data=k.eval_data, text_field=k.text_field, split=k.split,
-                    overwrite=not resume, progress=progress,
-                    **recipe.load.load_kwargs(exclude=("device_map", "gguf_file")), **settings)
+                    batch=k.batch, **_training_kwargs(recipe, k, out / "kv", progress, resuming))
+
+
+def _model_folders(recipe: Recipe, out: Path) -> dict[str, Path]:
+    """Where each model of the run lives (the teacher is the recipe's ``model``)."""
+    return {"teacher": Path(recipe.model), "pruned": out / "pruned", "distilled": out / "distill" / "final",
+            "compressed": out / "kv" / "final"}
 
 
 def _eval(recipe: Recipe, out: Path, record: RunRecord, progress: bool, resuming: bool) -> dict:
     e = recipe.eval
-    paths = {"teacher": recipe.model, "pruned": str(out / "pruned"), "distilled": str(out / "distill" / "final"),
-             "compressed": str(out / "kv" / "final")}
+    paths = {name: str(folder) for name, folder in _model_folders(recipe, out).items()}
+    paths["teacher"] = recipe.model  # as given: a hub id is not a path
     results = {}
     for name in e.models:
         config = EvalConfig(**e.model_dump(include=set(EvalConfig.model_fields)))
@@ -488,8 +496,7 @@ def model_rows(recipe: Recipe, out: Path, record: RunRecord) -> list[dict]:
     """One row per model of the run: parameters, held-out perplexity, task accuracy, speed."""
     evals = (record.stages.get("eval", {}).get("result") or {})
     measured, speed = evals.get("models", {}), evals.get("bench")
-    folders = {"teacher": Path(recipe.model), "pruned": out / "pruned", "distilled": out / "distill" / "final",
-               "compressed": out / "kv" / "final"}
+    folders = _model_folders(recipe, out)
     names = (["teacher", "pruned"] + (["distilled"] if recipe.distill is not None else [])
              + (["compressed"] if recipe.kv is not None else []))
     rows = []

@@ -72,9 +72,14 @@ def dmc_bias(alpha: torch.Tensor) -> torch.Tensor:
     return torch.where(later, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
 
 
-def first_opens(alpha: torch.Tensor) -> torch.Tensor:
-    """The decisions with the first token's set to 0 (there is no slot to merge it into)."""
-    return torch.cat([torch.zeros_like(alpha[..., :1]), alpha[..., 1:]], dim=-1)
+def first_opens(alpha: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The decisions with the first token's set to 0 (there is no slot to merge it into); with ``valid``
+    ([B, T], False on padding), also every token that follows padding: a left-padded row's first token
+    merged would average the padding into its key."""
+    if valid is None:
+        return torch.cat([torch.zeros_like(alpha[..., :1]), alpha[..., 1:]], dim=-1)
+    follows = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
+    return alpha * follows[:, None, :].to(alpha.dtype)
 
 
 def dmc_accumulate(k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, omega: torch.Tensor):

@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hyprune.arch.family import ATTENTION, family_for_config
 from hyprune.errors import HypruneError
-from hyprune.kv.methods import DMCState, DMSState, attend, dmc_accumulate, dmc_bias, dms_bias, expand_heads
+from hyprune.kv.methods import DMCState, DMSState, attend, dmc_accumulate, dmc_bias, dms_bias, expand_heads, first_opens
 
 NAME = "hyprune_kv"  # the attention implementation's name in transformers' registries
 METHODS = ("dmc", "dms")
@@ -165,6 +165,20 @@ def attention_layers(model) -> list[int]:
     return [i for i, _, _ in family.mixers(model, ATTENTION)]
 
 
+def attention_mixers(model) -> list:
+    """The model's attention modules, in layer order."""
+    family = family_for_config(model.config)
+    return [mixer for _, _, mixer in family.mixers(model, ATTENTION)]
+
+
+def _first_dims(output: torch.Tensor, count: int, stride: int = 1) -> torch.Tensor:
+    """``[B, T, heads * head_dim]`` projection output -> ``[B, count, T]``: dimension 0 of every
+    ``stride``-th head (k: every KV head; q: each group's first query head)."""
+    B, T, _ = output.shape
+    per_head = output.view(B, T, count * stride, -1)[..., 0]
+    return per_head[..., ::stride].transpose(1, 2)
+
+
 # ---- the attention function --------------------------------------------------------------------------
 def _valid_keys(attention_mask, like: torch.Tensor) -> torch.Tensor:
     """[B, T] True where a prefill's token is not padding (its key is visible to the last query)."""
@@ -206,9 +220,7 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     if spec.method == "dms":
         bias = dms_bias(alpha, spec.window)
     else:
-        # a left-padded row's first token opens a slot: merging it would average padding into its key
-        follows = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
-        alpha = alpha * follows[:, None, :].to(alpha.dtype)
+        alpha = first_opens(alpha, valid)  # the dmc_bias and the cache's slots see the same decisions
         key, value, z = dmc_accumulate(key, value, alpha, omega)
         key, value = key.to(query.dtype), value.to(query.dtype)
         bias = dmc_bias(alpha)
@@ -257,16 +269,15 @@ def attach(model, spec: KVSpec) -> None:
     current = model.config._attn_implementation
     spec.inner = spec.inner if current == NAME else (current or "eager")
     model.config.hyprune_kv = asdict(spec)
-    family = family_for_config(model.config)
-    mixers = [mixer for _, _, mixer in family.mixers(model, ATTENTION)]
+    mixers = attention_mixers(model)
     for field_name in ("centers", "scales"):
         values = getattr(spec, field_name)
         if values is not None and len(values) != len(mixers):
             raise HypruneError(f"config.hyprune_kv has {field_name} for {len(values)} attention layers; the model "
                                f"has {len(mixers)}")
+    standardized = spec.centers is not None and spec.scales is not None
     for position, mixer in enumerate(mixers):
         at = _attach_module(mixer, spec, model.config)
-        standardized = spec.centers is not None and spec.scales is not None
         at.center = torch.tensor(spec.centers[position])[:, None] if standardized else None
         at.scale = torch.tensor(spec.scales[position])[:, None] if standardized else None
     model.set_attn_implementation(NAME)
@@ -275,15 +286,13 @@ def attach(model, spec: KVSpec) -> None:
 def calibrate(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[list[list[float]], list[list[float]]]:
     """Per attention layer and KV head, the mean and standard deviation of k_0 over ``windows`` (the
     `KVSpec` ``centers`` and ``scales``); runs the model as it is."""
-    family = family_for_config(model.config)
-    mixers = [mixer for _, _, mixer in family.mixers(model, ATTENTION)]
+    mixers = attention_mixers(model)
     heads = _head_counts(model.config)[1]
     seen: list[list[torch.Tensor]] = [[] for _ in mixers]
 
     def record(position):
         def hook(_, __, output):
-            B, T, _ = output.shape
-            seen[position].append(output.detach().float().view(B, T, heads, -1)[..., 0].reshape(-1, heads))
+            seen[position].append(_first_dims(output.detach().float(), heads).transpose(1, 2).reshape(-1, heads))
         return hook
 
     handles = [m.k_proj.register_forward_hook(record(i)) for i, m in enumerate(mixers)]
@@ -312,16 +321,11 @@ def _attach_module(mixer, spec: KVSpec, config) -> _Attached:
     at = _Attached(spec, kv_heads, heads // kv_heads)
     mixer._hyprune_kv = at
 
-    def first_dims(output, count, stride):
-        B, T, _ = output.shape
-        per_head = output.view(B, T, count * stride, -1)[..., 0]  # dim 0 of every head
-        return per_head[..., ::stride].transpose(1, 2)  # [B, kv_heads, T]
-
     def on_k(_, __, output):
-        at.k0 = first_dims(output, kv_heads, 1)
+        at.k0 = _first_dims(output, kv_heads)
 
     def on_q(_, __, output):
-        at.q0 = first_dims(output, kv_heads, at.groups)
+        at.q0 = _first_dims(output, kv_heads, at.groups)
 
     def on_forward(_, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from hyprune.arch.family import ATTENTION, family_for_config
 from hyprune.errors import HypruneError
+from hyprune.kv.model import attention_mixers
 
 
 def target_ratio(step: int, total: int, ratio: float, ramp: float = 1.0) -> float:
@@ -37,9 +37,8 @@ def kept_share(model) -> torch.Tensor:
 
 def kept_by_head(model) -> torch.Tensor:
     """``[layers, kv_heads]``: each head's mean ``1 - alpha`` over the tokens of the last forward."""
-    family = family_for_config(model.config)
     shares = []
-    for _, _, mixer in family.mixers(model, ATTENTION):
+    for mixer in attention_mixers(model):
         at = getattr(mixer, "_hyprune_kv", None)
         if at is None or "alpha" not in at.stats:
             raise HypruneError("no KV decisions recorded: call hyprune.kv.attach(model, spec) and run a forward first")
